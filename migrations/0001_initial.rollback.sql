@@ -1,0 +1,16 @@
+DROP TABLE consumer_offsets;
+DROP TABLE processed_events;
+DROP TABLE catalog_misses;
+DROP TABLE dunning_cases;
+DROP TABLE usage_member_aggregates;
+DROP TABLE usage_aggregates;
+DROP TABLE usage_records;
+DROP TABLE payments;
+DROP TABLE entitlements;
+DROP TABLE access_changes;
+DROP TABLE subscriptions;
+DROP TABLE customers;
+DROP TABLE plan_features;
+DROP TABLE plan_prices;
+DROP TABLE pricing_zones;
+DROP TABLE plans;

@@ -1,0 +1,1 @@
+"""The api_grpc service. Not built yet: see issue 5."""

@@ -1,0 +1,1 @@
+"""The dunning service. Not built yet: see issue 7."""

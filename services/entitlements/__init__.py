@@ -1,0 +1,1 @@
+"""The entitlements service. Not built yet: see issue 4."""

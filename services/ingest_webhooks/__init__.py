@@ -1,0 +1,1 @@
+"""Stripe webhook ingester: verifies, normalizes and publishes Stripe events."""

@@ -1,0 +1,117 @@
+"""The HTTP edge: POST /webhooks/stripe. Translates HTTP to the handler and back.
+
+Answers:
+- 200 once every message of the event is acknowledged by the broker (acks=all);
+- 400 for a missing, bad or stale signature, a non-UTF-8 or malformed body, or a
+  verified event we cannot normalize (archived and dead-lettered first);
+- 413 for a body over the limit, 415 for a content type other than JSON, 405 for
+  another method;
+- 503 with Retry-After when the broker does not acknowledge within the timeout,
+  so Stripe retries. Never a 2xx for an event that is not on the bus.
+Response bodies never echo the payload or a secret.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import orjson
+from aiohttp import web
+
+from services.ingest_webhooks.handlers import plan_delivery
+from services.ingest_webhooks.publisher import Publisher
+from services.ingest_webhooks.verify import SignatureVerifier, WebhookRejected
+from shared import tracing
+from shared.config import Topics
+from shared.kafka import PublishFailed
+from shared.metrics import (
+    WEBHOOKS_RECEIVED,
+    WEBHOOKS_REJECTED,
+    WEBHOOKS_UNAVAILABLE,
+    WEBHOOKS_UNPROJECTED,
+    WEBHOOKS_VERIFIED,
+)
+
+log = logging.getLogger("ingest_webhooks")
+WEBHOOK_PATH = "/webhooks/stripe"
+RETRY_AFTER_S = "5"
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    topics: Topics
+    max_body_bytes: int
+    publish_timeout_s: float
+
+
+def _answer(body: dict[str, str], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise WebhookRejected(413, "body_too_large", f"the body is over {limit} bytes")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise WebhookRejected(413, "body_too_large", f"the body is over {limit} bytes")
+    return body
+
+
+def _check_content_type(request: web.Request) -> None:
+    if request.content_type != "application/json":
+        raise WebhookRejected(415, "wrong_content_type", "the content type must be application/json")
+
+
+def make_webhook_handler(verifier: SignatureVerifier, publisher: Publisher, config: IngestConfig):  # type: ignore[no-untyped-def]
+    tracer = tracing.tracer("ingest_webhooks")
+
+    async def receive(request: web.Request) -> web.Response:
+        WEBHOOKS_RECEIVED.inc()
+        with tracer.start_as_current_span("stripe.webhook"):
+            try:
+                body = await _read_body(request, config.max_body_bytes)
+                _check_content_type(request)
+                verifier.verify(body, request.headers.get("Stripe-Signature"))
+                WEBHOOKS_VERIFIED.inc()
+                try:
+                    event = orjson.loads(body)
+                except orjson.JSONDecodeError as exc:
+                    raise WebhookRejected(400, "malformed_json", "the body is not valid JSON") from exc
+                delivery = plan_delivery(event, body, config.topics, tracing.current_traceparent())
+            except WebhookRejected as rejected:
+                WEBHOOKS_REJECTED.labels(rejected.reason).inc()
+                log.info("webhook rejected", extra={"reason": rejected.reason, "status": rejected.status})
+                return _answer({"error": rejected.reason, "message": rejected.message}, rejected.status)
+
+            try:
+                await publisher.publish_all(delivery.messages, config.publish_timeout_s)
+            except PublishFailed as exc:
+                WEBHOOKS_UNAVAILABLE.inc()
+                log.warning("broker unavailable; answering 503", extra={"event_id": delivery.event_id, "error": str(exc)})
+                return _answer(
+                    {"error": "unavailable", "message": "the event could not be stored; retry later"},
+                    503,
+                    {"Retry-After": RETRY_AFTER_S},
+                )
+
+        if delivery.outcome == "dead_lettered":
+            WEBHOOKS_REJECTED.labels("malformed_event").inc()
+            log.warning(
+                "verified event could not be normalized; archived and dead-lettered",
+                extra={"event_id": delivery.event_id, "event_type": delivery.event_type, "error": delivery.error},
+            )
+            return _answer({"error": "malformed_event", "message": delivery.error}, 400)
+        if delivery.outcome == "archived":
+            WEBHOOKS_UNPROJECTED.labels(delivery.event_type).inc()
+        return _answer({"status": delivery.outcome, "event_id": delivery.event_id})
+
+    return receive
+
+
+def make_app(verifier: SignatureVerifier, publisher: Publisher, config: IngestConfig) -> web.Application:
+    """The ingester's routes; the caller adds the health routes and runs it."""
+    # client_max_size guards any other route; the webhook route enforces its own limit.
+    app = web.Application(client_max_size=config.max_body_bytes)
+    app.router.add_post(WEBHOOK_PATH, make_webhook_handler(verifier, publisher, config))
+    return app

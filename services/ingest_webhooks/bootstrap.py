@@ -1,0 +1,52 @@
+"""Composition root of the webhook ingester: wires config, producer, app and health."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from aiohttp import web
+
+from services.ingest_webhooks.app import IngestConfig, make_app
+from services.ingest_webhooks.publisher import KafkaPublisher
+from services.ingest_webhooks.verify import SignatureVerifier
+from shared import tracing
+from shared.config import Settings
+from shared.devbroker import wait_for_broker
+from shared.errors import ConfigurationError
+from shared.health import add_health_routes, start_site
+from shared.kafka import kafka_probe, make_producer
+
+BUILT = True
+log = logging.getLogger("ingest_webhooks")
+
+
+def build_app(settings: Settings, publisher: KafkaPublisher, probes: dict) -> web.Application:  # type: ignore[type-arg]
+    secrets = [s.get_secret_value() for s in settings.stripe_webhook_secrets]
+    if not secrets:
+        raise ConfigurationError("STRIPE_WEBHOOK_SECRETS is empty: the ingester cannot verify webhooks")
+    verifier = SignatureVerifier(secrets, settings.stripe_webhook_tolerance_s)
+    config = IngestConfig(settings.topics, settings.webhook_max_body_bytes, settings.publish_timeout_s)
+    app = make_app(verifier, publisher, config)
+    add_health_routes(app, "ingest_webhooks", settings, probes)
+    return app
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    """Serve until `stop` is set; then stop taking requests and flush the producer."""
+    tracing.configure("ingest_webhooks")
+    await wait_for_broker(settings.kafka_bootstrap_servers, timeout=30)
+    producer = make_producer(
+        settings.kafka_bootstrap_servers, request_timeout_ms=int(settings.publish_timeout_s * 1000)
+    )
+    await producer.start()
+    try:
+        app = build_app(settings, KafkaPublisher(producer), {"kafka": kafka_probe(producer)})
+        runner = await start_site(app, settings.bind_host, settings.ingest_port)
+        log.info("listening", extra={"url": f"http://{settings.bind_host}:{settings.ingest_port}"})
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+    finally:
+        await producer.stop()

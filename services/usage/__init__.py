@@ -1,0 +1,1 @@
+"""The usage service. Not built yet: see issue 6."""

@@ -1,0 +1,1 @@
+"""Code shared by every service: configuration, storage, the bus, health and the CLI."""

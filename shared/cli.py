@@ -1,0 +1,163 @@
+"""`paymentsvc`: the one command line of the project.
+
+Errors that an operator can act on (a dependency down, a bad setting, a bad
+catalog) are printed as one line and exit with status 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from shared.config import SERVICE_NAMES, PROJECT_ROOT, Settings
+from shared.errors import ConfigurationError, DependencyUnavailable
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+catalog_app = typer.Typer(no_args_is_help=True, help="The plan catalog.")
+topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics.")
+app.add_typer(catalog_app, name="catalog")
+app.add_typer(topics_app, name="topics")
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+@app.command()
+def migrate(
+    down: Annotated[bool, typer.Option(help="Roll back instead of applying.")] = False,
+    steps: Annotated[int | None, typer.Option(help="With --down: how many (default all).")] = None,
+    database_url: Annotated[str | None, typer.Option(help="Default: DATABASE_URL.")] = None,
+) -> None:
+    """Apply pending migrations (creating the database if needed), or roll back."""
+    from shared import migrate as migrations
+
+    url = database_url or _settings().database_url.get_secret_value()
+    if down:
+        count = migrations.migrate_down(url, steps=steps)
+        typer.echo(f"rolled back {count} migration(s)")
+    else:
+        count = migrations.migrate_up(url)
+        typer.echo(f"applied {count} migration(s)")
+
+
+@app.command("migration-create")
+def migration_create(name: str) -> None:
+    """Write the next numbered migration and its rollback file."""
+    from shared import migrate as migrations
+
+    up, down = migrations.create_migration(name)
+    typer.echo(f"created {up.relative_to(PROJECT_ROOT)} and {down.relative_to(PROJECT_ROOT)}")
+
+
+@catalog_app.command("load")
+def catalog_load(
+    path: Annotated[Path | None, typer.Argument(help="Default: CATALOG_PATH or catalog/plans.yaml.")] = None,
+) -> None:
+    """Validate the catalog file and load it into plans, prices and features."""
+    from shared import db
+    from shared.catalog import apply_catalog, load_catalog
+
+    settings = _settings()
+    catalog = load_catalog(path or settings.catalog_path)
+    with db.connect(settings.database_url.get_secret_value()) as conn:
+        counts = apply_catalog(conn, catalog)
+    typer.echo("loaded " + ", ".join(f"{n} {what}" for what, n in counts.items()))
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create the service topics on KAFKA_BOOTSTRAP_SERVERS (those missing)."""
+    from shared.devbroker import ensure_topics
+
+    settings = _settings()
+    bootstrap = _require_bootstrap(settings)
+    created = asyncio.run(ensure_topics(bootstrap, settings.topics.all(), settings.kafka_partitions))
+    typer.echo(f"created {len(created)} topic(s): {', '.join(created) or '-'}")
+
+
+def _require_bootstrap(settings: Settings) -> str:
+    if not settings.kafka_bootstrap_servers:
+        raise ConfigurationError(
+            "KAFKA_BOOTSTRAP_SERVERS is not set; `paymentsvc dev` runs an embedded broker"
+        )
+    return settings.kafka_bootstrap_servers
+
+
+@app.command()
+def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICE_NAMES)}")]) -> None:
+    """Run one service, as production would, until SIGTERM or Ctrl-C."""
+    from shared import logs, runner
+
+    settings = _settings()
+    _require_bootstrap(settings)
+    logs.configure(settings.log_level, settings.log_format, service)
+    runner.run(service, settings)
+
+
+@app.command()
+def dev(
+    log_dir: Annotated[Path, typer.Option(help="Where the children write their logs.")] = PROJECT_ROOT / ".dev",
+) -> None:
+    """Run the whole stack on embedded defaults (see README), until Ctrl-C."""
+    from shared import logs
+    from shared.devstack import run_dev
+
+    logs.configure("INFO", "console", "dev")
+    asyncio.run(run_dev(log_dir))
+
+
+@app.command("send-webhook")
+def send_webhook(
+    event_type: Annotated[str, typer.Argument(help="A Stripe event type, e.g. invoice.paid")],
+    to: Annotated[str | None, typer.Option(help="Default: the local ingester.")] = None,
+    api_version: Annotated[str | None, typer.Option(help="Stripe API version of the payload shape.")] = None,
+    customer: Annotated[str | None, typer.Option(help="Stripe customer id.")] = None,
+    user: Annotated[str | None, typer.Option(help="metadata.user_id")] = None,
+    secret: Annotated[str | None, typer.Option(help="Signing secret; default the first of STRIPE_WEBHOOK_SECRETS, or the dev secret.")] = None,
+) -> None:
+    """Sign a realistic Stripe event and POST it to the ingester, like `stripe trigger`."""
+    from services.ingest_webhooks.devtools import post_sample_event
+
+    settings = _settings()
+    status, body = post_sample_event(
+        settings, event_type, to=to, api_version=api_version, customer_id=customer, user_id=user, secret=secret
+    )
+    typer.echo(f"{status} {body}")
+    if status >= 300:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console entry point: operator errors become one line and exit status 2."""
+    from shared.catalog import CatalogError
+
+    try:
+        app(standalone_mode=False)
+    except (DependencyUnavailable, ConfigurationError, CatalogError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        typer.echo(f"error: invalid configuration: {problems}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click's own usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

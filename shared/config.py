@@ -1,0 +1,190 @@
+"""The one configuration model, read from the environment.
+
+Every service and command takes a `Settings`. Defaults work on a development
+machine (local Postgres and Redis, a Tansu broker started on demand). Secrets
+are `SecretStr`: they never appear in reprs, logs or `/status`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CATALOG_PATH = PROJECT_ROOT / "catalog" / "plans.yaml"
+
+SCOPES = frozenset({"read", "write", "admin"})
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key and what it may do. `name` is a non-secret label for logs."""
+
+    name: str
+    secret: SecretStr
+    scopes: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names. A prefix lets tests (or tenants) share one broker."""
+
+    prefix: str = ""
+
+    @property
+    def payment_events(self) -> str:
+        return f"{self.prefix}payment-events"
+
+    @property
+    def usage_events(self) -> str:
+        return f"{self.prefix}usage-events"
+
+    @property
+    def dunning_events(self) -> str:
+        return f"{self.prefix}dunning-events"
+
+    @property
+    def stripe_raw_events(self) -> str:
+        return f"{self.prefix}stripe-raw-events"
+
+    @staticmethod
+    def dlq(topic: str) -> str:
+        return f"{topic}.dlq"
+
+    def all(self) -> list[str]:
+        base = [self.payment_events, self.usage_events, self.dunning_events, self.stripe_raw_events]
+        return base + [self.dlq(t) for t in base]
+
+
+def _split_commas(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def parse_api_keys(entries: list[str]) -> tuple[ApiKey, ...]:
+    """Parse `key=scope+scope` entries. The label in logs is `key-<n>`, never the key."""
+    keys = []
+    for n, entry in enumerate(entries, start=1):
+        secret, sep, scope_text = entry.partition("=")
+        if not sep or not secret:
+            raise ValueError(f"API_KEYS entry {n} must look like key=read+write")
+        scopes = frozenset(s.strip() for s in scope_text.split("+") if s.strip())
+        unknown = scopes - SCOPES
+        if not scopes or unknown:
+            raise ValueError(
+                f"API_KEYS entry {n} has unknown or no scopes {sorted(unknown)}; "
+                f"allowed: {sorted(SCOPES)}"
+            )
+        keys.append(ApiKey(name=f"key-{n}", secret=SecretStr(secret), scopes=scopes))
+    return tuple(keys)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+
+    # Storage and bus.
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/paymentsvc")
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    kafka_bootstrap_servers: str = Field(
+        default="", description="empty: start (or reuse) the embedded Tansu dev broker"
+    )
+    kafka_partitions: int = Field(default=3, ge=1, le=256)
+    kafka_topic_prefix: str = ""
+
+    # Stripe.
+    stripe_secret_key: SecretStr | None = None
+    stripe_api_base: str = ""
+    stripe_webhook_secrets: Annotated[list[SecretStr], NoDecode] = []
+    stripe_webhook_tolerance_s: int = Field(default=300, ge=1)
+    webhook_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    publish_timeout_s: float = Field(default=10.0, gt=0)
+
+    # API.
+    api_keys_raw: Annotated[list[str], NoDecode] = Field(default=[], alias="API_KEYS")
+
+    # Ports.
+    grpc_port: int = 8080
+    grpc_http_port: int = 8081
+    ingest_port: int = 8090
+    entitlements_port: int = 8091
+    usage_port: int = 8092
+    dunning_port: int = 8093
+    bind_host: str = "127.0.0.1"
+
+    # Operations.
+    log_level: str = "INFO"
+    log_format: str = Field(default="console", pattern="^(console|json)$")
+    catalog_path: Path = DEFAULT_CATALOG_PATH
+    service_version: str = "0.1.0"
+
+    @field_validator("stripe_webhook_secrets", "api_keys_raw", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return _split_commas(value)
+
+    @field_validator("api_keys_raw")
+    @classmethod
+    def _valid_api_keys(cls, value: list[str]) -> list[str]:
+        parse_api_keys(value)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, value: str) -> str:
+        return value.upper()
+
+    @cached_property
+    def api_keys(self) -> tuple[ApiKey, ...]:
+        return parse_api_keys(self.api_keys_raw)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.kafka_topic_prefix)
+
+    def public_view(self) -> dict[str, Any]:
+        """The configuration as `/status` shows it: secrets replaced by whether they are set."""
+        view: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if name == "api_keys_raw":
+                view["api_keys"] = [
+                    {"name": k.name, "scopes": sorted(k.scopes)} for k in self.api_keys
+                ]
+            elif name in ("database_url", "redis_url"):
+                view[name] = redact_url(value.get_secret_value())
+            elif isinstance(value, SecretStr):
+                view[name] = "set"
+            elif isinstance(value, list) and value and isinstance(value[0], SecretStr):
+                view[name] = f"{len(value)} set"
+            elif value is None:
+                view[name] = None
+            else:
+                view[name] = str(value) if isinstance(value, Path) else value
+        return view
+
+
+def redact_url(url: str) -> str:
+    """Drop the password from a URL such as postgresql://user:pw@host/db."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+
+
+# Every service that `paymentsvc serve NAME` knows, with the setting that holds
+# its HTTP port (health and metrics; the ingester also takes webhooks there).
+SERVICE_PORTS: dict[str, str] = {
+    "ingest_webhooks": "ingest_port",
+    "entitlements": "entitlements_port",
+    "usage": "usage_port",
+    "dunning": "dunning_port",
+    "api_grpc": "grpc_http_port",
+}
+SERVICE_NAMES = tuple(SERVICE_PORTS)

@@ -1,0 +1,112 @@
+"""Postgres access: pools, reachability checks and database creation.
+
+No connection is made at import. The composition root of each service calls
+`open_pool` and closes it on shutdown.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import conninfo, sql
+from psycopg_pool import AsyncConnectionPool
+
+from shared.errors import DependencyUnavailable
+
+
+def describe(url: str) -> str:
+    """host:port/dbname of a URL, without user or password, for messages."""
+    try:
+        info = conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "<unparseable DATABASE_URL>"
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def connect(url: str, *, autocommit: bool = True, **kwargs: object) -> psycopg.Connection:
+    """A plain connection, or DependencyUnavailable with a one-line reason."""
+    try:
+        return psycopg.connect(url, autocommit=autocommit, connect_timeout=5, **kwargs)  # type: ignore[arg-type]
+    except psycopg.ProgrammingError as exc:  # malformed URL
+        raise DependencyUnavailable("postgres", "DATABASE_URL", f"invalid URL: {_short(exc)}") from exc
+    except psycopg.OperationalError as exc:
+        raise DependencyUnavailable("postgres", describe(url), _short(exc)) from exc
+
+
+def ensure_database(url: str) -> bool:
+    """Create the database named in `url` if it does not exist. True if created.
+
+    Connects to the server's `postgres` database to do so; needs CREATEDB.
+    """
+    try:
+        target = conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise DependencyUnavailable("postgres", "DATABASE_URL", f"invalid URL: {_short(exc)}") from exc
+    dbname = str(target.get("dbname") or "")
+    if not dbname or dbname == "postgres":
+        return False
+    admin_url = conninfo.make_conninfo(url, dbname="postgres")
+    with connect(admin_url) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dbname,)).fetchone()
+        if exists:
+            return False
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        return True
+
+
+def check(url: str) -> None:
+    """Raise DependencyUnavailable unless the database answers."""
+    with connect(url) as conn:
+        conn.execute("SELECT 1")
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    # Projection reads are single statements: autocommit avoids a BEGIN/COMMIT
+    # round trip per call (DESIGN.md, "What was measured").
+    await conn.set_autocommit(True)
+
+
+def make_pool(
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    schema: str | None = None,
+    name: str = "paymentsvc",
+) -> AsyncConnectionPool:
+    """An unopened pool in autocommit mode; open it with `await pool.open(wait=True)`.
+
+    `schema` puts that schema first on the search_path (used by replay).
+    """
+    kwargs: dict[str, object] = {"connect_timeout": 5, "application_name": name}
+    if schema:
+        kwargs["options"] = f"-c search_path={schema},public"
+    return AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs=kwargs,
+        configure=_configure,
+        check=AsyncConnectionPool.check_connection,
+        open=False,
+        name=name,
+    )
+
+
+async def open_pool(url: str, **kwargs: object) -> AsyncConnectionPool:
+    """Open a pool, or raise DependencyUnavailable within about 10 s."""
+    pool = make_pool(url, **kwargs)  # type: ignore[arg-type]
+    try:
+        await pool.open(wait=True, timeout=10)
+    except Exception as exc:  # PoolTimeout hides the cause; probe for a readable one
+        await pool.close()
+        try:
+            check(url)
+        except DependencyUnavailable:
+            raise
+        raise DependencyUnavailable("postgres", describe(url), _short(exc)) from exc
+    return pool

@@ -1,0 +1,174 @@
+"""`paymentsvc dev`: the whole stack in one process tree, on embedded defaults.
+
+It checks Postgres and Redis, migrates, loads the catalog, starts Tansu (unless
+KAFKA_BOOTSTRAP_SERVERS is set) and localstripe (unless STRIPE_SECRET_KEY is
+set), then runs every built service as a child `paymentsvc serve NAME` and
+waits for each one's /health/ready. Ctrl-C stops the children, then the
+broker and localstripe, each by its own pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from redis.asyncio import Redis
+from rich.console import Console
+from rich.table import Table
+
+from shared import db, migrate
+from shared.config import SERVICE_PORTS, Settings
+from shared.devbroker import broker_for
+from shared.devstripe import DEV_SECRET_KEY, LocalStripe
+from shared.errors import DependencyUnavailable
+from shared.runner import built_services
+
+# Stated in the README. Only `paymentsvc dev` uses them, and only when unset.
+DEV_WEBHOOK_SECRET = "whsec_paymentsvc_dev"
+DEV_API_KEY = "dev-key"
+READY_TIMEOUT_S = 60.0
+
+console = Console(stderr=True)
+
+
+async def check_redis(url: str) -> None:
+    client = Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        await client.ping()
+    except Exception as exc:
+        where = url.split("@")[-1].removeprefix("redis://")
+        raise DependencyUnavailable("redis", where, str(exc).splitlines()[0]) from exc
+    finally:
+        await client.aclose()
+
+
+def dev_environment(env: dict[str, str]) -> dict[str, str]:
+    """The environment with dev defaults for what a newcomer has not set."""
+    env = dict(env)
+    env.setdefault("STRIPE_WEBHOOK_SECRETS", DEV_WEBHOOK_SECRET)
+    env.setdefault("API_KEYS", f"{DEV_API_KEY}=read+write+admin")
+    return env
+
+
+def _wait_ready(port: int, deadline: float, process: subprocess.Popen[bytes]) -> bool:
+    url = f"http://127.0.0.1:{port}/health/ready"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def _stop_children(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    for process in children.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in children.values():
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+async def run_dev(log_dir: Path) -> None:
+    env = dev_environment(dict(os.environ))
+    os.environ.update(env)
+    settings = Settings()
+    database_url = settings.database_url.get_secret_value()
+
+    db.ensure_database(database_url)
+    applied = migrate.migrate_up(database_url)
+    await check_redis(settings.redis_url.get_secret_value())
+    from shared.catalog import apply_catalog, load_catalog
+
+    catalog = load_catalog(settings.catalog_path)
+    with db.connect(database_url) as conn:
+        counts = apply_catalog(conn, catalog)
+    console.print(f"postgres {db.describe(database_url)}: {applied} migration(s) applied, catalog {counts}")
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    stripe: LocalStripe | None = None
+    if settings.stripe_secret_key is None:
+        stripe = LocalStripe(log_dir=log_dir)
+        stripe.start()
+        env["STRIPE_SECRET_KEY"] = DEV_SECRET_KEY
+        env["STRIPE_API_BASE"] = stripe.api_base
+    try:
+        async with broker_for(settings, log_dir=log_dir) as bootstrap:
+            env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
+            await _run_services(settings, env, stripe, log_dir)
+    finally:
+        if stripe:
+            stripe.stop()
+
+
+async def _run_services(
+    settings: Settings, env: dict[str, str], stripe: LocalStripe | None, log_dir: Path
+) -> None:
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    names = built_services()
+    try:
+        for name in names:
+            log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
+            children[name] = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", "serve", name],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C reaches us; we stop them in order
+            )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        table = Table(title="paymentsvc dev")
+        for column in ("service", "listens on", "ready", "log"):
+            table.add_column(column)
+        for name in names:
+            port = getattr(settings, SERVICE_PORTS[name])
+            ready = await asyncio.to_thread(_wait_ready, port, deadline, children[name])
+            table.add_row(name, f"http://127.0.0.1:{port}", "yes" if ready else "NO", str(log_dir / f"{name}.log"))
+            if not ready:
+                raise DependencyUnavailable(name, f"127.0.0.1:{port}", f"not ready; see {log_dir / (name + '.log')}")
+        table.add_row("kafka", env["KAFKA_BOOTSTRAP_SERVERS"], "yes", "")
+        if stripe:
+            table.add_row("localstripe", stripe.api_base, "yes", str(stripe.log_path))
+            if "ingest_webhooks" in names:
+                stripe.register_webhook(
+                    "paymentsvc",
+                    f"http://127.0.0.1:{settings.ingest_port}/webhooks/stripe",
+                    settings.stripe_webhook_secrets[0].get_secret_value(),
+                )
+        console.print(table)
+        skipped = sorted(set(SERVICE_PORTS) - set(names))
+        if skipped:
+            console.print(f"not built yet, so not started: {', '.join(skipped)}")
+        console.print("Ctrl-C stops everything.")
+        await _wait_for_signal_or_exit(children)
+    finally:
+        _stop_children(children)
+
+
+async def _wait_for_signal_or_exit(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        for name, process in children.items():
+            if process.poll() is not None:
+                raise DependencyUnavailable(name, "dev stack", f"exited with {process.returncode}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
+    console.print("stopping")

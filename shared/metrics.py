@@ -1,0 +1,53 @@
+"""Every Prometheus metric of the project, declared once with its help text.
+
+Import the metric objects from here; never declare one elsewhere.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+# ---------------------------------------------------------------- ingest_webhooks
+WEBHOOKS_RECEIVED = Counter(
+    "paymentsvc_webhooks_received_total", "Webhook requests received on POST /webhooks/stripe."
+)
+WEBHOOKS_VERIFIED = Counter(
+    "paymentsvc_webhooks_verified_total", "Webhook requests whose Stripe signature verified."
+)
+WEBHOOKS_REJECTED = Counter(
+    "paymentsvc_webhooks_rejected_total",
+    "Webhook requests answered 4xx, by reason.",
+    ["reason"],
+)
+WEBHOOKS_UNPROJECTED = Counter(
+    "paymentsvc_webhooks_unprojected_total",
+    "Verified events of a type we do not project: archived on stripe-raw-events only.",
+    ["event_type"],
+)
+WEBHOOKS_UNAVAILABLE = Counter(
+    "paymentsvc_webhooks_unavailable_total",
+    "Webhook requests answered 503 because the broker did not acknowledge in time.",
+)
+EVENTS_PUBLISHED = Counter(
+    "paymentsvc_events_published_total",
+    "Messages acknowledged by the broker, by topic and event type.",
+    ["topic", "event_type"],
+)
+PUBLISH_LATENCY = Histogram(
+    "paymentsvc_publish_latency_seconds",
+    "Time from send to broker acknowledgement (acks=all).",
+    ["topic"],
+    buckets=LATENCY_BUCKETS,
+)
+
+# ---------------------------------------------------------------- shared
+SERVICE_INFO = Gauge(
+    "paymentsvc_service_info", "Constant 1, labelled with the service and version.",
+    ["service", "version"],
+)
+DEPENDENCY_UP = Gauge(
+    "paymentsvc_dependency_up", "1 when the last readiness probe of a dependency passed.",
+    ["dependency"],
+)

@@ -1,0 +1,90 @@
+"""Fixtures shared by every tier.
+
+- `broker`: one Tansu per test session (or KAFKA_BOOTSTRAP_SERVERS when set).
+- `topics`: topic names unique to the test, created on that broker.
+- `database_url`: a fresh database per test, cloned from a migrated template.
+- `redis_url` / `redis_prefix`: the shared Redis with a key prefix unique to the test.
+Ids are random so that tests never collide, even across parallel runs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from shared.config import Topics
+from shared.devbroker import DevBroker, ensure_topics, wait_for_broker
+from shared.migrate import migrate_up
+
+ADMIN_URL = os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+TEMPLATE_DB = f"paymentsvc_tpl_{secrets.token_hex(4)}"
+
+
+def random_id(prefix: str = "") -> str:
+    return f"{prefix}{secrets.token_hex(6)}"
+
+
+def _url_for(dbname: str) -> str:
+    return psycopg.conninfo.make_conninfo(ADMIN_URL, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def template_database() -> Iterator[str]:
+    """A database with every migration applied, cloned by `database_url`."""
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE_DB)))
+    try:
+        migrate_up(_url_for(TEMPLATE_DB), create_database=False)
+        yield TEMPLATE_DB
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE_DB)))
+
+
+@pytest.fixture
+def database_url(template_database: str) -> Iterator[str]:
+    name = f"paymentsvc_t_{secrets.token_hex(6)}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_database))
+        )
+    try:
+        yield _url_for(name)
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+async def broker() -> AsyncIterator[str]:
+    """Bootstrap servers of the session's broker."""
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if configured:
+        await wait_for_broker(configured)
+        yield configured
+        return
+    async with DevBroker() as dev:
+        yield dev.bootstrap_servers
+
+
+@pytest.fixture
+async def topics(broker: str) -> Topics:
+    names = Topics(prefix=f"t{secrets.token_hex(4)}.")
+    await ensure_topics(broker, names.all(), partitions=3)
+    return names
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"test:{secrets.token_hex(6)}:"
+
+
+@pytest.fixture
+def redis_url() -> str:
+    return REDIS_URL
