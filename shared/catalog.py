@@ -345,19 +345,20 @@ def _inherit(plan: Any, defaults: Defaults) -> Any:
     """
     if not isinstance(plan, dict):
         return plan
-    policy = {status: rule.model_dump() for status, rule in defaults.access_policy.items()}
+    policy: dict[str, Any] = {s: rule.model_dump() for s, rule in defaults.access_policy.items()}
     dunning = defaults.dunning.model_dump()
-    own_policy = plan.get("access_policy")
-    own_dunning = plan.get("dunning")
     return {
         **plan,
-        "access_policy": {**policy, **own_policy} if isinstance(own_policy, dict) else (
-            policy if own_policy is None else own_policy
-        ),
-        "dunning": {**dunning, **own_dunning} if isinstance(own_dunning, dict) else (
-            dunning if own_dunning is None else own_dunning
-        ),
+        "access_policy": _merge(policy, plan.get("access_policy")),
+        "dunning": _merge(dunning, plan.get("dunning")),
     }
+
+
+def _merge(inherited: dict[str, Any], own: Any) -> Any:
+    """`own` keys over `inherited`; a non-mapping `own` is left for pydantic to reject."""
+    if own is None:
+        return inherited
+    return {**inherited, **own} if isinstance(own, dict) else own
 
 
 class Catalog(_Model):
@@ -397,7 +398,10 @@ class Catalog(_Model):
         if not defaults:
             return [(("plans",), "no plan has default: true; exactly one must")]
         return [
-            (("plans", plan_id, "default"), f"only one plan may be the default; also {defaults[0]!r}")
+            (
+                ("plans", plan_id, "default"),
+                f"only one plan may be the default; also {defaults[0]!r}",
+            )
             for plan_id in defaults[1:]
         ]
 
@@ -408,7 +412,9 @@ class Catalog(_Model):
             for price in plan.prices.values():
                 loc: Loc = ("plans", plan.id, "prices", price.id)
                 if price.id in owner:
-                    problems.append((loc, f"price id is also listed under plan {owner[price.id]!r}"))
+                    problems.append(
+                        (loc, f"price id is also listed under plan {owner[price.id]!r}")
+                    )
                 owner.setdefault(price.id, plan.id)
                 zone = self.zones.get(price.zone)
                 if zone is None:
@@ -624,18 +630,20 @@ def apply_catalog(conn: psycopg.Connection[Any], catalog: Catalog) -> dict[str, 
     features = [(plan, f) for plan in catalog.plans.values() for f in plan.features.values()]
     with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(queries["lock_catalog"])
-        _delete_removed_plans(cur, queries, catalog)
         cur.executemany(queries["upsert_zone"], [_zone_row(z) for z in catalog.zones.values()])
         cur.execute(queries["clear_other_default"], {"plan_id": catalog.default_plan.id})
         cur.executemany(queries["upsert_plan"], [_plan_row(p) for p in catalog.plans.values()])
+        # A price that moved between plans is updated before its old plan may go.
         cur.executemany(queries["upsert_price"], [_price_row(p, pr) for p, pr in prices])
         cur.execute(queries["delete_stale_prices"], {"keep": [pr.id for _, pr in prices]})
-        cur.execute(queries["delete_stale_zones"], {"keep": list(catalog.zones)})
         cur.executemany(queries["upsert_feature"], [_feature_row(p, f) for p, f in features])
         cur.executemany(
             queries["delete_stale_features"],
             [{"plan_id": p.id, "keep": list(p.features)} for p in catalog.plans.values()],
         )
+        # May raise CatalogError, which rolls back everything above.
+        _delete_removed_plans(cur, queries, catalog)
+        cur.execute(queries["delete_stale_zones"], {"keep": list(catalog.zones)})
     return {
         "plans": len(catalog.plans),
         "features": len(features),

@@ -7,6 +7,7 @@ catalog) are printed as one line and exit with status 2, never as a traceback.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -14,7 +15,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from shared.config import SERVICE_NAMES, PROJECT_ROOT, Settings
+from shared.config import PROJECT_ROOT, SERVICE_NAMES, Settings
 from shared.errors import ConfigurationError, DependencyUnavailable
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -109,6 +110,8 @@ def dev(
     from shared.devstack import run_dev
 
     logs.configure("INFO", "console", "dev")
+    # The broker's first probes are refused while Tansu starts; that is expected.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     asyncio.run(run_dev(log_dir))
 
 
@@ -137,6 +140,10 @@ def main() -> None:
     """Console entry point: operator errors become one line and exit status 2."""
     from shared.catalog import CatalogError
 
+    # One-shot commands report failures themselves; client libraries' own
+    # connection warnings would only repeat them as noise.
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         app(standalone_mode=False)
     except (DependencyUnavailable, ConfigurationError, CatalogError) as exc:

@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(default=10.0, gt=0)
 
     # API.
-    api_keys_raw: Annotated[list[str], NoDecode] = Field(default=[], alias="API_KEYS")
+    # `key=scope+scope,...`; kept as secrets so that no key shows in a repr or log.
+    api_keys_raw: Annotated[list[SecretStr], NoDecode] = Field(default=[], alias="API_KEYS")
 
     # Ports.
     grpc_port: int = 8080
@@ -130,8 +131,8 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys_raw")
     @classmethod
-    def _valid_api_keys(cls, value: list[str]) -> list[str]:
-        parse_api_keys(value)
+    def _valid_api_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        parse_api_keys([v.get_secret_value() for v in value])
         return value
 
     @field_validator("log_level")
@@ -141,7 +142,7 @@ class Settings(BaseSettings):
 
     @cached_property
     def api_keys(self) -> tuple[ApiKey, ...]:
-        return parse_api_keys(self.api_keys_raw)
+        return parse_api_keys([v.get_secret_value() for v in self.api_keys_raw])
 
     @property
     def topics(self) -> Topics:

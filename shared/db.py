@@ -32,9 +32,16 @@ def connect(url: str, *, autocommit: bool = True, **kwargs: object) -> psycopg.C
     try:
         return psycopg.connect(url, autocommit=autocommit, connect_timeout=5, **kwargs)  # type: ignore[arg-type]
     except psycopg.ProgrammingError as exc:  # malformed URL
-        raise DependencyUnavailable("postgres", "DATABASE_URL", f"invalid URL: {_short(exc)}") from exc
+        raise DependencyUnavailable(
+            "postgres", "DATABASE_URL", f"invalid URL: {_short(exc)}", hint=""
+        ) from exc
     except psycopg.OperationalError as exc:
-        raise DependencyUnavailable("postgres", describe(url), _short(exc)) from exc
+        detail = _short(exc)
+        if "does not exist" in detail:
+            raise DependencyUnavailable(
+                "postgres", describe(url), detail, hint="run `paymentsvc migrate` to create it"
+            ) from exc
+        raise DependencyUnavailable("postgres", describe(url), detail) from exc
 
 
 def ensure_database(url: str) -> bool:
@@ -45,7 +52,9 @@ def ensure_database(url: str) -> bool:
     try:
         target = conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
-        raise DependencyUnavailable("postgres", "DATABASE_URL", f"invalid URL: {_short(exc)}") from exc
+        raise DependencyUnavailable(
+            "postgres", "DATABASE_URL", f"invalid URL: {_short(exc)}", hint=""
+        ) from exc
     dbname = str(target.get("dbname") or "")
     if not dbname or dbname == "postgres":
         return False

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -41,6 +43,18 @@ def tansu_binary() -> Path:
     if not path.exists():
         raise DependencyUnavailable("kafka", "embedded broker", f"no Tansu binary at {path}")
     return path
+
+
+def die_with_parent() -> None:
+    """preexec_fn: on Linux, SIGTERM this child when its parent dies.
+
+    A dev or test process that is killed outright must not leave a broker
+    behind. The signal follows the *thread* that forked, so start children
+    from the main thread.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -86,6 +100,7 @@ class DevBroker:
                 # Its own process group, so Ctrl-C in a dev shell reaches us first
                 # and we stop it in order.
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         await wait_for_broker(self.bootstrap_servers, timeout, process=self._process)
 

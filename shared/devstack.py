@@ -25,7 +25,7 @@ from rich.table import Table
 
 from shared import db, migrate
 from shared.config import SERVICE_PORTS, Settings
-from shared.devbroker import broker_for
+from shared.devbroker import broker_for, die_with_parent
 from shared.devstripe import DEV_SECRET_KEY, LocalStripe
 from shared.errors import DependencyUnavailable
 from shared.runner import built_services
@@ -130,6 +130,7 @@ async def _run_services(
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # Ctrl-C reaches us; we stop them in order
+                preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + READY_TIMEOUT_S
         table = Table(title="paymentsvc dev")
@@ -163,9 +164,12 @@ async def _run_services(
 async def _wait_for_signal_or_exit(children: dict[str, subprocess.Popen[bytes]]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
+    parent = os.getppid()
     while not stop.is_set():
+        if os.getppid() != parent:  # orphaned (e.g. `make` was killed): stop too
+            break
         for name, process in children.items():
             if process.poll() is not None:
                 raise DependencyUnavailable(name, "dev stack", f"exited with {process.returncode}")

@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from shared.devbroker import free_port
+from shared.devbroker import die_with_parent, free_port
 from shared.errors import DependencyUnavailable
 
 DEV_SECRET_KEY = "sk_test_paymentsvc_dev"
@@ -45,6 +45,7 @@ class LocalStripe:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -20,14 +20,15 @@ START_HINTS = {
 class DependencyUnavailable(RuntimeError):
     """A dependency (postgres, redis, kafka) did not answer."""
 
-    def __init__(self, dependency: str, where: str, detail: str) -> None:
+    def __init__(self, dependency: str, where: str, detail: str, hint: str | None = None) -> None:
         self.dependency = dependency
         self.where = where
         self.detail = detail
-        hint = START_HINTS.get(dependency, "")
+        if hint is None:
+            hint = START_HINTS.get(dependency, "")
         message = f"{dependency} at {where} is unavailable: {detail}"
         if hint:
-            message += f" | start it with: {hint}"
+            message += f" | {hint}" if hint.startswith("run ") else f" | start it with: {hint}"
         super().__init__(message)
 
 

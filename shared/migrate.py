@@ -41,23 +41,29 @@ def migrate_up(url: str, *, schema: str | None = None, create_database: bool = T
     if create_database:
         ensure_database(url)
     backend = _backend(url, schema)
-    migrations = read_migrations(str(MIGRATIONS_DIR))
-    with backend.lock():
-        pending = backend.to_apply(migrations)
-        backend.apply_migrations(pending)
-    return len(pending)
+    try:
+        migrations = read_migrations(str(MIGRATIONS_DIR))
+        with backend.lock():
+            pending = backend.to_apply(migrations)
+            backend.apply_migrations(pending)
+        return len(pending)
+    finally:
+        backend.connection.close()
 
 
 def migrate_down(url: str, *, steps: int | None = None, schema: str | None = None) -> int:
     """Roll back the last `steps` migrations (all when None). Returns how many."""
     backend = _backend(url, schema)
-    migrations = read_migrations(str(MIGRATIONS_DIR))
-    with backend.lock():
-        applied = backend.to_rollback(migrations)
-        if steps is not None:
-            applied = applied[:steps]
-        backend.rollback_migrations(applied)
-    return len(applied)
+    try:
+        migrations = read_migrations(str(MIGRATIONS_DIR))
+        with backend.lock():
+            applied = backend.to_rollback(migrations)
+            if steps is not None:
+                applied = applied[:steps]
+            backend.rollback_migrations(applied)
+        return len(applied)
+    finally:
+        backend.connection.close()
 
 
 def create_migration(name: str, directory: Path = MIGRATIONS_DIR) -> tuple[Path, Path]:

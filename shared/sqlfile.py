@@ -51,8 +51,7 @@ def load_queries(path: Path) -> dict[str, str]:
             raise ValueError(f"{path}:{number}: invalid query name {name!r}")
         if name in first_line:
             raise ValueError(
-                f"{path}:{number}: duplicate query name {name!r} "
-                f"(first at line {first_line[name]})"
+                f"{path}:{number}: duplicate query name {name!r} (first at line {first_line[name]})"
             )
         first_line[name] = number
     finish()
@@ -61,6 +60,4 @@ def load_queries(path: Path) -> dict[str, str]:
 
 def _has_sql(text: str) -> bool:
     """True if `text` holds more than comments and blank lines."""
-    return any(
-        line.strip() and not line.strip().startswith("--") for line in text.splitlines()
-    )
+    return any(line.strip() and not line.strip().startswith("--") for line in text.splitlines())

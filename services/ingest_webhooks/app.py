@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from services.ingest_webhooks.handlers import plan_delivery
+from services.ingest_webhooks.handlers import Delivery, plan_delivery
 from services.ingest_webhooks.publisher import Publisher
 from services.ingest_webhooks.verify import SignatureVerifier, WebhookRejected
 from shared import tracing
@@ -63,37 +63,40 @@ def _check_content_type(request: web.Request) -> None:
         raise WebhookRejected(415, "wrong_content_type", "the content type must be application/json")
 
 
-def make_webhook_handler(verifier: SignatureVerifier, publisher: Publisher, config: IngestConfig):  # type: ignore[no-untyped-def]
-    tracer = tracing.tracer("ingest_webhooks")
+async def _accept(request: web.Request, verifier: SignatureVerifier, config: IngestConfig) -> Delivery:
+    """Read, verify and parse the request into a Delivery, or raise WebhookRejected."""
+    body = await _read_body(request, config.max_body_bytes)
+    _check_content_type(request)
+    verifier.verify(body, request.headers.get("Stripe-Signature"))
+    WEBHOOKS_VERIFIED.inc()
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise WebhookRejected(400, "malformed_json", "the body is not valid JSON") from exc
+    traceparent = tracing.child_traceparent(request.headers.get("traceparent"))
+    return plan_delivery(event, body, config.topics, traceparent)
 
+
+def make_webhook_handler(verifier: SignatureVerifier, publisher: Publisher, config: IngestConfig):  # type: ignore[no-untyped-def]
     async def receive(request: web.Request) -> web.Response:
         WEBHOOKS_RECEIVED.inc()
-        with tracer.start_as_current_span("stripe.webhook"):
-            try:
-                body = await _read_body(request, config.max_body_bytes)
-                _check_content_type(request)
-                verifier.verify(body, request.headers.get("Stripe-Signature"))
-                WEBHOOKS_VERIFIED.inc()
-                try:
-                    event = orjson.loads(body)
-                except orjson.JSONDecodeError as exc:
-                    raise WebhookRejected(400, "malformed_json", "the body is not valid JSON") from exc
-                delivery = plan_delivery(event, body, config.topics, tracing.current_traceparent())
-            except WebhookRejected as rejected:
-                WEBHOOKS_REJECTED.labels(rejected.reason).inc()
-                log.info("webhook rejected", extra={"reason": rejected.reason, "status": rejected.status})
-                return _answer({"error": rejected.reason, "message": rejected.message}, rejected.status)
+        try:
+            delivery = await _accept(request, verifier, config)
+        except WebhookRejected as rejected:
+            WEBHOOKS_REJECTED.labels(rejected.reason).inc()
+            log.info("webhook rejected", extra={"reason": rejected.reason, "status": rejected.status})
+            return _answer({"error": rejected.reason, "message": rejected.message}, rejected.status)
 
-            try:
-                await publisher.publish_all(delivery.messages, config.publish_timeout_s)
-            except PublishFailed as exc:
-                WEBHOOKS_UNAVAILABLE.inc()
-                log.warning("broker unavailable; answering 503", extra={"event_id": delivery.event_id, "error": str(exc)})
-                return _answer(
-                    {"error": "unavailable", "message": "the event could not be stored; retry later"},
-                    503,
-                    {"Retry-After": RETRY_AFTER_S},
-                )
+        try:
+            await publisher.publish_all(delivery.messages, config.publish_timeout_s)
+        except PublishFailed as exc:
+            WEBHOOKS_UNAVAILABLE.inc()
+            log.warning("broker unavailable; answering 503", extra={"event_id": delivery.event_id, "error": str(exc)})
+            return _answer(
+                {"error": "unavailable", "message": "the event could not be stored; retry later"},
+                503,
+                {"Retry-After": RETRY_AFTER_S},
+            )
 
         if delivery.outcome == "dead_lettered":
             WEBHOOKS_REJECTED.labels("malformed_event").inc()

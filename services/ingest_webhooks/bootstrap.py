@@ -10,7 +10,6 @@ from aiohttp import web
 from services.ingest_webhooks.app import IngestConfig, make_app
 from services.ingest_webhooks.publisher import KafkaPublisher
 from services.ingest_webhooks.verify import SignatureVerifier
-from shared import tracing
 from shared.config import Settings
 from shared.devbroker import wait_for_broker
 from shared.errors import ConfigurationError
@@ -34,7 +33,6 @@ def build_app(settings: Settings, publisher: KafkaPublisher, probes: dict) -> we
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set; then stop taking requests and flush the producer."""
-    tracing.configure("ingest_webhooks")
     await wait_for_broker(settings.kafka_bootstrap_servers, timeout=30)
     producer = make_producer(
         settings.kafka_bootstrap_servers, request_timeout_ms=int(settings.publish_timeout_s * 1000)

@@ -55,9 +55,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from payment.v1 import events_pb2
 from pydantic import BaseModel, ValidationError
 
+from payment.v1 import events_pb2
 from services.ingest_webhooks.stripe_models import (
     Charge,
     CheckoutSession,
@@ -111,15 +111,16 @@ def normalize(event: dict[str, Any]) -> events_pb2.PaymentEvent | None:
     Raises :class:`MalformedEvent` when a projected event cannot be normalized.
     """
     if not isinstance(event, dict):
-        raise MalformedEvent("event: expected a JSON object")
+        raise MalformedEvent("malformed Stripe event: expected a JSON object")
     envelope = _parse(StripeEvent, event, prefix=())
     kind = _KINDS.get(envelope.type)
     if kind is None:
         return None
     _check_object_type(envelope, kind.object_type)
     projection = kind.project(envelope.type, envelope.data.object)
-    return _build(envelope, {**_common_fields(envelope, kind.object_type, projection),
-                             **projection.fields})
+    return _build(
+        envelope, {**_common_fields(envelope, kind.object_type, projection), **projection.fields}
+    )
 
 
 # --- parsing and errors -------------------------------------------------------------
@@ -157,7 +158,7 @@ def _check_object_type(event: StripeEvent, expected: str) -> None:
     actual = event.data.object.get("object")
     if actual is not None and actual != expected:
         raise MalformedEvent(
-            f"data.object.object: a {event.type} event must carry a {expected!r} object"
+            f"malformed Stripe event: data.object.object: {event.type} must carry a {expected!r}"
         )
 
 
@@ -171,7 +172,8 @@ def _build(event: StripeEvent, fields: dict[str, Any]) -> events_pb2.PaymentEven
         # Text that is not valid UTF-8 (lone surrogates from JSON escapes) or a product of
         # two valid integers that overflows int64.
         raise MalformedEvent(
-            f"event {event.id}: a value cannot be stored in PaymentEvent ({type(exc).__name__})"
+            f"malformed Stripe event {event.id}: a value does not fit PaymentEvent "
+            f"({type(exc).__name__})"
         ) from None
 
 
@@ -211,7 +213,10 @@ def _common_fields(event: StripeEvent, object_type: str, p: _Projection) -> dict
 
 def _customer_id(customer: Customer | None) -> str:
     if customer is None:
-        raise MalformedEvent("data.object.customer: required (the customer id is the Kafka key)")
+        raise MalformedEvent(
+            "malformed Stripe event: data.object.customer: required "
+            "(the customer id is the Kafka key)"
+        )
     return customer.id
 
 

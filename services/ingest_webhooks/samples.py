@@ -269,9 +269,7 @@ def _resolve(
         canceled_at=o.get(
             "canceled_at", created if event_type == "customer.subscription.deleted" else None
         ),
-        trial_end=o.get(
-            "trial_end", period_end if event_type.endswith("trial_will_end") else None
-        ),
+        trial_end=o.get("trial_end", period_end if event_type.endswith("trial_will_end") else None),
         amount_refunded=o.get(
             "amount_refunded", amount * quantity if event_type == "charge.refunded" else 0
         ),
@@ -550,8 +548,12 @@ def _invoice_common(s: _Sample, paid: bool) -> dict[str, Any]:
         "attempt_count": s.attempt_count,
         "attempted": True,
         "auto_advance": not paid,
-        "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None,
-                          "status": None},
+        "automatic_tax": {
+            "disabled_reason": None,
+            "enabled": False,
+            "liability": None,
+            "status": None,
+        },
         "billing_reason": s.billing_reason,
         "collection_method": "charge_automatically",
         "created": s.created,
@@ -586,8 +588,11 @@ def _invoice_common(s: _Sample, paid: bool) -> dict[str, Any]:
         "next_payment_attempt": s.next_payment_attempt,
         "number": f"{s.customer_id[-8:].upper()}-0001",
         "on_behalf_of": None,
-        "payment_settings": {"default_mandate": None, "payment_method_options": None,
-                             "payment_method_types": None},
+        "payment_settings": {
+            "default_mandate": None,
+            "payment_method_options": None,
+            "payment_method_types": None,
+        },
         "period_end": s.period_start,
         "period_start": own_start,
         "post_payment_credit_notes_amount": 0,
@@ -765,8 +770,14 @@ def _charge(s: _Sample) -> dict[str, Any]:
         "application_fee_amount": None,
         "balance_transaction": new_id("txn_") if succeeded else None,
         "billing_details": {
-            "address": {"city": None, "country": "US", "line1": None, "line2": None,
-                        "postal_code": "94107", "state": None},
+            "address": {
+                "city": None,
+                "country": "US",
+                "line1": None,
+                "line2": None,
+                "postal_code": "94107",
+                "state": None,
+            },
             "email": s.customer_email,
             "name": "Jenny Rosen",
             "phone": None,
@@ -835,8 +846,11 @@ def _card_details() -> dict[str, Any]:
     return {
         "card": {
             "brand": "visa",
-            "checks": {"address_line1_check": None, "address_postal_code_check": "pass",
-                       "cvc_check": "pass"},
+            "checks": {
+                "address_line1_check": None,
+                "address_postal_code_check": "pass",
+                "cvc_check": "pass",
+            },
             "country": "US",
             "exp_month": 12,
             "exp_year": 2034,
@@ -880,9 +894,14 @@ def _payment_intent(s: _Sample) -> dict[str, Any]:
         "on_behalf_of": None,
         "payment_method": None if s.failing else "pm_1" + s.payment_intent_id[-20:],
         "payment_method_configuration_details": None,
-        "payment_method_options": {"card": {"installments": None, "mandate_options": None,
-                                            "network": None,
-                                            "request_three_d_secure": "automatic"}},
+        "payment_method_options": {
+            "card": {
+                "installments": None,
+                "mandate_options": None,
+                "network": None,
+                "request_three_d_secure": "automatic",
+            }
+        },
         "payment_method_types": ["card"],
         "processing": None,
         "receipt_email": s.customer_email,
@@ -904,14 +923,18 @@ def _payment_intent(s: _Sample) -> dict[str, Any]:
 def _last_payment_error(s: _Sample) -> dict[str, Any] | None:
     if s.failure_code is None and s.failure_message is None:
         return None
+    code = s.failure_code or ""
     return {
         "charge": s.charge_id,
         "code": s.failure_code,
         "decline_code": "generic_decline",
-        "doc_url": f"https://docs.stripe.com/error-codes/{(s.failure_code or '').replace('_', '-')}",
+        "doc_url": "https://docs.stripe.com/error-codes/" + code.replace("_", "-"),
         "message": s.failure_message,
-        "payment_method": {"id": "pm_1" + s.payment_intent_id[-20:], "object": "payment_method",
-                           "type": "card"},
+        "payment_method": {
+            "id": "pm_1" + s.payment_intent_id[-20:],
+            "object": "payment_method",
+            "type": "card",
+        },
         "type": "card_error",
     }
 
@@ -940,13 +963,23 @@ def _checkout_session(s: _Sample) -> dict[str, Any]:
         "currency": s.currency,
         "currency_conversion": None,
         "custom_fields": [],
-        "custom_text": {"after_submit": None, "shipping_address": None, "submit": None,
-                        "terms_of_service_acceptance": None},
+        "custom_text": {
+            "after_submit": None,
+            "shipping_address": None,
+            "submit": None,
+            "terms_of_service_acceptance": None,
+        },
         "customer": _customer(s),
         "customer_creation": "always",
         "customer_details": {
-            "address": {"city": None, "country": "US", "line1": None, "line2": None,
-                        "postal_code": "94107", "state": None},
+            "address": {
+                "city": None,
+                "country": "US",
+                "line1": None,
+                "line2": None,
+                "postal_code": "94107",
+                "state": None,
+            },
             "email": s.customer_email,
             "name": "Jenny Rosen",
             "phone": None,
@@ -956,8 +989,7 @@ def _checkout_session(s: _Sample) -> dict[str, Any]:
         "customer_email": None,
         "expires_at": s.created - 120 + _DAY,
         "invoice": s.invoice_id if subscription_mode else None,
-        "invoice_creation": None if subscription_mode else {"enabled": False,
-                                                              "invoice_data": None},
+        "invoice_creation": None if subscription_mode else {"enabled": False, "invoice_data": None},
         "livemode": s.livemode,
         "locale": None,
         "metadata": _object_metadata(s),

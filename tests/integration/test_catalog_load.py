@@ -143,3 +143,16 @@ def test_a_plan_a_subscription_references_cannot_be_removed(
         apply_catalog(conn, edited_catalog(tmp_path, edit))
     assert "1 subscription(s)" in str(info.value)
     assert snapshot(conn) == before
+
+
+def test_the_default_can_move_to_another_plan(
+    conn: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    apply_catalog(conn, load_catalog(DEFAULT_CATALOG_PATH))
+
+    def edit(data: dict[str, Any]) -> None:
+        data["plans"]["free"]["default"] = False
+        data["plans"]["starter"] = {"name": "Starter", "tier": 0, "default": True}
+
+    apply_catalog(conn, edited_catalog(tmp_path, edit))
+    assert conn.execute("SELECT plan_id FROM plans WHERE is_default").fetchall() == [("starter",)]

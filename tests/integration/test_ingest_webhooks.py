@@ -18,7 +18,6 @@ from services.ingest_webhooks.normalize import PROJECTED_TYPES, normalize
 from services.ingest_webhooks.publisher import KafkaPublisher
 from services.ingest_webhooks.samples import NEW_API_VERSION, OLD_API_VERSION, sample_event
 from services.ingest_webhooks.verify import SignatureVerifier
-from shared import tracing
 from shared.config import Topics
 from shared.devbroker import DevBroker, ensure_topics
 from shared.kafka import make_producer
@@ -51,7 +50,6 @@ def signed_headers(body: bytes, secret: str = SECRET, timestamp: int | None = No
 
 
 async def start_ingester(bootstrap: str, topics: Topics, publish_timeout_s: float = 10.0) -> AsyncIterator[Ingester]:
-    tracing.configure("test")
     producer = make_producer(bootstrap, request_timeout_ms=int(publish_timeout_s * 1000))
     await producer.start()
     app = make_app(

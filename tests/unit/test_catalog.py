@@ -156,7 +156,9 @@ def test_a_missing_required_key_points_at_the_line_of_its_parent(tmp_path: Path)
 
 def test_every_problem_is_reported_not_only_the_first(tmp_path: Path) -> None:
     text = replace_line(11, "    tier: -1")
-    text = replace_line(17, "      price_basic: {zone: us, currency: usd, amount: 9.5, interval: month}", text)
+    text = replace_line(
+        17, "      price_basic: {zone: us, currency: usd, amount: 9.5, interval: month}", text
+    )
     message = error_of(tmp_path, text)
     assert ":11: plans.free.tier:" in message
     assert ":17: plans.basic.prices.price_basic.amount:" in message
@@ -186,12 +188,16 @@ def test_a_price_id_listed_under_two_plans_is_rejected(tmp_path: Path) -> None:
 
 
 def test_a_price_in_an_unknown_zone_is_rejected(tmp_path: Path) -> None:
-    text = replace_line(17, "      price_basic: {zone: eu, currency: usd, amount: 900, interval: month}")
+    text = replace_line(
+        17, "      price_basic: {zone: eu, currency: usd, amount: 900, interval: month}"
+    )
     assert ":17: plans.basic.prices.price_basic.zone: unknown zone 'eu'" in error_of(tmp_path, text)
 
 
 def test_a_price_whose_currency_is_not_its_zones_is_rejected(tmp_path: Path) -> None:
-    text = replace_line(17, "      price_basic: {zone: us, currency: eur, amount: 900, interval: month}")
+    text = replace_line(
+        17, "      price_basic: {zone: us, currency: eur, amount: 900, interval: month}"
+    )
     message = error_of(tmp_path, text)
     assert ":17: plans.basic.prices.price_basic.currency: zone 'us' uses 'usd'" in message
 
@@ -376,7 +382,10 @@ def test_load_queries_splits_a_file_on_name_lines(tmp_path: Path) -> None:
         "-- header comment\n\n-- name: first\nSELECT 1;\n\n-- name: second\n"
         "-- what it does\nSELECT 2\nFROM t;\n"
     )
-    assert load_queries(path) == {"first": "SELECT 1;", "second": "-- what it does\nSELECT 2\nFROM t;"}
+    assert load_queries(path) == {
+        "first": "SELECT 1;",
+        "second": "-- what it does\nSELECT 2\nFROM t;",
+    }
 
 
 def test_load_queries_rejects_a_duplicate_name_naming_both_lines(tmp_path: Path) -> None:

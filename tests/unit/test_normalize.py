@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from payment.v1 import events_pb2
 
+from payment.v1 import events_pb2
 from services.ingest_webhooks.normalize import PROJECTED_TYPES, MalformedEvent, normalize
 from services.ingest_webhooks.samples import (
     DEFAULT_EMAIL,
@@ -210,7 +210,9 @@ def _expected_checkout_session(event_type: str, old: bool) -> dict[str, Any]:
 def test_every_projected_type_normalizes_to_what_its_sample_was_built_with(
     event_type: str, api_version: str
 ) -> None:
-    assert_fields(normalized(built(event_type, api_version)), expected_fields(event_type, api_version))
+    assert_fields(
+        normalized(built(event_type, api_version)), expected_fields(event_type, api_version)
+    )
 
 
 @pytest.mark.parametrize("event_type", SAMPLE_TYPES)
@@ -251,8 +253,15 @@ def _delete(event: dict[str, Any], path: tuple[str, ...]) -> None:
         (("data", "object", "customer"), "data.object.customer"),
     ],
 )
-@pytest.mark.parametrize("event_type", ["invoice.paid", "customer.subscription.updated",
-                                        "charge.succeeded", "checkout.session.completed"])
+@pytest.mark.parametrize(
+    "event_type",
+    [
+        "invoice.paid",
+        "customer.subscription.updated",
+        "charge.succeeded",
+        "checkout.session.completed",
+    ],
+)
 def test_a_missing_needed_field_is_malformed_and_named(
     event_type: str, path: tuple[str, ...], named: str
 ) -> None:
@@ -458,8 +467,12 @@ def test_a_new_subscription_reads_its_period_from_its_items() -> None:
 def test_subscription_items_that_disagree_give_the_earliest_start_and_latest_end() -> None:
     event = built("customer.subscription.updated", NEW_API_VERSION)
     first = obj(event)["items"]["data"][0]
-    second = {**copy.deepcopy(first), "id": "si_Second", "current_period_start": PERIOD_START - 10,
-              "current_period_end": PERIOD_END - 10}
+    second = {
+        **copy.deepcopy(first),
+        "id": "si_Second",
+        "current_period_start": PERIOD_START - 10,
+        "current_period_end": PERIOD_END - 10,
+    }
     first.update(current_period_start=PERIOD_START + 10, current_period_end=PERIOD_END + 10)
     obj(event)["items"]["data"].append(second)
     result = normalized(event)
@@ -521,8 +534,12 @@ def test_an_invoice_without_lines_falls_back_to_its_own_period() -> None:
 
 @pytest.mark.parametrize("event_type", SAMPLE_TYPES)
 def test_an_expanded_customer_object_gives_the_customer_id(event_type: str) -> None:
-    event = built(event_type, user_id=None, family_id=None,
-                  customer_metadata={"user_id": "user_Cus", "family_id": "family_Cus"})
+    event = built(
+        event_type,
+        user_id=None,
+        family_id=None,
+        customer_metadata={"user_id": "user_Cus", "family_id": "family_Cus"},
+    )
     assert isinstance(obj(event)["customer"], dict)
     result = normalized(event)
     assert result.customer_id == "cus_Test"
@@ -537,8 +554,9 @@ def test_an_expanded_customer_without_an_id_is_malformed() -> None:
 
 
 def test_the_customer_email_falls_back_to_the_expanded_customer() -> None:
-    event = built("customer.subscription.updated", expand_customer=True,
-                  customer_email="sub@example.com")
+    event = built(
+        "customer.subscription.updated", expand_customer=True, customer_email="sub@example.com"
+    )
     assert normalized(event).customer_email == "sub@example.com"
 
 
@@ -557,21 +575,31 @@ def test_subscription_metadata_beats_customer_metadata(api_version: str) -> None
 
 
 def test_customer_metadata_beats_the_client_reference_id() -> None:
-    event = built("checkout.session.completed", user_id=None, family_id=None,
-                  customer_metadata={"user_id": "user_Cus"}, client_reference_id="user_Ref")
+    event = built(
+        "checkout.session.completed",
+        user_id=None,
+        family_id=None,
+        customer_metadata={"user_id": "user_Cus"},
+        client_reference_id="user_Ref",
+    )
     assert normalized(event).user_id == "user_Cus"
 
 
 def test_the_client_reference_id_is_the_last_resort_for_the_user_only() -> None:
-    event = built("checkout.session.completed", user_id=None, family_id=None,
-                  client_reference_id="user_Ref")
+    event = built(
+        "checkout.session.completed", user_id=None, family_id=None, client_reference_id="user_Ref"
+    )
     result = normalized(event)
     assert (result.user_id, result.family_id) == ("user_Ref", "")
 
 
 def test_an_expanded_checkout_subscription_metadata_beats_the_customer_metadata() -> None:
-    event = built("checkout.session.completed", user_id=None, family_id=None,
-                  customer_metadata={"user_id": "user_Cus", "family_id": "family_Cus"})
+    event = built(
+        "checkout.session.completed",
+        user_id=None,
+        family_id=None,
+        customer_metadata={"user_id": "user_Cus", "family_id": "family_Cus"},
+    )
     obj(event)["subscription"] = obj(
         built("customer.subscription.created", user_id="user_Sub", family_id=None)
     )
@@ -580,8 +608,12 @@ def test_an_expanded_checkout_subscription_metadata_beats_the_customer_metadata(
 
 
 def test_user_and_family_are_resolved_independently() -> None:
-    event = built("charge.succeeded", user_id="user_Obj", family_id=None,
-                  customer_metadata={"user_id": "user_Cus", "family_id": "family_Cus"})
+    event = built(
+        "charge.succeeded",
+        user_id="user_Obj",
+        family_id=None,
+        customer_metadata={"user_id": "user_Cus", "family_id": "family_Cus"},
+    )
     result = normalized(event)
     assert (result.user_id, result.family_id) == ("user_Obj", "family_Cus")
 
@@ -595,8 +627,9 @@ def test_blank_metadata_values_do_not_count_as_found() -> None:
 
 def test_without_any_identity_user_and_family_are_empty() -> None:
     for event_type in SAMPLE_TYPES:
-        result = normalized(built(event_type, user_id=None, family_id=None,
-                                  client_reference_id=None))
+        result = normalized(
+            built(event_type, user_id=None, family_id=None, client_reference_id=None)
+        )
         assert (result.user_id, result.family_id) == ("", ""), event_type
 
 
@@ -614,8 +647,13 @@ def test_an_invoice_gets_the_plan_id_from_its_subscription_metadata() -> None:
 
 def test_non_string_metadata_values_are_stringified() -> None:
     event = built("charge.succeeded", user_id=None, family_id=None)
-    obj(event)["metadata"] = {"n": 3, "flag": True, "none": None, "nested": {"b": 1, "a": [2]},
-                              "s": "text"}
+    obj(event)["metadata"] = {
+        "n": 3,
+        "flag": True,
+        "none": None,
+        "nested": {"b": 1, "a": [2]},
+        "s": "text",
+    }
     assert dict(normalized(event).metadata) == {
         "n": "3",
         "flag": "true",
@@ -635,8 +673,12 @@ def test_null_metadata_on_a_nested_object_is_treated_as_empty() -> None:
 
 
 def test_a_subscription_set_to_cancel_reports_when() -> None:
-    event = built("customer.subscription.updated", cancel_at_period_end=True,
-                  cancel_at=PERIOD_END, canceled_at=CREATED)
+    event = built(
+        "customer.subscription.updated",
+        cancel_at_period_end=True,
+        cancel_at=PERIOD_END,
+        canceled_at=CREATED,
+    )
     result = normalized(event)
     assert (result.cancel_at_period_end, result.cancel_at, result.canceled_at) == (
         True,
@@ -721,13 +763,37 @@ _json = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_text, inner, max_size=4),
     max_leaves=24,
 )
-_object_keys = st.sampled_from(
-    ["id", "object", "customer", "metadata", "amount", "amount_due", "amount_paid", "lines",
-     "items", "parent", "subscription", "subscription_details", "payments", "payment_intent",
-     "charge", "latest_charge", "last_payment_error", "period_start", "client_reference_id",
-     "customer_details", "status", "currency", "quantity"]
-) | _text
-_events = st.fixed_dictionaries(
+_object_keys = (
+    st.sampled_from(
+        [
+            "id",
+            "object",
+            "customer",
+            "metadata",
+            "amount",
+            "amount_due",
+            "amount_paid",
+            "lines",
+            "items",
+            "parent",
+            "subscription",
+            "subscription_details",
+            "payments",
+            "payment_intent",
+            "charge",
+            "latest_charge",
+            "last_payment_error",
+            "period_start",
+            "client_reference_id",
+            "customer_details",
+            "status",
+            "currency",
+            "quantity",
+        ]
+    )
+    | _text
+)
+_loose_events = st.fixed_dictionaries(
     {},
     optional={
         "id": st.just("evt_1") | _json,
@@ -741,6 +807,21 @@ _events = st.fixed_dictionaries(
         | _json,
     },
 )
+# A valid envelope around an object of random fields, so the object parsers get exercised.
+_objects = st.builds(
+    lambda fields, known: {**fields, **known},
+    st.dictionaries(_object_keys, _json, max_size=8),
+    st.fixed_dictionaries({"id": st.just("obj_1")}, optional={"customer": st.just("cus_1")}),
+)
+_envelopes = st.fixed_dictionaries(
+    {
+        "id": st.just("evt_1"),
+        "type": st.sampled_from(SAMPLE_TYPES),
+        "created": st.integers(min_value=0, max_value=2**40),
+        "data": st.fixed_dictionaries({"object": _objects}),
+    },
+    optional={"api_version": st.sampled_from(VERSIONS), "livemode": st.booleans()},
+)
 
 
 def _normalizes_or_refuses(event: Any) -> None:
@@ -752,7 +833,7 @@ def _normalizes_or_refuses(event: Any) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(event=_events | st.dictionaries(_text, _json, max_size=6))
+@given(event=_envelopes | _loose_events | st.dictionaries(_text, _json, max_size=6))
 def test_arbitrary_json_gives_an_event_none_or_malformed_event_only(event: dict[str, Any]) -> None:
     _normalizes_or_refuses(event)
 
@@ -769,8 +850,9 @@ def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), event_type=st.sampled_from(SAMPLE_TYPES),
-       api_version=st.sampled_from(VERSIONS))
+@given(
+    data=st.data(), event_type=st.sampled_from(SAMPLE_TYPES), api_version=st.sampled_from(VERSIONS)
+)
 def test_a_sample_with_any_field_replaced_gives_an_event_or_malformed_event_only(
     data: st.DataObject, event_type: str, api_version: str
 ) -> None:
