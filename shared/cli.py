@@ -139,6 +139,7 @@ def send_webhook(
 def main() -> None:
     """Console entry point: operator errors become one line and exit status 2."""
     from shared.catalog import CatalogError
+    from shared.runner import ServiceNotBuilt
 
     # One-shot commands report failures themselves; client libraries' own
     # connection warnings would only repeat them as noise.
@@ -146,7 +147,7 @@ def main() -> None:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         app(standalone_mode=False)
-    except (DependencyUnavailable, ConfigurationError, CatalogError) as exc:
+    except (DependencyUnavailable, ConfigurationError, CatalogError, ServiceNotBuilt) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except ValidationError as exc:

@@ -33,7 +33,7 @@ def connect(url: str, *, autocommit: bool = True, **kwargs: object) -> psycopg.C
         return psycopg.connect(url, autocommit=autocommit, connect_timeout=5, **kwargs)  # type: ignore[arg-type]
     except psycopg.ProgrammingError as exc:  # malformed URL
         raise DependencyUnavailable(
-            "postgres", "DATABASE_URL", f"invalid URL: {_short(exc)}", hint=""
+            "postgres", "DATABASE_URL", "the URL cannot be parsed", hint=""
         ) from exc
     except psycopg.OperationalError as exc:
         detail = _short(exc)
@@ -53,7 +53,7 @@ def ensure_database(url: str) -> bool:
         target = conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
         raise DependencyUnavailable(
-            "postgres", "DATABASE_URL", f"invalid URL: {_short(exc)}", hint=""
+            "postgres", "DATABASE_URL", "the URL cannot be parsed", hint=""
         ) from exc
     dbname = str(target.get("dbname") or "")
     if not dbname or dbname == "postgres":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import signal
 import socket
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -133,26 +134,38 @@ class DevBroker:
         self.stop()
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 async def wait_for_broker(
     bootstrap: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None
 ) -> None:
     """Poll until `bootstrap` answers a metadata request, or raise DependencyUnavailable."""
     deadline = time.monotonic() + timeout
     last_error = "no answer"
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise DependencyUnavailable("kafka", bootstrap, f"Tansu exited with {process.returncode}")
-        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
-        try:
-            await admin.start()
-            await admin.list_topics()
-            return
-        except (KafkaError, OSError) as exc:
-            last_error = type(exc).__name__
-        finally:
-            with contextlib.suppress(Exception):
-                await admin.close()
-        await asyncio.sleep(0.2)
+    with _quiet("aiokafka"):  # refused connections are expected while we poll
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise DependencyUnavailable("kafka", bootstrap, f"Tansu exited with {process.returncode}")
+            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+            try:
+                await admin.start()
+                await admin.list_topics()
+                return
+            except (KafkaError, OSError) as exc:
+                last_error = type(exc).__name__
+            finally:
+                with contextlib.suppress(Exception):
+                    await admin.close()
+            await asyncio.sleep(0.2)
     raise DependencyUnavailable("kafka", bootstrap, f"no metadata answer in {timeout:.0f} s ({last_error})")
 
 

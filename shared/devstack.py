@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -152,6 +153,7 @@ async def _run_services(
                     settings.stripe_webhook_secrets[0].get_secret_value(),
                 )
         console.print(table)
+        _write_stack_file(log_dir / "stack.json", settings, names, env, stripe)
         skipped = sorted(set(SERVICE_PORTS) - set(names))
         if skipped:
             console.print(f"not built yet, so not started: {', '.join(skipped)}")
@@ -159,6 +161,19 @@ async def _run_services(
         await _wait_for_signal_or_exit(children)
     finally:
         _stop_children(children)
+
+
+def _write_stack_file(
+    path: Path, settings: Settings, names: list[str], env: dict[str, str], stripe: LocalStripe | None
+) -> None:
+    """Where everything listens, for scripts and tests (no secrets)."""
+    stack = {
+        "services": {n: f"http://127.0.0.1:{getattr(settings, SERVICE_PORTS[n])}" for n in names},
+        "kafka_bootstrap_servers": env["KAFKA_BOOTSTRAP_SERVERS"],
+        "stripe_api_base": stripe.api_base if stripe else env.get("STRIPE_API_BASE", ""),
+        "pid": os.getpid(),
+    }
+    path.write_text(json.dumps(stack, indent=2))
 
 
 async def _wait_for_signal_or_exit(children: dict[str, subprocess.Popen[bytes]]) -> None:

@@ -10,6 +10,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 from psycopg import conninfo
 from yoyo import get_backend, read_migrations
 
@@ -31,8 +32,12 @@ def _yoyo_url(url: str, schema: str | None) -> str:
 
 def _backend(url: str, schema: str | None):  # type: ignore[no-untyped-def]
     try:
-        return get_backend(_yoyo_url(url, schema))
-    except Exception as exc:
+        yoyo_url = _yoyo_url(url, schema)
+    except psycopg.ProgrammingError as exc:
+        raise DependencyUnavailable("postgres", "DATABASE_URL", "the URL cannot be parsed", hint="") from exc
+    try:
+        return get_backend(yoyo_url)
+    except psycopg.OperationalError as exc:
         raise DependencyUnavailable("postgres", describe(url), str(exc).splitlines()[0]) from exc
 
 

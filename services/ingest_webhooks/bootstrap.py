@@ -33,7 +33,7 @@ def build_app(settings: Settings, publisher: KafkaPublisher, probes: dict) -> we
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Serve until `stop` is set; then stop taking requests and flush the producer."""
-    await wait_for_broker(settings.kafka_bootstrap_servers, timeout=30)
+    await wait_for_broker(settings.kafka_bootstrap_servers, timeout=settings.startup_timeout_s)
     producer = make_producer(
         settings.kafka_bootstrap_servers, request_timeout_ms=int(settings.publish_timeout_s * 1000)
     )

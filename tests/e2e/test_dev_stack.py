@@ -1,0 +1,113 @@
+"""`paymentsvc dev` as a newcomer runs it, driven through localstripe as a user would.
+
+The stack runs as a child process tree on free ports, against a fresh database,
+with the session's broker and a topic prefix of its own. It starts its own
+localstripe (no STRIPE_SECRET_KEY is set) and registers the ingester there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import stripe
+
+from payment.v1 import events_pb2
+from shared.devbroker import free_port
+from shared.devstack import DEV_WEBHOOK_SECRET
+from tests.kafka_helpers import headers_of, read_topic
+
+pytestmark = pytest.mark.e2e
+READY_WITHIN_S = 60
+
+
+@pytest.fixture
+def dev_stack(tmp_path: Path, database_url: str, broker: str) -> Iterator[dict]:  # type: ignore[type-arg]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STRIPE_", "API_KEYS"))}
+    prefix = f"e2e{os.urandom(3).hex()}."
+    env.update(
+        DATABASE_URL=database_url,
+        KAFKA_BOOTSTRAP_SERVERS=broker,
+        KAFKA_TOPIC_PREFIX=prefix,
+        **{name: str(free_port()) for name in ("GRPC_PORT", "GRPC_HTTP_PORT", "INGEST_PORT", "ENTITLEMENTS_PORT", "USAGE_PORT", "DUNNING_PORT")},
+    )
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "dev", "--log-dir", str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    stack_file = tmp_path / "stack.json"
+    try:
+        while not stack_file.exists():
+            if process.poll() is not None or time.monotonic() - started > READY_WITHIN_S:
+                output = process.stdout.read().decode() if process.stdout else ""
+                pytest.fail(f"dev stack not ready within {READY_WITHIN_S} s:\n{output[-3000:]}")
+            time.sleep(0.2)
+        stack = json.loads(stack_file.read_text())
+        stack["ready_after_s"] = time.monotonic() - started
+        stack["prefix"] = prefix
+        yield stack
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail("the dev stack did not stop on Ctrl-C")
+
+
+def get_json(url: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def test_the_dev_stack_is_ready_within_a_minute_and_localstripe_events_reach_payment_events(
+    dev_stack: dict,  # type: ignore[type-arg]
+) -> None:
+    assert dev_stack["ready_after_s"] < READY_WITHIN_S
+    for url in dev_stack["services"].values():
+        assert get_json(f"{url}/health/ready") == (200, {"status": "ready"})
+
+    client = stripe.StripeClient("sk_test_e2e", base_addresses={"api": dev_stack["stripe_api_base"]})
+    user_id = f"user_{os.urandom(4).hex()}"
+    customer = client.v1.customers.create(params={"email": "e2e@example.com", "metadata": {"user_id": user_id}})
+    plan = client.v1.plans.create(
+        params={"id": f"price_e2e_{os.urandom(3).hex()}", "amount": 900, "currency": "usd", "interval": "month", "product": {"name": "Basic"}}
+    )
+    payment_method = client.v1.payment_methods.create(
+        params={"type": "card", "card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}
+    )
+    client.v1.payment_methods.attach(payment_method.id, params={"customer": customer.id})
+    client.v1.customers.update(customer.id, params={"invoice_settings": {"default_payment_method": payment_method.id}})
+    subscription = client.v1.subscriptions.create(
+        params={"customer": customer.id, "items": [{"plan": plan.id}], "metadata": {"user_id": user_id}}
+    )
+
+    topic = f"{dev_stack['prefix']}payment-events"
+    records = await read_topic(dev_stack["kafka_bootstrap_servers"], topic, expect=1, timeout=30)
+    events = [events_pb2.PaymentEvent.FromString(r.value) for r in records]
+    created = [e for e in events if e.event_type == "customer.subscription.created"]
+    assert created, f"no customer.subscription.created among {[e.event_type for e in events]}"
+    event = created[0]
+    assert (event.customer_id, event.subscription_id, event.user_id) == (customer.id, subscription.id, user_id)
+    assert event.price_id == plan.id and event.status == "active"
+    assert records[0].key == customer.id.encode()
+    assert all(headers_of(r)["event-id"].startswith("evt_") for r in records)
+
+    with urllib.request.urlopen(f"{dev_stack['services']['ingest_webhooks']}/metrics") as response:  # noqa: ASYNC210
+        assert "paymentsvc_webhooks_verified_total" in response.read().decode()
+    assert DEV_WEBHOOK_SECRET not in json.dumps(get_json(f"{dev_stack['services']['ingest_webhooks']}/status")[1])
