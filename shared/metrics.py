@@ -51,3 +51,31 @@ DEPENDENCY_UP = Gauge(
     "paymentsvc_dependency_up", "1 when the last readiness probe of a dependency passed.",
     ["dependency"],
 )
+
+# ---------------------------------------------------------------- worker runtime
+WORKER_EVENTS = Counter(
+    "paymentsvc_worker_events_total",
+    "Messages a worker finished with, by outcome: applied, duplicate, dead_lettered.",
+    ["consumer", "outcome"],
+)
+WORKER_BATCH_SECONDS = Histogram(
+    "paymentsvc_worker_batch_seconds",
+    "Time to apply one batch: decode, transaction, dead letters, after-commit.",
+    ["consumer"],
+    buckets=LATENCY_BUCKETS,
+)
+WORKER_TRANSIENT_FAILURES = Counter(
+    "paymentsvc_worker_transient_failures_total",
+    "Batches that failed for a transient reason (database down, ...) and were retried.",
+    ["consumer"],
+)
+WORKER_LAG = Gauge(
+    "paymentsvc_worker_lag_messages",
+    "Messages between a partition's end and the worker's position.",
+    ["consumer", "topic", "partition"],
+)
+WORKER_PAUSED = Gauge(
+    "paymentsvc_worker_paused",
+    "1 while a worker is backing off after a transient failure.",
+    ["consumer"],
+)

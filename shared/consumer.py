@@ -1,0 +1,274 @@
+"""Driving a BatchProcessor from Kafka: the live loop of every worker, and replay.
+
+Live (`run_live`): a consumer group member. On assignment it seeks each
+partition to the high-water mark the database holds for it (the database is
+the source of truth; Kafka's committed offset is only used where the database
+has none). It takes batches with `getmany`, processes each one, and commits the
+Kafka offsets only after `process` returned, that is after the database
+transaction, the dead letters and the after-commit work.
+
+A transient failure (anything but a poison message, which `process` handles)
+pauses the assigned partitions, backs off exponentially while still polling
+(so the group does not evict us), and retries the same batch. Nothing is
+committed meanwhile; the inbox makes the retry idempotent.
+
+Replay (`run_replay`): no group. It assigns every partition, starts where the
+target schema's high-water marks say (offset 0 for a fresh schema), and stops
+once it has reached the end offsets it saw at start (or `until`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+from psycopg_pool import AsyncConnectionPool
+
+from shared.kafka import PublishFailed
+from shared.metrics import WORKER_LAG, WORKER_PAUSED, WORKER_TRANSIENT_FAILURES
+from shared.worker import QUERIES, BatchProcessor, DeadLetter, LoopPolicy, RawMessage
+
+log = logging.getLogger("worker")
+DEFAULT_POLICY = LoopPolicy()
+Progress = Callable[[int, dict[int, int], dict[int, int]], None]
+
+
+class KafkaDeadLetters:
+    """Dead letters go to `<topic>.dlq`, keyed as the original, with the error in headers."""
+
+    def __init__(self, producer: AIOKafkaProducer, timeout_s: float = 10.0) -> None:
+        self._producer = producer
+        self._timeout_s = timeout_s
+
+    async def send(self, letters: Sequence[DeadLetter], consumer: str) -> None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                acks = [await self._producer.send(**self._record(letter, consumer)) for letter in letters]
+                await asyncio.gather(*acks)
+        except (TimeoutError, KafkaError) as exc:
+            raise PublishFailed(f"dead letters not acknowledged: {type(exc).__name__}") from exc
+        for letter in letters:
+            log.warning(
+                "dead-lettered a message",
+                extra={"consumer": consumer, "topic": letter.message.topic, "partition": letter.message.partition,
+                       "offset": letter.message.offset, "error": letter.error},
+            )
+
+    @staticmethod
+    def _record(letter: DeadLetter, consumer: str) -> dict[str, Any]:
+        m = letter.message
+        headers = [
+            *m.headers,
+            ("error", letter.error.encode()[:1000]),
+            ("error-class", letter.error_class.encode()),
+            ("failed-in", consumer.encode()),
+            ("original-topic", m.topic.encode()),
+            ("original-partition", str(m.partition).encode()),
+            ("original-offset", str(m.offset).encode()),
+        ]
+        return {"topic": f"{m.topic}.dlq", "value": m.value, "key": m.key, "headers": headers}
+
+
+def _raw(records: dict[TopicPartition, list[Any]]) -> list[RawMessage]:
+    messages = []
+    for tp, batch in records.items():
+        for r in batch:
+            messages.append(
+                RawMessage(tp.topic, tp.partition, r.offset, r.key, r.value or b"", tuple(r.headers or ()), r.timestamp or 0)
+            )
+    return messages
+
+
+async def database_offsets(pool: AsyncConnectionPool, consumer: str, topic: str) -> dict[int, int]:
+    async with pool.connection() as conn:
+        cursor = await conn.execute(QUERIES["committed_offsets"], {"consumer": consumer, "topic": topic})
+        return {int(p): int(o) for p, o in await cursor.fetchall()}
+
+
+class _SeekToDatabase(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, consumer: AIOKafkaConsumer, pool: AsyncConnectionPool, name: str, topic: str) -> None:
+        self._consumer, self._pool, self._name, self._topic = consumer, pool, name, topic
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        pass  # offsets are committed after every batch
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        offsets = await database_offsets(self._pool, self._name, self._topic)
+        for tp in assigned:
+            if tp.partition in offsets:
+                self._consumer.seek(tp, offsets[tp.partition])
+        log.info("partitions assigned", extra={"consumer": self._name, "partitions": sorted(tp.partition for tp in assigned)})
+
+
+class Backoff:
+    def __init__(self, policy: LoopPolicy) -> None:
+        self._policy = policy
+        self.delay = policy.backoff_initial_s
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, self._policy.backoff_max_s)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self._policy.backoff_initial_s
+
+
+async def process_until_done(
+    processor: BatchProcessor[Any],
+    messages: list[RawMessage],
+    policy: LoopPolicy,
+    stop: asyncio.Event,
+    keep_alive: Callable[[float], Awaitable[None]],
+) -> bool:
+    """Process one batch, retrying transient failures with backoff. False if stopped first."""
+    backoff = Backoff(policy)
+    while not stop.is_set():
+        try:
+            await processor.process(messages)
+            WORKER_PAUSED.labels(processor.consumer).set(0)
+            return True
+        except Exception as exc:  # transient by definition here: poison is handled inside
+            WORKER_TRANSIENT_FAILURES.labels(processor.consumer).inc()
+            WORKER_PAUSED.labels(processor.consumer).set(1)
+            delay = backoff.next()
+            log.warning(
+                "batch failed; retrying",
+                extra={"consumer": processor.consumer, "error": f"{type(exc).__name__}: {str(exc)[:200]}", "retry_in_s": delay},
+            )
+            await keep_alive(delay)
+    return False
+
+
+async def run_live(
+    processor: BatchProcessor[Any],
+    pool: AsyncConnectionPool,
+    bootstrap: str,
+    topic: str,
+    group_id: str,
+    stop: asyncio.Event,
+    policy: LoopPolicy = DEFAULT_POLICY,
+    session_timeout_ms: int = 10_000,
+) -> None:
+    """Consume `topic` as a member of `group_id` until `stop` is set."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=max(500, session_timeout_ms // 5),
+        rebalance_timeout_ms=session_timeout_ms,
+        max_poll_records=policy.max_batch,
+        client_id=f"paymentsvc-{processor.consumer}",
+    )
+    consumer.subscribe([topic], listener=_SeekToDatabase(consumer, pool, processor.consumer, topic))
+    await consumer.start()
+
+    async def keep_alive(seconds: float) -> None:
+        # Keep polling (nothing is fetched while paused) so the group keeps us.
+        assigned = list(consumer.assignment())
+        consumer.pause(*assigned)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not stop.is_set():
+            await consumer.getmany(timeout_ms=int(min(0.5, max(0.0, deadline - time.monotonic())) * 1000))
+        consumer.resume(*assigned)
+
+    try:
+        while not stop.is_set():
+            records = await consumer.getmany(timeout_ms=policy.max_wait_ms, max_records=policy.max_batch)
+            messages = _raw(records)
+            if not messages:
+                continue
+            if not await process_until_done(processor, messages, policy, stop, keep_alive):
+                break
+            await _commit(consumer, messages, processor.consumer)
+            _report_lag(consumer, processor.consumer)
+    finally:
+        await consumer.stop()
+
+
+async def _commit(consumer: AIOKafkaConsumer, messages: list[RawMessage], name: str) -> None:
+    offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+    for m in messages:
+        tp = TopicPartition(m.topic, m.partition)
+        if tp not in offsets or offsets[tp].offset < m.offset + 1:
+            offsets[tp] = OffsetAndMetadata(m.offset + 1, "")
+    owned = {tp: o for tp, o in offsets.items() if tp in consumer.assignment()}
+    try:
+        if owned:
+            await consumer.commit(owned)
+    except (CommitFailedError, KafkaError) as exc:
+        # The database holds the truth; a new owner seeks there, so this only costs redelivery.
+        log.warning("offset commit failed", extra={"consumer": name, "error": type(exc).__name__})
+
+
+def _report_lag(consumer: AIOKafkaConsumer, name: str) -> None:
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        if highwater is None:
+            continue
+        try:
+            position = consumer._fetcher._subscriptions.assignment[tp].position  # noqa: SLF001
+        except (AttributeError, KeyError):
+            continue
+        if position is not None:
+            WORKER_LAG.labels(name, tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+
+async def run_replay(
+    processor: BatchProcessor[Any],
+    pool: AsyncConnectionPool,
+    bootstrap: str,
+    topic: str,
+    stop: asyncio.Event,
+    policy: LoopPolicy = DEFAULT_POLICY,
+    until: dict[int, int] | None = None,
+    progress: Progress | None = None,
+) -> dict[int, int]:
+    """Apply `topic` from the target's high-water marks up to `until` (default: the end now).
+
+    Returns the end offsets reached per partition.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=policy.max_batch)
+    await consumer.start()
+    try:
+        partitions = sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        ends = until if until is not None else {tp.partition: o for tp, o in (await consumer.end_offsets(tps)).items()}
+        starts = await database_offsets(pool, processor.consumer, topic)
+        for tp in tps:
+            consumer.seek(tp, starts.get(tp.partition, 0))
+        done = {p: starts.get(p, 0) for p in partitions}
+        total = 0
+
+        async def keep_alive(seconds: float) -> None:
+            await asyncio.sleep(seconds)
+
+        while not stop.is_set() and any(done[p] < ends.get(p, 0) for p in partitions):
+            records = await consumer.getmany(timeout_ms=policy.max_wait_ms, max_records=policy.max_batch)
+            messages = [m for m in _raw(records) if m.offset < ends.get(m.partition, 0)]
+            if messages and not await process_until_done(processor, messages, policy, stop, keep_alive):
+                break
+            for m in messages:
+                done[m.partition] = max(done[m.partition], m.offset + 1)
+            total += len(messages)
+            if progress:
+                progress(total, done, ends)
+        return done
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    await consumer._client.force_metadata_update()  # noqa: SLF001 - no public refresh
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise KafkaError(f"topic {topic} has no partitions")
+    return set(partitions)

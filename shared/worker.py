@@ -1,0 +1,200 @@
+"""The one worker runtime: decode -> dedupe -> apply in a transaction -> commit offsets.
+
+`BatchProcessor.process` turns a batch of raw Kafka messages into one Postgres
+transaction that holds the projection's changes, the inbox rows of the applied
+events and the per-partition high-water marks. Order of effects, so that a
+crash at any point loses nothing and applies nothing twice:
+
+1. decode every message; an undecodable one is a poison message;
+2. in one transaction: claim the event ids in the inbox (only the ones this
+   transaction inserts are new), apply the new events, advance the offsets;
+   a `PoisonEvent` from the projection rolls back, moves that event to the
+   poison list and retries the rest;
+3. commit; then publish the poison messages to `<topic>.dlq` and wait for acks;
+4. run the projection's after-commit work (e.g. Redis);
+5. only then may the caller commit the Kafka offsets (`BatchResult.next_offsets`).
+
+Any other exception propagates: the caller treats it as transient, backs off,
+and processes the same batch again. Nothing was committed, and the inbox makes
+the retry safe even if a commit did succeed before the connection broke.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+from psycopg_pool import AsyncConnectionPool
+
+from shared.metrics import WORKER_BATCH_SECONDS, WORKER_EVENTS
+from shared.projection import ApplyContext, Envelope, PoisonEvent, Projection
+from shared.sqlfile import load_queries
+
+M = TypeVar("M")
+QUERIES = load_queries(Path(__file__).parent / "sql" / "worker.sql")
+TopicPartitionKey = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    message: RawMessage
+    error: str
+    error_class: str
+
+
+@dataclass(slots=True)
+class BatchResult:
+    applied: int = 0
+    duplicates: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    next_offsets: dict[TopicPartitionKey, int] = field(default_factory=dict)
+
+
+class DeadLetterSink(Protocol):
+    async def send(self, letters: Sequence[DeadLetter], consumer: str) -> None:
+        """Return once every letter is acknowledged; raise to make the batch transient."""
+
+
+class BatchProcessor(Generic[M]):
+    def __init__(
+        self,
+        projection: Projection[M],
+        pool: AsyncConnectionPool,
+        dead_letters: DeadLetterSink,
+        *,
+        replay: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.projection = projection
+        self.consumer = projection.name
+        self._pool = pool
+        self._dead_letters = dead_letters
+        self._replay = replay
+        self._clock = clock
+
+    async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
+        """Apply one batch. See the module docstring for what is committed when."""
+        started = time.perf_counter()
+        result = BatchResult(next_offsets=_next_offsets(messages))
+        events = self._decode(messages, result.dead_letters)
+        ctx = ApplyContext(consumer=self.consumer, replay=self._replay, now=self._clock())
+        outcome = await self._apply_isolating_poison(messages, events, ctx, result)
+        if result.dead_letters:
+            await self._dead_letters.send(result.dead_letters, self.consumer)
+        await self.projection.after_commit(outcome, ctx)
+        WORKER_EVENTS.labels(self.consumer, "applied").inc(result.applied)
+        WORKER_EVENTS.labels(self.consumer, "duplicate").inc(result.duplicates)
+        WORKER_EVENTS.labels(self.consumer, "dead_lettered").inc(len(result.dead_letters))
+        WORKER_BATCH_SECONDS.labels(self.consumer).observe(time.perf_counter() - started)
+        return result
+
+    def _decode(self, messages: Sequence[RawMessage], poison: list[DeadLetter]) -> list[Envelope[M]]:
+        events = []
+        for m in messages:
+            try:
+                event_id, event_type, message = self.projection.decode(m.value, dict(m.headers))
+            except Exception as exc:  # undecodable: poison, never fatal
+                poison.append(DeadLetter(m, f"cannot decode: {exc}"[:1000], type(exc).__name__))
+                continue
+            events.append(Envelope(event_id, event_type, message, m.topic, m.partition, m.offset, m.key))
+        return events
+
+    async def _apply_isolating_poison(
+        self, messages: Sequence[RawMessage], events: list[Envelope[M]], ctx: ApplyContext, result: BatchResult
+    ) -> Any:
+        by_position = {(m.topic, m.partition, m.offset): m for m in messages}
+        while True:
+            try:
+                return await self._transaction(events, messages, ctx, result)
+            except PoisonEvent as poison:
+                bad = [e for e in events if e.event_id == poison.event_id]
+                if not bad:
+                    raise  # a projection bug: it named an event it was not given
+                events = [e for e in events if e.event_id != poison.event_id]
+                for e in bad:
+                    message = by_position[(e.topic, e.partition, e.offset)]
+                    result.dead_letters.append(DeadLetter(message, poison.reason[:1000], "PoisonEvent"))
+
+    async def _transaction(
+        self, events: list[Envelope[M]], messages: Sequence[RawMessage], ctx: ApplyContext, result: BatchResult
+    ) -> Any:
+        unique = list({e.event_id: e for e in reversed(events)}.values())[::-1]  # first wins
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(QUERIES["lock_consumer"], {"consumer": self.consumer}, prepare=True)
+            new_ids = await self._claim(conn, unique)
+            new_events = [e for e in unique if e.event_id in new_ids]
+            outcome = await self.projection.apply(conn, new_events, ctx) if new_events else None
+            await self._advance(conn, events, messages)
+        result.applied = len(new_events)
+        result.duplicates = len(events) - len(new_events)
+        return outcome
+
+    async def _claim(self, conn: Any, events: list[Envelope[M]]) -> set[str]:
+        if not events:
+            return set()
+        params = {
+            "consumer": self.consumer,
+            "event_ids": [e.event_id for e in events],
+            "topics": [e.topic for e in events],
+            "partitions": [e.partition for e in events],
+            "offsets": [e.offset for e in events],
+        }
+        cursor = await conn.execute(QUERIES["claim_events"], params, prepare=True)
+        return {row[0] for row in await cursor.fetchall()}
+
+    async def _advance(self, conn: Any, events: list[Envelope[M]], messages: Sequence[RawMessage]) -> None:
+        newest: dict[TopicPartitionKey, tuple[int, str]] = {}
+        for e in events:
+            created = int(getattr(e.message, "created", 0) or 0)
+            key = (e.topic, e.partition)
+            if created and (key not in newest or (created, e.event_id) > newest[key]):
+                newest[key] = (created, e.event_id)
+        offsets = _next_offsets(messages)
+        keys = sorted(offsets)
+        await conn.execute(
+            QUERIES["advance_offsets"],
+            {
+                "consumer": self.consumer,
+                "topics": [k[0] for k in keys],
+                "partitions": [k[1] for k in keys],
+                "next_offsets": [offsets[k] for k in keys],
+                "last_event_ids": [newest[k][1] if k in newest else None for k in keys],
+                "last_event_created": [newest[k][0] if k in newest else None for k in keys],
+            },
+            prepare=True,
+        )
+
+
+def _next_offsets(messages: Sequence[RawMessage]) -> dict[TopicPartitionKey, int]:
+    offsets: dict[TopicPartitionKey, int] = {}
+    for m in messages:
+        key = (m.topic, m.partition)
+        offsets[key] = max(offsets.get(key, 0), m.offset + 1)
+    return offsets
+
+
+# ---------------------------------------------------------------- the consume loop
+
+
+@dataclass(frozen=True)
+class LoopPolicy:
+    """How the loop batches and backs off. Frozen: decided at startup."""
+
+    max_batch: int = 500
+    max_wait_ms: int = 200
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0

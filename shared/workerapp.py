@@ -1,0 +1,62 @@
+"""Serving a projection as a worker process: the part every worker's bootstrap shares.
+
+`serve_projection` opens the database pool and the dead-letter producer, serves
+the health and metrics endpoints, and runs the live loop until `stop` is set.
+A service's bootstrap builds its projection and calls it; nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from shared import db
+from shared.config import Settings
+from shared.consumer import KafkaDeadLetters, LoopPolicy, run_live
+from shared.devbroker import wait_for_broker
+from shared.health import Probe, add_health_routes, postgres_probe, start_site
+from shared.kafka import kafka_probe, make_producer
+from shared.projection import Projection
+from shared.worker import BatchProcessor
+
+log = logging.getLogger("worker")
+
+
+async def serve_projection(
+    settings: Settings,
+    stop: asyncio.Event,
+    projection: Projection[Any],
+    *,
+    topic: str,
+    port: int,
+    extra_probes: Mapping[str, Probe] | None = None,
+    policy: LoopPolicy | None = None,
+) -> None:
+    """Run `projection` on `topic` as the consumer group `paymentsvc-<name>` until `stop`."""
+    database_url = settings.database_url.get_secret_value()
+    await wait_for_broker(settings.kafka_bootstrap_servers, timeout=settings.startup_timeout_s)
+    pool = await db.open_pool(database_url, max_size=4, name=f"paymentsvc-{projection.name}")
+    producer = make_producer(settings.kafka_bootstrap_servers)
+    await producer.start()
+    runner = None
+    try:
+        probes: dict[str, Probe] = {"postgres": postgres_probe(pool), "kafka": kafka_probe(producer)}
+        probes.update(extra_probes or {})
+        app = web.Application()
+        add_health_routes(app, projection.name, settings, probes)
+        runner = await start_site(app, settings.bind_host, port)
+        processor = BatchProcessor(projection, pool, KafkaDeadLetters(producer, settings.publish_timeout_s))
+        log.info("consuming", extra={"topic": topic, "consumer": projection.name, "health": f"http://{settings.bind_host}:{port}"})
+        await run_live(
+            processor, pool, settings.kafka_bootstrap_servers, topic, f"paymentsvc-{projection.name}", stop,
+            policy or LoopPolicy(),
+        )
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await producer.stop()
+        await pool.close()

@@ -1,0 +1,167 @@
+"""The live worker loop on the real broker and Postgres: crashes, poison, outages, scale-out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from shared.config import Topics
+from shared.db import make_pool
+from shared.kafka import make_producer
+from shared.migrate import migrate_up
+from shared.worker import BatchProcessor, RawMessage
+from tests.kafka_helpers import eventually, headers_of, read_topic
+from tests.support.counting import SCHEMA, CountingProjection, run_worker
+from tests.support.private_postgres import PrivatePostgres
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def counting_db(database_url: str) -> str:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    return database_url
+
+
+@pytest.fixture
+async def producer(broker: str) -> AsyncIterator[AIOKafkaProducer]:
+    producer = make_producer(broker)
+    await producer.start()
+    yield producer
+    await producer.stop()
+
+
+async def produce(producer: AIOKafkaProducer, topic: str, ids: range, **extra: object) -> None:
+    acks = [
+        await producer.send(topic, json.dumps({"id": f"e{i}", **extra}).encode(), key=f"k{i % 7}".encode())
+        for i in ids
+    ]
+    await asyncio.gather(*acks)
+
+
+def counts(database_url: str) -> dict[str, int]:
+    with psycopg.connect(database_url) as conn:
+        return dict(conn.execute("SELECT event_id, times FROM applied").fetchall())  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def worker(bootstrap: str, topic: str, database_url: str) -> AsyncIterator[asyncio.Task[None]]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(bootstrap, topic, database_url, stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def all_applied_once(database_url: str, n: int, timeout: float = 40.0) -> dict[str, int]:
+    async def check() -> bool:
+        return len(counts(database_url)) >= n
+
+    await eventually(check, timeout)
+    result = counts(database_url)
+    assert len(result) == n, f"{len(result)} of {n} events applied"
+    assert set(result.values()) == {1}, "an event was applied twice"
+    return result
+
+
+async def test_the_loop_applies_every_message_once(broker: str, topics: Topics, counting_db: str, producer: AIOKafkaProducer) -> None:
+    await produce(producer, topics.payment_events, range(300))
+    async with worker(broker, topics.payment_events, counting_db):
+        await all_applied_once(counting_db, 300)
+
+
+async def test_a_worker_killed_between_the_database_commit_and_the_offset_commit_applies_nothing_twice(
+    broker: str, topics: Topics, counting_db: str, producer: AIOKafkaProducer
+) -> None:
+    await produce(producer, topics.payment_events, range(100))
+    records = await read_topic(broker, topics.payment_events, expect=100)
+    # The crashed worker: its batch committed to the database, its offsets never reached Kafka.
+    pool = make_pool(counting_db)
+    await pool.open(wait=True)
+    try:
+        first_half = [RawMessage(r.topic, r.partition, r.offset, r.key, r.value) for r in records[:60]]
+        await BatchProcessor(CountingProjection(), pool, None).process(first_half)  # type: ignore[arg-type]
+    finally:
+        await pool.close()
+    async with worker(broker, topics.payment_events, counting_db):
+        await all_applied_once(counting_db, 100)
+
+
+async def test_a_poison_message_goes_to_the_dlq_and_the_next_good_message_is_applied(
+    broker: str, topics: Topics, counting_db: str, producer: AIOKafkaProducer
+) -> None:
+    topic = topics.payment_events
+    await (await producer.send(topic, b"\x00 not json", key=b"k0"))
+    await produce(producer, topic, range(1, 2), poison=True)
+    await produce(producer, topic, range(2, 4))
+    async with worker(broker, topic, counting_db):
+        await all_applied_once(counting_db, 2)
+    letters = await read_topic(broker, Topics.dlq(topic), expect=2)
+    assert sorted(headers_of(r)["error-class"] for r in letters) == ["JSONDecodeError", "PoisonEvent"]
+    assert all(headers_of(r)["original-topic"] == topic for r in letters)
+
+
+async def test_postgres_down_for_a_while_makes_the_worker_wait_then_catch_up(
+    broker: str, topics: Topics, producer: AIOKafkaProducer
+) -> None:
+    pg = PrivatePostgres().init()
+    pg.start()
+    try:
+        migrate_up(pg.url, create_database=False)
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            conn.execute(SCHEMA)
+        async with worker(broker, topics.payment_events, pg.url):
+            await produce(producer, topics.payment_events, range(50))
+            await all_applied_once(pg.url, 50)
+            pg.stop()
+            await produce(producer, topics.payment_events, range(50, 100))
+            await asyncio.sleep(3)  # the worker retries with backoff meanwhile
+            pg.start()
+            await all_applied_once(pg.url, 100)
+    finally:
+        pg.destroy()
+
+
+async def test_two_worker_processes_split_the_partitions_and_killing_one_loses_nothing(
+    broker: str, topics: Topics, counting_db: str, producer: AIOKafkaProducer
+) -> None:
+    topic = topics.payment_events
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([".", "gen"])}
+    command = [sys.executable, "-m", "tests.support.counting", broker, topic, counting_db]
+    first = subprocess.Popen(command, env=env)
+    second = subprocess.Popen(command, env=env)
+    def pids() -> set[int]:
+        with psycopg.connect(counting_db) as conn:
+            return {row[0] for row in conn.execute("SELECT DISTINCT pid FROM applied")}
+
+    try:
+        produced = 0
+        # Keep producing until both processes have applied something: the group split the partitions.
+        for _ in range(40):
+            await produce(producer, topic, range(produced, produced + 200))
+            produced += 200
+            if {first.pid, second.pid} <= pids():
+                break
+            await asyncio.sleep(0.5)
+        assert {first.pid, second.pid} <= pids(), "the two workers did not split the partitions"
+        first.send_signal(signal.SIGKILL)
+        await produce(producer, topic, range(produced, produced + 500))
+        await all_applied_once(counting_db, produced + 500, timeout=60)
+    finally:
+        for process in (first, second):
+            if process.poll() is None:
+                process.terminate()
+                process.wait(20)

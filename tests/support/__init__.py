@@ -1,0 +1,1 @@
+"""Test support: private dependencies that a test may stop, and small test projections."""
