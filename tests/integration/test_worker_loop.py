@@ -143,6 +143,7 @@ async def test_two_worker_processes_split_the_partitions_and_killing_one_loses_n
     command = [sys.executable, "-m", "tests.support.counting", broker, topic, counting_db]
     first = subprocess.Popen(command, env=env)
     second = subprocess.Popen(command, env=env)
+
     def pids() -> set[int]:
         with psycopg.connect(counting_db) as conn:
             return {row[0] for row in conn.execute("SELECT DISTINCT pid FROM applied")}
