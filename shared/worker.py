@@ -134,7 +134,8 @@ class BatchProcessor(Generic[M]):
     ) -> Any:
         unique = list({e.event_id: e for e in reversed(events)}.values())[::-1]  # first wins
         async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute(QUERIES["lock_consumer"], {"consumer": self.consumer}, prepare=True)
+            if not self._replay:  # a rebuild writes another schema; only live batches race a swap
+                await conn.execute(QUERIES["lock_consumer"], {"consumer": self.consumer}, prepare=True)
             new_ids = await self._claim(conn, unique)
             new_events = [e for e in unique if e.event_id in new_ids]
             outcome = await self.projection.apply(conn, new_events, ctx) if new_events else None

@@ -111,3 +111,20 @@ async def test_the_dev_stack_is_ready_within_a_minute_and_localstripe_events_rea
     with urllib.request.urlopen(f"{dev_stack['services']['ingest_webhooks']}/metrics") as response:  # noqa: ASYNC210
         assert "paymentsvc_webhooks_verified_total" in response.read().decode()
     assert DEV_WEBHOOK_SECRET not in json.dumps(get_json(f"{dev_stack['services']['ingest_webhooks']}/status")[1])
+
+
+def test_send_webhook_signs_and_posts_an_event_the_dev_stack_accepts(dev_stack: dict) -> None:  # type: ignore[type-arg]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "send-webhook", "invoice.payment_failed",
+         "--to", f"{dev_stack['services']['ingest_webhooks']}/webhooks/stripe"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("200 ") and '"published"' in result.stdout
+    wrong = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "send-webhook", "invoice.paid", "--secret", "whsec_wrong",
+         "--to", f"{dev_stack['services']['ingest_webhooks']}/webhooks/stripe"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert wrong.returncode == 1 and wrong.stdout.startswith("400 ")

@@ -96,3 +96,9 @@ def test_the_catalog_loads_into_a_migrated_database(database_url: str) -> None:
     result = paymentsvc("catalog", "load", DATABASE_URL=database_url)
     assert result.returncode == 0, result.stderr
     assert "3 plans" in result.stdout
+
+
+def test_a_usage_mistake_is_answered_with_usage_not_a_traceback() -> None:
+    result = paymentsvc("serve")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Missing argument" in result.stderr
