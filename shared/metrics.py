@@ -79,3 +79,19 @@ WORKER_PAUSED = Gauge(
     "1 while a worker is backing off after a transient failure.",
     ["consumer"],
 )
+
+# ---------------------------------------------------------------- entitlements
+CATALOG_MISSES = Counter(
+    "paymentsvc_catalog_misses_total",
+    "Events naming a Stripe price that the catalog does not know; they grant nothing.",
+    ["price_id"],
+)
+REDIS_PROJECTION_FAILURES = Counter(
+    "paymentsvc_redis_projection_failures_total",
+    "Batches whose entitlement answers could not be written to Redis (readers use Postgres).",
+)
+ACCESS_CHANGES = Counter(
+    "paymentsvc_access_changes_total",
+    "Changes of a subscription's access level recorded in access_changes, by new level.",
+    ["to_level"],
+)

@@ -82,6 +82,8 @@ CREATE TABLE subscriptions (
     trial_end             timestamptz,
     access_level          text NOT NULL DEFAULT 'blocked'
                           CHECK (access_level IN ('full', 'grace', 'reduced', 'blocked')),
+    -- When the current status began (0002); readers add grace_days to it.
+    status_since          timestamptz,
     created_at            timestamptz NOT NULL,
     updated_at            timestamptz NOT NULL,
     last_event_id         text NOT NULL,
@@ -93,6 +95,34 @@ CREATE INDEX subscriptions_user ON subscriptions (user_id, subscription_id) WHER
 CREATE INDEX subscriptions_family ON subscriptions (family_id, subscription_id) WHERE family_id IS NOT NULL;
 CREATE INDEX subscriptions_customer ON subscriptions (customer_id);
 CREATE INDEX subscriptions_unknown_price ON subscriptions (price_id) WHERE plan_id IS NULL;
+
+-- Every customer.subscription.* event applied, older ones included (0002): the
+-- status and price as of that event. status_since, the access level and its
+-- changes, and the features a plan change took away are derived from it.
+CREATE TABLE subscription_history (
+    subscription_id   text NOT NULL,
+    event_id          text NOT NULL,
+    event_created     timestamptz NOT NULL,
+    customer_id       text NOT NULL,
+    status            text NOT NULL CHECK (status IN (
+                          'incomplete', 'incomplete_expired', 'trialing', 'active',
+                          'past_due', 'unpaid', 'suspended', 'paused', 'canceled')),
+    price_id          text NOT NULL,
+    PRIMARY KEY (subscription_id, event_id)
+);
+CREATE INDEX subscription_history_customer ON subscription_history (customer_id);
+
+-- The latest period end of a subscription's paid invoices, a grow-only max (0002).
+-- Its own table because an invoice may arrive before its subscription.
+CREATE TABLE paid_periods (
+    subscription_id     text PRIMARY KEY CHECK (subscription_id <> ''),
+    customer_id         text NOT NULL,
+    paid_through        timestamptz NOT NULL,
+    invoice_id          text,
+    last_event_id       text NOT NULL,
+    last_event_created  timestamptz NOT NULL
+);
+CREATE INDEX paid_periods_customer ON paid_periods (customer_id);
 
 -- Each change of a subscription's access level, with the event that caused it.
 CREATE TABLE access_changes (
@@ -148,6 +178,7 @@ CREATE TABLE payments (
     description         text,
     failure_code        text,
     failure_message     text,
+    status_reason       text,               -- why an admin set the status (0002)
     metadata            jsonb NOT NULL DEFAULT '{}'::jsonb,
     created_at          timestamptz NOT NULL,
     updated_at          timestamptz NOT NULL,
@@ -224,6 +255,23 @@ CREATE TABLE dunning_cases (
 CREATE INDEX dunning_cases_due ON dunning_cases (next_attempt_at)
     WHERE state IN ('open', 'retrying');
 CREATE INDEX dunning_cases_subscription ON dunning_cases (subscription_id);
+
+-- One-time purchases that grant a plan (0002): a checkout in payment mode, a
+-- charge with a plan_id. Granted once the customer's user or family is known.
+-- plan_id has no foreign key: a plan removed from the catalog grants nothing.
+CREATE TABLE one_time_grants (
+    source_type         text NOT NULL CHECK (source_type IN ('charge', 'checkout')),
+    source_id           text NOT NULL CHECK (source_id <> ''),
+    customer_id         text NOT NULL,
+    user_id             text,
+    family_id           text,
+    plan_id             text NOT NULL,
+    granted_at          timestamptz NOT NULL,
+    last_event_id       text NOT NULL,
+    last_event_created  timestamptz NOT NULL,
+    PRIMARY KEY (source_type, source_id)
+);
+CREATE INDEX one_time_grants_customer ON one_time_grants (customer_id);
 
 -- Prices seen on subscriptions that the catalog does not know. Operators list
 -- these; after adding the price, a replay grants what is due.

@@ -1,0 +1,271 @@
+"""The entitlements projection: payment events -> customers, subscriptions, entitlements,
+access changes and payments in Postgres, and entitlement answers in Redis.
+
+It implements shared/projection.py's contract; shared/worker.py runs it. `apply` loads
+the state of the batch's customers in one pipeline, applies the events in order with
+the pure handlers (handlers.py: the ordering rules and grace semantics), writes the rows
+that changed, and reads back the entitlements of the subjects that changed. Once the
+transaction has committed, `after_commit` writes those answers to Redis.
+
+Redis layout (skipped entirely in replay mode):
+
+* key `{prefix}ent:{subject_type}:{subject_id}`, a hash with a TTL of 24 hours;
+* field `<feature_code>`: compact JSON `{"allowed", "status", "access_level", "plan_id",
+  "expires_at", "usage_limit", "limit_period", "enforcement", "decided_by_event_id",
+  "source", "grace_until", "after_grace"}` for the best row of that feature (an allowed
+  one first, then the highest limit, the latest expiry, the newest event). Readers must
+  still check `expires_at` (Unix seconds or null) against their clock, and once
+  `grace_until` has passed treat the status as `after_grace` ("active"/"suspended");
+* field `_watermark`: `{"created", "event_id"}` of the newest event behind the hash.
+
+A subject without any row has no key: readers fall back to Postgres, then to the
+catalog's default plan. If writing Redis fails, its keys are deleted (best effort) so
+that readers do not trust stale answers, the failure is counted and logged, and
+nothing is raised: Postgres is the truth, and the next change of a subject rewrites it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from google.protobuf.message import DecodeError
+from psycopg import AsyncConnection
+from redis.asyncio import Redis
+
+from payment.v1 import events_pb2
+from services.entitlements import handlers, repository
+from services.entitlements.model import Changes, State, SubjectKey
+from services.entitlements.repository import BatchKeys, SubjectRow
+from shared.catalog import SECONDS_PER_DAY, Catalog
+from shared.metrics import ACCESS_CHANGES, CATALOG_MISSES, REDIS_PROJECTION_FAILURES
+from shared.projection import ApplyContext, Envelope, PoisonEvent
+
+log = logging.getLogger(__name__)
+
+REDIS_TTL_S = 24 * 3600
+# after_commit must not hold the worker's loop on a hung Redis.
+REDIS_TIMEOUT_S = 2.0
+WATERMARK_FIELD = "_watermark"
+
+PaymentEnvelope = Envelope[events_pb2.PaymentEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class MissSeen:
+    """A catalog miss met in a batch, for the metric and the warning."""
+
+    price_id: str
+    subscription_id: str | None
+    event_id: str
+
+
+@dataclass(frozen=True)
+class EntitlementsBatch:
+    """What `apply` hands to `after_commit`.
+
+    `answers`: Redis key -> hash fields to write (an empty hash: delete the key).
+    """
+
+    answers: dict[str, dict[str, bytes]]
+    catalog_misses: tuple[MissSeen, ...]
+    new_access_levels: tuple[str, ...]
+
+
+class EntitlementsProjection:
+    """Projection[PaymentEvent] named "entitlements"; see the module docstring."""
+
+    name = "entitlements"
+
+    def __init__(self, catalog: Catalog, redis: Redis | None, redis_prefix: str = "") -> None:
+        self._catalog = catalog
+        self._redis = redis
+        self._prefix = redis_prefix
+
+    def decode(
+        self, value: bytes, headers: dict[str, bytes]
+    ) -> tuple[str, str, events_pb2.PaymentEvent]:
+        """(event_id, event_type, event); ValueError if it is no PaymentEvent we can key."""
+        try:
+            event = events_pb2.PaymentEvent.FromString(value)
+        except DecodeError as exc:
+            raise ValueError(f"not a payment.v1.PaymentEvent: {exc}") from exc
+        if not event.event_id:
+            raise ValueError("PaymentEvent without event_id")
+        if not event.customer_id:
+            raise ValueError(f"PaymentEvent {event.event_id} without customer_id")
+        return event.event_id, event.event_type, event
+
+    async def apply(
+        self, conn: AsyncConnection[Any], events: list[PaymentEnvelope], ctx: ApplyContext
+    ) -> EntitlementsBatch:
+        """Apply `events` in order inside the caller's transaction.
+
+        Raises PoisonEvent for an event the handlers reject (before anything is
+        written); database errors propagate as transient.
+        """
+        before = await repository.load_state(conn, BatchKeys.of(e.message for e in events))
+        after, misses = self._fold(events, before.copy())
+        writes = repository.diff(before, after)
+        await repository.save(conn, writes)
+        answers: dict[str, dict[str, bytes]] = {}
+        if self._redis is not None and not ctx.replay:
+            rows = await repository.read_subjects(conn, writes.subjects)
+            answers = redis_answers(rows, writes.subjects, self._catalog, self._prefix)
+        levels = tuple(change.to_level for change in writes.access_changes_new)
+        return EntitlementsBatch(answers, tuple(misses), levels)
+
+    def _fold(
+        self, events: Sequence[PaymentEnvelope], state: State
+    ) -> tuple[State, list[MissSeen]]:
+        misses: list[MissSeen] = []
+        for envelope in events:
+            changes = self._changes(envelope, state)
+            state.apply(changes)
+            misses += [
+                MissSeen(m.price_id, m.last_subscription_id, envelope.event_id)
+                for m in changes.catalog_misses
+            ]
+        return state, misses
+
+    def _changes(self, envelope: PaymentEnvelope, state: State) -> Changes:
+        try:
+            return handlers.apply(envelope.message, state, self._catalog)
+        except Exception as exc:
+            # The handlers are pure: whatever they raise, they would raise on every retry.
+            raise PoisonEvent(envelope.event_id, f"{type(exc).__name__}: {exc}") from exc
+
+    async def after_commit(self, result: EntitlementsBatch | None, ctx: ApplyContext) -> None:
+        """Count and log what the batch met, then write its Redis answers. Never raises
+        for Redis: on failure the keys are deleted (best effort) and the failure counted."""
+        if result is None:  # the runtime had no new event to apply
+            return
+        _report(result)
+        if self._redis is None or ctx.replay or not result.answers:
+            return
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_S):
+                await self._write(self._redis, result.answers)
+        except Exception as exc:  # a cache: Postgres already holds the truth
+            REDIS_PROJECTION_FAILURES.inc()
+            log.warning(
+                "could not write entitlements to Redis; readers fall back to Postgres",
+                extra={"subjects": len(result.answers), "error": f"{type(exc).__name__}: {exc}"},
+            )
+            await self._forget(self._redis, list(result.answers))
+
+    @staticmethod
+    async def _write(redis: Redis, answers: dict[str, dict[str, bytes]]) -> None:
+        # MULTI/EXEC: a reader sees a subject's old hash or its new one, never half of it.
+        async with redis.pipeline(transaction=True) as pipe:
+            for key, fields in answers.items():
+                pipe.delete(key)
+                if fields:
+                    pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+                    pipe.expire(key, REDIS_TTL_S)
+            await pipe.execute()
+
+    @staticmethod
+    async def _forget(redis: Redis, keys: list[str]) -> None:
+        try:
+            async with asyncio.timeout(REDIS_TIMEOUT_S):
+                await redis.delete(*keys)
+        except Exception:  # best effort: the TTL bounds how long a stale answer lives
+            log.debug("could not delete stale entitlement keys", exc_info=True)
+
+
+def _report(result: EntitlementsBatch) -> None:
+    for miss in result.catalog_misses:
+        CATALOG_MISSES.labels(miss.price_id).inc()
+        log.warning(
+            "price %s is not in the catalog: it grants nothing",
+            miss.price_id,
+            extra={
+                "price_id": miss.price_id,
+                "subscription_id": miss.subscription_id,
+                "event_id": miss.event_id,
+            },
+        )
+    for level in result.new_access_levels:
+        ACCESS_CHANGES.labels(level).inc()
+
+
+# ---------------------------------------------------------------- Redis answers
+
+
+def redis_key(prefix: str, subject: SubjectKey) -> str:
+    return f"{prefix}ent:{subject[0]}:{subject[1]}"
+
+
+def redis_answers(
+    rows: Sequence[SubjectRow], subjects: Collection[SubjectKey], catalog: Catalog, prefix: str = ""
+) -> dict[str, dict[str, bytes]]:
+    """Redis key -> hash fields for each subject; {} for a subject without rows."""
+    by_subject: dict[SubjectKey, list[SubjectRow]] = defaultdict(list)
+    for row in rows:
+        by_subject[(row.subject_type, row.subject_id)].append(row)
+    return {
+        redis_key(prefix, s): subject_hash(by_subject.get(s, []), catalog) for s in sorted(subjects)
+    }
+
+
+def subject_hash(rows: Sequence[SubjectRow], catalog: Catalog) -> dict[str, bytes]:
+    """feature_code -> JSON answer of its best row, plus the watermark."""
+    if not rows:
+        return {}
+    best: dict[str, SubjectRow] = {}
+    for row in rows:
+        known = best.get(row.feature_code)
+        best[row.feature_code] = row if known is None else max(known, row, key=_rank)
+    fields = {code: orjson.dumps(answer(row, catalog)) for code, row in sorted(best.items())}
+    newest = max(row.version for row in rows)
+    fields[WATERMARK_FIELD] = orjson.dumps({"created": newest.created, "event_id": newest.event_id})
+    return fields
+
+
+def _allowed(row: SubjectRow) -> bool:
+    return row.status == "active" and row.access_level != "blocked"
+
+
+def _rank(row: SubjectRow) -> tuple[bool, float, float, Any]:
+    limit = math.inf if row.usage_limit is None else row.usage_limit
+    expires = math.inf if row.expires_at is None else row.expires_at
+    return (_allowed(row), limit, expires, row.version)
+
+
+def answer(row: SubjectRow, catalog: Catalog) -> dict[str, Any]:
+    """The JSON answer for one feature of a subject (see the module docstring)."""
+    grace_until, after_grace = _grace(row, catalog)
+    return {
+        "allowed": _allowed(row),
+        "status": row.status,
+        "access_level": row.access_level,
+        "plan_id": row.plan_id,
+        "expires_at": row.expires_at,
+        "usage_limit": row.usage_limit,
+        "limit_period": row.limit_period,
+        "enforcement": row.enforcement,
+        "decided_by_event_id": row.version.event_id,
+        "source": f"{row.source_type}:{row.source_id}",
+        "grace_until": grace_until,
+        "after_grace": after_grace,
+    }
+
+
+def _grace(row: SubjectRow, catalog: Catalog) -> tuple[int | None, str | None]:
+    """When the grace period of the row's subscription ends, and the row's status then."""
+    plan = catalog.plans.get(row.plan_id)
+    if row.access_level != "grace" or row.status_since is None or plan is None:
+        return None, None
+    rule = plan.access_policy.get(row.subscription_status)  # type: ignore[call-overload]
+    if rule is None or not rule.grace_days:
+        return None, None
+    then = {f.code for f in plan.features_at(rule.then or "blocked")}
+    after = "active" if row.feature_code in then else "suspended"
+    return row.status_since + rule.grace_days * SECONDS_PER_DAY, after

@@ -1,0 +1,686 @@
+"""Postgres side of the entitlements projection: load a batch's state, save what changed,
+and read subjects back for Redis.
+
+All SQL is in sql/entitlements.sql and every value is a parameter. Everything runs on
+the caller's connection, inside its transaction. A batch costs three round trips for
+Postgres: two pipelined load phases and one pipeline of writes (plus one query to read
+back the subjects for Redis).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
+
+from psycopg import AsyncConnection, AsyncCursor
+from psycopg.rows import TupleRow, tuple_row
+from psycopg.types.json import Jsonb
+
+from payment.v1 import events_pb2
+from services.entitlements.model import (
+    AccessChange,
+    CatalogMiss,
+    Customer,
+    Entitlement,
+    HistoryEntry,
+    OneTimeGrant,
+    PaidPeriod,
+    Payment,
+    State,
+    SubjectKey,
+    Subscription,
+    Version,
+)
+from shared.sqlfile import load_queries
+
+SQL_PATH = Path(__file__).resolve().parent / "sql" / "entitlements.sql"
+
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")
+Row = tuple[Any, ...]
+
+
+@cache
+def _queries() -> dict[str, str]:
+    return load_queries(SQL_PATH)
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class BatchKeys:
+    """The ids a batch of events can touch; the state to load is what they own."""
+
+    customer_ids: list[str]
+    subscription_ids: list[str]
+    payment_ids: list[str]
+    charge_ids: list[str]
+
+    @classmethod
+    def of(cls, events: Iterable[events_pb2.PaymentEvent]) -> BatchKeys:
+        customers: set[str] = set()
+        subscriptions: set[str] = set()
+        payments: set[str] = set()
+        charges: set[str] = set()
+        for event in events:
+            customers.add(event.customer_id)
+            subscriptions.add(event.subscription_id)
+            payments.update((event.payment_intent_id, event.charge_id, event.object_id))
+            charges.add(event.charge_id)
+        return cls(*(sorted(ids - {""}) for ids in (customers, subscriptions, payments, charges)))
+
+
+async def load_state(conn: AsyncConnection[Any], keys: BatchKeys) -> State:
+    """Every row the batch's customers own (and its payments), in two pipelined phases:
+    the owned subscriptions and grants first, then their entitlements and access changes."""
+    params = {
+        "customer_ids": keys.customer_ids,
+        "subscription_ids": keys.subscription_ids,
+        "payment_ids": keys.payment_ids,
+        "charge_ids": keys.charge_ids,
+    }
+    first = await _fetch_all(conn, _FIRST_PHASE, params)
+    state = _state(*first)
+    sources = [("subscription", sub_id) for sub_id in state.subscriptions] + list(state.grants)
+    params = {
+        "subscription_ids": list(state.subscriptions),
+        "source_types": [source[0] for source in sources],
+        "source_ids": [source[1] for source in sources],
+    }
+    entitlements, changes = await _fetch_all(
+        conn, ("load_entitlements", "load_access_changes"), params
+    )
+    state.entitlements = _grouped(
+        map(_entitlement, entitlements), lambda e: (e.source_type, e.source_id), lambda e: e.key
+    )
+    state.access_changes = _grouped(
+        map(_access_change, changes),
+        lambda a: a.subscription_id,
+        lambda a: (a.event_created, a.event_id),
+    )
+    return state
+
+
+_FIRST_PHASE = (
+    "load_customers",
+    "load_subscriptions",
+    "load_history",
+    "load_paid_periods",
+    "load_grants",
+    "load_payments",
+)
+
+
+async def _fetch_all(
+    conn: AsyncConnection[Any], names: Sequence[str], params: dict[str, Any]
+) -> list[list[Row]]:
+    """The rows of each named query, all sent in one pipeline (one round trip)."""
+    cursors: list[AsyncCursor[TupleRow]] = []
+    async with conn.pipeline():
+        for name in names:
+            cursor = conn.cursor(row_factory=tuple_row)
+            await cursor.execute(_queries()[name], params)
+            cursors.append(cursor)
+    return [await cursor.fetchall() for cursor in cursors]
+
+
+def _state(
+    customers: list[Row],
+    subscriptions: list[Row],
+    history: list[Row],
+    paid: list[Row],
+    grants: list[Row],
+    payments: list[Row],
+) -> State:
+    return State(
+        customers={c.customer_id: c for c in map(_customer, customers)},
+        subscriptions={s.subscription_id: s for s in map(_subscription, subscriptions)},
+        history=_grouped(map(_history_entry, history), lambda e: e.subscription_id, lambda e: e),
+        paid={p.subscription_id: p for p in map(_paid_period, paid)},
+        grants={g.source: g for g in map(_grant, grants)},
+        payments={p.payment_id: p for p in map(_payment, payments)},
+    )
+
+
+def _grouped(
+    rows: Iterable[R], group: Callable[[R], K], order: Callable[[R], Any]
+) -> dict[K, tuple[R, ...]]:
+    groups: dict[K, list[R]] = defaultdict(list)
+    for row in rows:
+        groups[group(row)].append(row)
+    return {key: tuple(sorted(members, key=order)) for key, members in groups.items()}
+
+
+def _ts(value: datetime) -> int:
+    return int(value.timestamp())
+
+
+def _ts_or_none(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+def _customer(row: Row) -> Customer:
+    customer_id, user_id, family_id, email, created_at, event_id, event_created = row
+    version = Version(_ts(event_created), event_id)
+    return Customer(customer_id, user_id, family_id, email, _ts(created_at), version)
+
+
+def _subscription(row: Row) -> Subscription:
+    (
+        sub_id,
+        customer_id,
+        user_id,
+        family_id,
+        plan_id,
+        price_id,
+        status,
+        start,
+        end,
+        cancel_at_period_end,
+        cancel_at,
+        canceled_at,
+        trial_end,
+        access_level,
+        status_since,
+        created_at,
+        updated_at,
+        event_id,
+        event_created,
+    ) = row
+    return Subscription(
+        sub_id,
+        customer_id,
+        user_id,
+        family_id,
+        plan_id,
+        price_id,
+        status,
+        _ts_or_none(start),
+        _ts_or_none(end),
+        cancel_at_period_end,
+        _ts_or_none(cancel_at),
+        _ts_or_none(canceled_at),
+        _ts_or_none(trial_end),
+        access_level,
+        # Only a row written before migration 0002 lacks status_since.
+        _ts(status_since or updated_at),
+        _ts(created_at),
+        _ts(updated_at),
+        Version(_ts(event_created), event_id),
+    )
+
+
+def _history_entry(row: Row) -> HistoryEntry:
+    event_created, event_id, sub_id, customer_id, status, price_id = row
+    return HistoryEntry(
+        Version(_ts(event_created), event_id), sub_id, customer_id, status, price_id
+    )
+
+
+def _paid_period(row: Row) -> PaidPeriod:
+    sub_id, customer_id, paid_through, invoice_id, event_id, event_created = row
+    version = Version(_ts(event_created), event_id)
+    return PaidPeriod(sub_id, customer_id, _ts(paid_through), invoice_id, version)
+
+
+def _grant(row: Row) -> OneTimeGrant:
+    (
+        source_type,
+        source_id,
+        customer_id,
+        user_id,
+        family_id,
+        plan_id,
+        granted_at,
+        event_id,
+        event_created,
+    ) = row
+    version = Version(_ts(event_created), event_id)
+    return OneTimeGrant(
+        source_type, source_id, customer_id, user_id, family_id, plan_id, _ts(granted_at), version
+    )
+
+
+def _entitlement(row: Row) -> Entitlement:
+    (
+        subject_type,
+        subject_id,
+        feature_code,
+        source_type,
+        source_id,
+        user_id,
+        family_id,
+        plan_id,
+        status,
+        access_level,
+        usage_limit,
+        limit_period,
+        enforcement,
+        granted_at,
+        expires_at,
+        revoked_at,
+        event_id,
+        event_created,
+    ) = row
+    return Entitlement(
+        subject_type,
+        subject_id,
+        feature_code,
+        source_type,
+        source_id,
+        user_id,
+        family_id,
+        plan_id,
+        status,
+        access_level,
+        usage_limit,
+        limit_period,
+        enforcement,
+        _ts(granted_at),
+        _ts_or_none(expires_at),
+        _ts_or_none(revoked_at),
+        Version(_ts(event_created), event_id),
+    )
+
+
+def _access_change(row: Row) -> AccessChange:
+    sub_id, event_id, event_created, from_level, to_level, status = row
+    return AccessChange(sub_id, event_id, _ts(event_created), from_level, to_level, status)
+
+
+def _payment(row: Row) -> Payment:
+    (
+        payment_id,
+        customer_id,
+        user_id,
+        family_id,
+        amount,
+        currency,
+        status,
+        amount_refunded,
+        payment_intent_id,
+        charge_id,
+        invoice_id,
+        description,
+        failure_code,
+        failure_message,
+        status_reason,
+        metadata,
+        created_at,
+        updated_at,
+        event_id,
+        event_created,
+    ) = row
+    return Payment(
+        payment_id,
+        customer_id,
+        user_id,
+        family_id,
+        amount,
+        currency,
+        status,
+        amount_refunded,
+        payment_intent_id,
+        charge_id,
+        invoice_id,
+        description,
+        failure_code,
+        failure_message,
+        status_reason,
+        dict(metadata or {}),
+        _ts(created_at),
+        _ts(updated_at),
+        Version(_ts(event_created), event_id),
+    )
+
+
+# ---------------------------------------------------------------- saving
+
+
+@dataclass(frozen=True)
+class Writes:
+    """The rows a batch changed: what `save` writes. `*_gone` rows are deleted."""
+
+    customers: list[Customer]
+    subscriptions: list[Subscription]
+    history: list[HistoryEntry]
+    paid_periods: list[PaidPeriod]
+    grants: list[OneTimeGrant]
+    entitlements: list[Entitlement]
+    entitlements_gone: list[Entitlement]
+    access_changes: list[AccessChange]
+    access_changes_new: list[AccessChange]
+    access_changes_gone: list[AccessChange]
+    payments: list[Payment]
+    payments_gone: list[str]
+    catalog_misses: list[CatalogMiss]
+    mapped_customers: list[Customer]
+
+    @property
+    def subjects(self) -> set[SubjectKey]:
+        """Subjects whose entitlements changed (their Redis answers must be rewritten)."""
+        return {row.subject for row in (*self.entitlements, *self.entitlements_gone)}
+
+
+def diff(before: State, after: State) -> Writes:
+    """What changed from the loaded state `before` to the final state `after`."""
+    entitlements, entitlements_gone = _set_diff(
+        before.entitlements, after.entitlements, lambda r: r.key
+    )
+    changes, changes_gone = _set_diff(before.access_changes, after.access_changes, lambda r: r.key)
+    old_changes = {row.key for rows in before.access_changes.values() for row in rows}
+    return Writes(
+        customers=_changed(before.customers, after.customers),
+        subscriptions=_changed(before.subscriptions, after.subscriptions),
+        history=[
+            e
+            for sub, rows in after.history.items()
+            for e in rows
+            if e not in before.history.get(sub, ())
+        ],
+        paid_periods=_changed(before.paid, after.paid),
+        grants=_changed(before.grants, after.grants),
+        entitlements=entitlements,
+        entitlements_gone=entitlements_gone,
+        access_changes=changes,
+        access_changes_new=[row for row in changes if row.key not in old_changes],
+        access_changes_gone=changes_gone,
+        payments=_changed(before.payments, after.payments),
+        payments_gone=[
+            payment_id for payment_id in before.payments if payment_id not in after.payments
+        ],
+        catalog_misses=sorted(after.catalog_misses.values(), key=lambda m: m.price_id),
+        mapped_customers=[
+            after.customers[c] for c in sorted(after.mapped_customers) if c in after.customers
+        ],
+    )
+
+
+def _changed(before: dict[K, R], after: dict[K, R]) -> list[R]:
+    return [
+        row for key, row in after.items() if before.get(key) is not row and before.get(key) != row
+    ]
+
+
+def _set_diff(
+    before: dict[K, tuple[R, ...]], after: dict[K, tuple[R, ...]], key: Callable[[R], Hashable]
+) -> tuple[list[R], list[R]]:
+    """Rows to upsert and rows to delete, for groups that replace each other whole."""
+    upserts: list[R] = []
+    gone: list[R] = []
+    for group, rows in after.items():
+        if before.get(group) is rows:
+            continue
+        old = {key(row): row for row in before.get(group, ())}
+        new = {key(row): row for row in rows}
+        upserts += [row for k, row in new.items() if old.get(k) != row]
+        gone += [row for k, row in old.items() if k not in new]
+    return upserts, gone
+
+
+async def save(conn: AsyncConnection[Any], writes: Writes) -> None:
+    """Write `writes` in the caller's transaction, all statements in one pipeline.
+
+    Deletions go first: a merged payment gives up its charge_id (a unique column) and
+    an entitlement may move to another subject. Payments are backfilled last.
+    """
+    steps: list[tuple[str, Sequence[dict[str, Any]]]] = [
+        ("delete_payment", [{"payment_id": p} for p in writes.payments_gone]),
+        ("delete_entitlement", [_entitlement_key(e) for e in writes.entitlements_gone]),
+        ("delete_access_change", [_access_change_key(a) for a in writes.access_changes_gone]),
+        ("upsert_customer", [_customer_params(c) for c in writes.customers]),
+        ("upsert_subscription", [_subscription_params(s) for s in writes.subscriptions]),
+        ("insert_history", [_history_params(e) for e in writes.history]),
+        ("upsert_paid_period", [_paid_params(p) for p in writes.paid_periods]),
+        ("upsert_grant", [_grant_params(g) for g in writes.grants]),
+        ("upsert_entitlement", [_entitlement_params(e) for e in writes.entitlements]),
+        ("upsert_access_change", [_access_change_params(a) for a in writes.access_changes]),
+        ("upsert_payment", [_payment_params(p) for p in writes.payments]),
+        ("upsert_catalog_miss", [_miss_params(m) for m in writes.catalog_misses]),
+        ("backfill_payment_identity", [_backfill_params(c) for c in writes.mapped_customers]),
+    ]
+    async with conn.pipeline(), conn.cursor() as cursor:
+        for name, params in steps:
+            if params:
+                await cursor.executemany(_queries()[name], params)
+
+
+def _dt(value: int) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _dt_or_none(value: int | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def _version_params(version: Version) -> dict[str, Any]:
+    return {"last_event_id": version.event_id, "last_event_created": _dt(version.created)}
+
+
+def _customer_params(c: Customer) -> dict[str, Any]:
+    return {
+        "customer_id": c.customer_id,
+        "user_id": c.user_id,
+        "family_id": c.family_id,
+        "email": c.email,
+        "created_at": _dt(c.created_at),
+        **_version_params(c.version),
+    }
+
+
+def _subscription_params(s: Subscription) -> dict[str, Any]:
+    return {
+        "subscription_id": s.subscription_id,
+        "customer_id": s.customer_id,
+        "user_id": s.user_id,
+        "family_id": s.family_id,
+        "plan_id": s.plan_id,
+        "price_id": s.price_id,
+        "status": s.status,
+        "current_period_start": _dt_or_none(s.current_period_start),
+        "current_period_end": _dt_or_none(s.current_period_end),
+        "cancel_at_period_end": s.cancel_at_period_end,
+        "cancel_at": _dt_or_none(s.cancel_at),
+        "canceled_at": _dt_or_none(s.canceled_at),
+        "trial_end": _dt_or_none(s.trial_end),
+        "access_level": s.access_level,
+        "status_since": _dt(s.status_since),
+        "created_at": _dt(s.created_at),
+        "updated_at": _dt(s.updated_at),
+        **_version_params(s.version),
+    }
+
+
+def _history_params(e: HistoryEntry) -> dict[str, Any]:
+    return {
+        "subscription_id": e.subscription_id,
+        "event_id": e.version.event_id,
+        "event_created": _dt(e.version.created),
+        "customer_id": e.customer_id,
+        "status": e.status,
+        "price_id": e.price_id,
+    }
+
+
+def _paid_params(p: PaidPeriod) -> dict[str, Any]:
+    return {
+        "subscription_id": p.subscription_id,
+        "customer_id": p.customer_id,
+        "paid_through": _dt(p.paid_through),
+        "invoice_id": p.invoice_id,
+        **_version_params(p.version),
+    }
+
+
+def _grant_params(g: OneTimeGrant) -> dict[str, Any]:
+    return {
+        "source_type": g.source_type,
+        "source_id": g.source_id,
+        "customer_id": g.customer_id,
+        "user_id": g.user_id,
+        "family_id": g.family_id,
+        "plan_id": g.plan_id,
+        "granted_at": _dt(g.granted_at),
+        **_version_params(g.version),
+    }
+
+
+def _entitlement_key(e: Entitlement) -> dict[str, Any]:
+    return dict(
+        zip(
+            ("subject_type", "subject_id", "feature_code", "source_type", "source_id"),
+            e.key,
+            strict=True,
+        )
+    )
+
+
+def _entitlement_params(e: Entitlement) -> dict[str, Any]:
+    return {
+        **_entitlement_key(e),
+        "user_id": e.user_id,
+        "family_id": e.family_id,
+        "plan_id": e.plan_id,
+        "status": e.status,
+        "access_level": e.access_level,
+        "usage_limit": e.usage_limit,
+        "limit_period": e.limit_period,
+        "enforcement": e.enforcement,
+        "granted_at": _dt(e.granted_at),
+        "expires_at": _dt_or_none(e.expires_at),
+        "revoked_at": _dt_or_none(e.revoked_at),
+        **_version_params(e.version),
+    }
+
+
+def _access_change_key(a: AccessChange) -> dict[str, Any]:
+    return {"subscription_id": a.subscription_id, "event_id": a.event_id}
+
+
+def _access_change_params(a: AccessChange) -> dict[str, Any]:
+    return {
+        **_access_change_key(a),
+        "event_created": _dt(a.event_created),
+        "from_level": a.from_level,
+        "to_level": a.to_level,
+        "status": a.status,
+    }
+
+
+def _payment_params(p: Payment) -> dict[str, Any]:
+    return {
+        "payment_id": p.payment_id,
+        "customer_id": p.customer_id,
+        "user_id": p.user_id,
+        "family_id": p.family_id,
+        "amount": p.amount,
+        "currency": p.currency,
+        "status": p.status,
+        "amount_refunded": p.amount_refunded,
+        "payment_intent_id": p.payment_intent_id,
+        "charge_id": p.charge_id,
+        "invoice_id": p.invoice_id,
+        "description": p.description,
+        "failure_code": p.failure_code,
+        "failure_message": p.failure_message,
+        "status_reason": p.status_reason,
+        "metadata": Jsonb(p.metadata),
+        "created_at": _dt(p.created_at),
+        "updated_at": _dt(p.updated_at),
+        **_version_params(p.version),
+    }
+
+
+def _miss_params(m: CatalogMiss) -> dict[str, Any]:
+    return {
+        "price_id": m.price_id,
+        "first_seen_at": _dt(m.first_seen_at),
+        "last_seen_at": _dt(m.last_seen_at),
+        "last_subscription_id": m.last_subscription_id,
+        "last_event_id": m.last_event_id,
+    }
+
+
+def _backfill_params(c: Customer) -> dict[str, Any]:
+    return {"customer_id": c.customer_id, "user_id": c.user_id, "family_id": c.family_id}
+
+
+# ---------------------------------------------------------------- reading for Redis
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectRow:
+    """One entitlement row of a subject, with its subscription's status (if any)."""
+
+    subject_type: str
+    subject_id: str
+    feature_code: str
+    source_type: str
+    source_id: str
+    plan_id: str
+    status: str
+    access_level: str
+    usage_limit: int | None
+    limit_period: str
+    enforcement: str
+    expires_at: int | None
+    version: Version
+    subscription_status: str | None
+    status_since: int | None
+
+
+async def read_subjects(
+    conn: AsyncConnection[Any], subjects: Collection[SubjectKey]
+) -> list[SubjectRow]:
+    """Every entitlement row of `subjects`, in one query."""
+    if not subjects:
+        return []
+    ordered = sorted(subjects)
+    params = {"subject_types": [s[0] for s in ordered], "subject_ids": [s[1] for s in ordered]}
+    async with conn.cursor(row_factory=tuple_row) as cursor:
+        await cursor.execute(_queries()["subject_entitlements"], params)
+        return [_subject_row(row) for row in await cursor.fetchall()]
+
+
+def _subject_row(row: Row) -> SubjectRow:
+    (
+        subject_type,
+        subject_id,
+        feature_code,
+        source_type,
+        source_id,
+        plan_id,
+        status,
+        access_level,
+        usage_limit,
+        limit_period,
+        enforcement,
+        expires_at,
+        event_id,
+        event_created,
+        subscription_status,
+        status_since,
+    ) = row
+    return SubjectRow(
+        subject_type,
+        subject_id,
+        feature_code,
+        source_type,
+        source_id,
+        plan_id,
+        status,
+        access_level,
+        usage_limit,
+        limit_period,
+        enforcement,
+        _ts_or_none(expires_at),
+        Version(_ts(event_created), event_id),
+        subscription_status,
+        _ts_or_none(status_since),
+    )
