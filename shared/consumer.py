@@ -241,7 +241,7 @@ async def run_replay(
         partitions = sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
-        ends = until if until is not None else {tp.partition: o for tp, o in (await consumer.end_offsets(tps)).items()}
+        ends = until if until is not None else await log_end_offsets(bootstrap, tps)
         starts = await database_offsets(pool, processor.consumer, topic)
         for tp in tps:
             consumer.seek(tp, starts.get(tp.partition, 0))
@@ -264,6 +264,27 @@ async def run_replay(
         return done
     finally:
         await consumer.stop()
+
+
+async def log_end_offsets(bootstrap: str, tps: list[TopicPartition], timeout: float = 10.0) -> dict[int, int]:
+    """The end offset of each partition, as fetch responses report it (their high watermark).
+
+    Not ListOffsets: Tansu 0.6 answers it with a wrong offset once a producer has
+    sent several records in one batch (seen here: 1 for a partition holding 10),
+    while the high watermark of a fetch is right. On Kafka both agree.
+    """
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=1)
+    await probe.start()
+    try:
+        probe.assign(tps)
+        await probe.seek_to_beginning(*tps)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(probe.highwater(tp) is None for tp in tps):
+            await probe.getmany(timeout_ms=100, max_records=1)
+        listed = await probe.end_offsets(tps)
+        return {tp.partition: max(probe.highwater(tp) or 0, listed.get(tp, 0)) for tp in tps}
+    finally:
+        await probe.stop()
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:

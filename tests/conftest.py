@@ -9,6 +9,7 @@ Ids are random so that tests never collide, even across parallel runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -47,18 +48,29 @@ def template_database() -> Iterator[str]:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE_DB)))
 
 
-@pytest.fixture
-def database_url(template_database: str) -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_database(template: str) -> Iterator[str]:
+    """A new database cloned from `template`, dropped afterwards."""
     name = f"paymentsvc_t_{secrets.token_hex(6)}"
     with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template_database))
-        )
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
     try:
         yield _url_for(name)
     finally:
         with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def database_url(template_database: str) -> Iterator[str]:
+    with fresh_database(template_database) as url:
+        yield url
+
+
+@pytest.fixture
+def second_database_url(template_database: str) -> Iterator[str]:
+    with fresh_database(template_database) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
