@@ -18,13 +18,15 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import stripe
+from redis.asyncio import Redis
 
 from payment.v1 import events_pb2
 from shared.devbroker import free_port
 from shared.devstack import DEV_WEBHOOK_SECRET
-from tests.kafka_helpers import headers_of, read_topic
+from tests.kafka_helpers import eventually, headers_of, read_topic
 
 pytestmark = pytest.mark.e2e
 READY_WITHIN_S = 60
@@ -57,6 +59,8 @@ def dev_stack(tmp_path: Path, database_url: str, broker: str) -> Iterator[dict]:
         stack = json.loads(stack_file.read_text())
         stack["ready_after_s"] = time.monotonic() - started
         stack["prefix"] = prefix
+        stack["database_url"] = database_url
+        stack["redis_url"] = env.get("REDIS_URL", "redis://127.0.0.1:6379/0")
         yield stack
     finally:
         process.send_signal(signal.SIGINT)
@@ -85,8 +89,9 @@ async def test_the_dev_stack_is_ready_within_a_minute_and_localstripe_events_rea
     client = stripe.StripeClient("sk_test_e2e", base_addresses={"api": dev_stack["stripe_api_base"]})
     user_id = f"user_{os.urandom(4).hex()}"
     customer = client.v1.customers.create(params={"email": "e2e@example.com", "metadata": {"user_id": user_id}})
+    # localstripe has no Prices; a Plan with the catalog's price id stands in for one.
     plan = client.v1.plans.create(
-        params={"id": f"price_e2e_{os.urandom(3).hex()}", "amount": 900, "currency": "usd", "interval": "month", "product": {"name": "Basic"}}
+        params={"id": "price_basic_monthly", "amount": 900, "currency": "usd", "interval": "month", "product": {"name": "Basic"}}
     )
     payment_method = client.v1.payment_methods.create(
         params={"type": "card", "card": {"number": "4242424242424242", "exp_month": 12, "exp_year": 2030, "cvc": "123"}}
@@ -107,6 +112,25 @@ async def test_the_dev_stack_is_ready_within_a_minute_and_localstripe_events_rea
     assert event.price_id == plan.id and event.status == "active"
     assert records[0].key == customer.id.encode()
     assert all(headers_of(r)["event-id"].startswith("evt_") for r in records)
+
+    # The entitlements worker projects it: the subscription and the basic plan's features.
+    async def projected() -> tuple | None:  # type: ignore[type-arg]
+        with psycopg.connect(dev_stack["database_url"]) as conn:
+            return conn.execute(
+                "SELECT s.status, s.plan_id, count(e.*) FROM subscriptions s JOIN entitlements e"
+                " ON e.source_id = s.subscription_id AND e.status = 'active'"
+                " WHERE s.subscription_id = %s GROUP BY 1, 2",
+                (subscription.id,),
+            ).fetchone()
+
+    row = await eventually(projected, 30)
+    assert row is not None and row[:2] == ("active", "basic") and row[2] > 0
+    redis = Redis.from_url(dev_stack["redis_url"])
+    try:
+        cached = await redis.hget(f"ent:user:{user_id}", "export_pdf")
+        assert cached is not None and json.loads(cached)["allowed"] is True
+    finally:
+        await redis.aclose()
 
     with urllib.request.urlopen(f"{dev_stack['services']['ingest_webhooks']}/metrics") as response:  # noqa: ASYNC210
         assert "paymentsvc_webhooks_verified_total" in response.read().decode()
