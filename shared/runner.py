@@ -8,6 +8,7 @@ set (SIGTERM or SIGINT), then shuts down in order and returns.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import signal
 from types import ModuleType
@@ -43,8 +44,19 @@ async def run_until_signalled(name: str, settings: Settings) -> None:
     await module.serve(settings, stop)
 
 
+def _tune_gc() -> None:
+    # Everything imported so far lives for the whole process: move it out of the
+    # collector's sight, and collect the young generation less often. A request
+    # allocates many short-lived objects (JSON, models, protobuf); with the
+    # default threshold of 700 a collection ran every few requests.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def run(name: str, settings: Settings) -> None:
     """Blocking entry point, on uvloop where it is installed (30-50 % faster here)."""
+    _tune_gc()
     try:
         import uvloop
 
