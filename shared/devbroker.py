@@ -58,6 +58,18 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
+    """SIGTERM a child we started, wait for it, SIGKILL it if it does not exit in time."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -108,14 +120,7 @@ class DevBroker:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the broker we started (by its pid) and wait for it to exit."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        stop_process(process, timeout)
 
     def pause(self) -> None:
         """Freeze the broker (SIGSTOP): clients see a broker that does not answer."""

@@ -7,7 +7,6 @@ registered with `register_webhook`. It has no Checkout Sessions and no Prices.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from shared.devbroker import die_with_parent, free_port
+from shared.devbroker import die_with_parent, free_port, stop_process
 from shared.errors import DependencyUnavailable
 
 DEV_SECRET_KEY = "sk_test_paymentsvc_dev"
@@ -62,14 +61,7 @@ class LocalStripe:
 
     def stop(self, timeout: float = 5.0) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        stop_process(process, timeout)
 
     def register_webhook(self, endpoint_id: str, url: str, secret: str, events: list[str] | None = None) -> None:
         """Make localstripe deliver its events to `url`, signed with `secret`."""

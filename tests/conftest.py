@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
+from aiokafka import AIOKafkaProducer
 from psycopg import sql
 
 from shared.config import Topics
 from shared.devbroker import DevBroker, ensure_topics, wait_for_broker
+from shared.kafka import make_producer
 from shared.migrate import migrate_up
 
 ADMIN_URL = os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -90,6 +92,15 @@ async def topics(broker: str) -> Topics:
     names = Topics(prefix=f"t{secrets.token_hex(4)}.")
     await ensure_topics(broker, names.all(), partitions=3)
     return names
+
+
+@pytest.fixture
+async def producer(broker: str) -> AsyncIterator[AIOKafkaProducer]:
+    """An acks=all producer on the session's broker."""
+    producer = make_producer(broker)
+    await producer.start()
+    yield producer
+    await producer.stop()
 
 
 @pytest.fixture

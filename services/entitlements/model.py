@@ -13,21 +13,12 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, get_args
 
-SUBSCRIPTION_STATUSES = frozenset(
-    {
-        "incomplete",
-        "incomplete_expired",
-        "trialing",
-        "active",
-        "past_due",
-        "unpaid",
-        "suspended",
-        "paused",
-        "canceled",
-    }
-)
+from shared.catalog import SubscriptionStatus
+
+# The statuses the subscriptions table accepts: one list, in the catalog's types.
+SUBSCRIPTION_STATUSES = frozenset(get_args(SubscriptionStatus))
 PAYMENT_STATUSES = frozenset(
     {
         "pending",

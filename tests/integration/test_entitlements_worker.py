@@ -42,14 +42,6 @@ def live_db(database_url: str) -> str:
     return database_url
 
 
-@pytest.fixture
-async def producer(broker: str) -> AsyncIterator[AIOKafkaProducer]:
-    producer = make_producer(broker)
-    await producer.start()
-    yield producer
-    await producer.stop()
-
-
 async def publish(producer: AIOKafkaProducer, topic: str, events: Sequence[events_pb2.PaymentEvent]) -> None:
     acks = []
     for e in events:

@@ -17,7 +17,6 @@ from aiokafka import AIOKafkaProducer
 
 from shared.config import Topics
 from shared.db import make_pool
-from shared.kafka import make_producer
 from shared.migrate import migrate_up
 from shared.worker import BatchProcessor, RawMessage
 from tests.kafka_helpers import eventually, headers_of, read_topic
@@ -32,14 +31,6 @@ def counting_db(database_url: str) -> str:
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(SCHEMA)
     return database_url
-
-
-@pytest.fixture
-async def producer(broker: str) -> AsyncIterator[AIOKafkaProducer]:
-    producer = make_producer(broker)
-    await producer.start()
-    yield producer
-    await producer.stop()
 
 
 async def produce(producer: AIOKafkaProducer, topic: str, ids: range, **extra: object) -> None:
