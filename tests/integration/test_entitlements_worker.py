@@ -21,14 +21,14 @@ from payment.v1 import events_pb2
 from services.entitlements.bootstrap import TABLES
 from services.entitlements.projection import EntitlementsProjection
 from shared import replay
-from shared.catalog import apply_catalog, load_catalog
+from shared.catalog import apply_catalog, load_catalog, parse_catalog
 from shared.config import DEFAULT_CATALOG_PATH, Topics
 from shared.consumer import KafkaDeadLetters, LoopPolicy, run_live
 from shared.db import make_pool
 from shared.devbroker import ensure_topics
 from shared.kafka import make_producer
 from shared.worker import BatchProcessor
-from tests.integration.test_entitlements_projection import Ids, story
+from tests.integration.test_entitlements_projection import Ids, event, story
 from tests.kafka_helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -190,3 +190,37 @@ async def test_a_swap_during_live_traffic_loses_no_event_and_applies_none_twice(
     await replay.rebuild(live_db, broker, spec(topics.payment_events), "rebuild_check", show_progress=False)
     assert replay.verify(live_db, spec(topics.payment_events), "rebuild_check") == []
     assert processed(live_db) == len(first) + len(second)
+
+
+async def test_a_price_the_catalog_lacks_grants_nothing_until_the_catalog_gains_it_and_a_replay_runs(
+    broker: str, topics: Topics, live_db: str, producer: AIOKafkaProducer
+) -> None:
+    ids = Ids()
+    unknown = {"price_id": "price_launch_promo"}
+    events = [
+        event(ids, "customer.subscription.created", 1_800_000_000, subscription_id=ids.sub, user_id=ids.user, **unknown),
+    ]
+    async with entitlements_worker(broker, topics.payment_events, live_db):
+        await publish(producer, topics.payment_events, events)
+        await until_processed(live_db, len(events))
+    with psycopg.connect(live_db) as conn:
+        assert conn.execute("SELECT plan_id, price_id FROM subscriptions").fetchall() == [(None, "price_launch_promo")]
+        assert conn.execute("SELECT count(*) FROM entitlements").fetchone() == (0,)
+        assert conn.execute("SELECT price_id FROM catalog_misses").fetchall() == [("price_launch_promo",)]
+
+    # The operator adds the price to the catalog, loads it, and rebuilds.
+    text = DEFAULT_CATALOG_PATH.read_text().replace(
+        "      price_basic_monthly: {zone: us",
+        "      price_launch_promo: {zone: us, currency: usd, amount: 500, interval: month}\n"
+        "      price_basic_monthly: {zone: us",
+    )
+    grown = parse_catalog(text)
+    with psycopg.connect(live_db, autocommit=True) as conn:
+        apply_catalog(conn, grown)
+    grown_spec = replay.ProjectionSpec("entitlements", topics.payment_events, TABLES, lambda: EntitlementsProjection(grown, None))
+    await replay.rebuild(live_db, broker, grown_spec, "rebuild_promo", show_progress=False)
+    await replay.swap(live_db, broker, grown_spec, "rebuild_promo", show_progress=False)
+    with psycopg.connect(live_db) as conn:
+        assert conn.execute("SELECT plan_id FROM subscriptions").fetchall() == [("basic",)]
+        granted = conn.execute("SELECT count(*) FROM entitlements WHERE subject_id = %s AND status = 'active'", (ids.user,)).fetchone()
+    assert granted is not None and granted[0] > 0
