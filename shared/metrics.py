@@ -95,3 +95,51 @@ ACCESS_CHANGES = Counter(
     "Changes of a subscription's access level recorded in access_changes, by new level.",
     ["to_level"],
 )
+
+# ---------------------------------------------------------------- dunning
+DUNNING_NOTICE_FAILURES = Counter(
+    "paymentsvc_dunning_notice_failures_total",
+    "Dunning notices that could not be published on dunning-events after their batch committed.",
+)
+DUNNING_STEPS = Counter(
+    "paymentsvc_dunning_steps_total",
+    "Steps the dunning scheduler took, by step (attempt, escalate, restore) and outcome "
+    "(published, declined, stripe_unavailable, publish_failed).",
+    ["step", "outcome"],
+)
+DUNNING_BREAKER_OPEN = Gauge(
+    "paymentsvc_dunning_stripe_breaker_open",
+    "1 while the dunning scheduler's circuit breaker around Stripe is open.",
+)
+
+# ---------------------------------------------------------------- api_grpc
+API_HANDLED = Counter(
+    "paymentsvc_api_handled_total",
+    "gRPC calls answered by the API, by method and status code.",
+    ["method", "code"],
+)
+API_LATENCY = Histogram(
+    "paymentsvc_api_latency_seconds",
+    "Time to answer a gRPC call, by method.",
+    ["method"],
+    buckets=LATENCY_BUCKETS,
+)
+API_ENTITLEMENT_CHECKS = Counter(
+    "paymentsvc_api_entitlement_checks_total",
+    "Entitlement decisions made, by reason (granted, grace, free_plan, expired, ...).",
+    ["reason"],
+)
+API_CACHE_LOOKUPS = Counter(
+    "paymentsvc_api_cache_lookups_total",
+    "Entitlement reads from Redis, by result: hit, miss (Postgres), unavailable (Postgres).",
+    ["result"],
+)
+API_RATE_LIMITED = Counter(
+    "paymentsvc_api_rate_limited_total",
+    "Calls refused by the per-key rate limiter, by key name.",
+    ["key"],
+)
+API_RATE_LIMIT_FAIL_OPEN = Counter(
+    "paymentsvc_api_rate_limit_fail_open_total",
+    "Calls let through without a rate-limit check because Redis did not answer.",
+)

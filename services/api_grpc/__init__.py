@@ -1,1 +1,1 @@
-"""The api_grpc service. Not built yet: see issue 5."""
+"""The api_grpc service: payment.v1.PaymentService over grpc.aio (issue 5). See bootstrap.py."""

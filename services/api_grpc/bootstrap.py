@@ -1,18 +1,98 @@
-"""Composition root of the api_grpc service. Not built yet (issue 5).
+"""Composition root of the api_grpc service: pool, Redis, producer, Stripe, catalog,
+the grpc.aio server and the HTTP health/metrics site.
 
-`paymentsvc serve api_grpc` fails with a clear error instead of pretending to run,
-and `paymentsvc dev` skips it.
+`serve` runs until `stop` is set, then reports NOT_SERVING, lets calls in flight finish,
+and closes everything in reverse order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 
+from aiohttp import web
+from redis.asyncio import Redis
+
+from services.api_grpc import cache, page_tokens, stripe_gateway
+from services.api_grpc.breakers import Breaker
+from services.api_grpc.commands import KafkaEventBus
+from services.api_grpc.decisions import Facts
+from services.api_grpc.queries import Queries
+from services.api_grpc.server import RateLimitConfig, build_server
+from services.api_grpc.service import PaymentApi
+from shared.catalog import load_catalog
 from shared.config import Settings
-from shared.runner import ServiceNotBuilt
+from shared.db import open_pool
+from shared.devbroker import wait_for_broker
+from shared.health import add_health_routes, postgres_probe, redis_probe, start_site
+from shared.kafka import kafka_probe, make_producer
 
-BUILT = False
+BUILT = True
+log = logging.getLogger("api_grpc")
+SHUTDOWN_GRACE_S = 5.0
+
+
+def redis_breaker(threshold: int = 5, reset_after_s: float = 5.0) -> Breaker:
+    return Breaker("redis", cache.is_transient, threshold=threshold, reset_after_s=reset_after_s)
+
+
+def stripe_breaker(threshold: int = 5, reset_after_s: float = 30.0) -> Breaker:
+    return Breaker("stripe", stripe_gateway.is_transient, threshold=threshold, reset_after_s=reset_after_s)
+
+
+def token_key(settings: Settings) -> bytes:
+    """Every replica derives the same page-token key from the shared configuration."""
+    material = settings.database_url.get_secret_value()
+    return page_tokens.derive_key(hashlib.sha256(material.encode()).hexdigest())
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    raise ServiceNotBuilt("api_grpc", issue=5)
+    """Serve gRPC on grpc_port and health/metrics on grpc_http_port until `stop`."""
+    catalog = load_catalog(settings.catalog_path)
+    await wait_for_broker(settings.kafka_bootstrap_servers, timeout=settings.startup_timeout_s)
+    pool = await open_pool(settings.database_url.get_secret_value(), max_size=10, name="api_grpc")
+    redis = Redis.from_url(
+        settings.redis_url.get_secret_value(), socket_timeout=2.0, socket_connect_timeout=1.0
+    )
+    producer = make_producer(
+        settings.kafka_bootstrap_servers, request_timeout_ms=int(settings.publish_timeout_s * 1000)
+    )
+    await producer.start()
+    gateway = None
+    if settings.stripe_secret_key is not None:
+        client = stripe_gateway.make_client(
+            settings.stripe_secret_key.get_secret_value(), settings.stripe_api_base
+        )
+        gateway = stripe_gateway.StripeGateway(client, stripe_breaker())
+    breaker = redis_breaker()
+    api = PaymentApi(
+        Facts.of(catalog),
+        Queries(pool),
+        cache.EntitlementCache(redis, breaker),
+        KafkaEventBus(producer, settings.topics.payment_events),
+        gateway,
+        page_tokens.PageTokens(token_key(settings)),
+    )
+    server = build_server(
+        api, settings.api_keys, host=settings.bind_host, port=settings.grpc_port,
+        redis=redis, redis_breaker=breaker, rate_limit=RateLimitConfig(),
+    )
+    app = web.Application()
+    probes = {"postgres": postgres_probe(pool), "redis": redis_probe(redis), "kafka": kafka_probe(producer)}
+    add_health_routes(app, "api_grpc", settings, probes)
+    try:
+        await server.start()
+        runner = await start_site(app, settings.bind_host, settings.grpc_http_port)
+        log.info("listening", extra={"grpc": f"{settings.bind_host}:{server.port}"})
+        try:
+            await stop.wait()
+        finally:
+            await server.stop(SHUTDOWN_GRACE_S)
+            await runner.cleanup()
+    finally:
+        if gateway is not None:
+            await gateway.close()
+        await producer.stop()
+        await redis.aclose()
+        await pool.close()

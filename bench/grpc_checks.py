@@ -1,0 +1,193 @@
+"""Benchmark of CheckEntitlement and BulkCheckEntitlements (cache warm) against a trivial
+grpc.aio handler, under the same load generator running in a separate process.
+
+    .venv/bin/python bench/grpc_checks.py [--seconds 5]
+
+Needs the machine's Postgres and Redis (DATABASE_URL / REDIS_URL). It migrates a
+`paymentsvc_bench` database (no broker: nothing is published), writes warm entitlement
+hashes for 50 subjects into Redis under a bench prefix, and prints QPS, p50 and p99 for
+64 in flight, the ratios to the trivial handler, and the latency at 4 in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import secrets
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "gen")]
+
+import grpc
+import orjson
+import uvloop
+from psycopg import conninfo
+from pydantic import SecretStr
+
+from payment.v1 import service_pb2, service_pb2_grpc
+from shared.config import ApiKey, Settings
+
+KEY = "bench-" + secrets.token_hex(4)
+FEATURES = ["projects", "api_calls", "storage_mb", "ai_credits", "seats", "export_pdf", "priority_support"]
+
+
+class Trivial(service_pb2_grpc.PaymentServiceServicer):
+    async def CheckEntitlement(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return service_pb2.CheckEntitlementResponse(allowed=True)
+
+    async def BulkCheckEntitlements(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return service_pb2.BulkCheckEntitlementsResponse(
+            results=[service_pb2.CheckEntitlementResponse(allowed=True) for _ in request.feature_codes]
+        )
+
+
+async def _trivial(port: int) -> None:
+    server = grpc.aio.server()
+    service_pb2_grpc.add_PaymentServiceServicer_to_server(Trivial(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def _real(port: int, db_url: str, redis_url: str, prefix: str) -> None:
+    from redis.asyncio import Redis
+
+    from services.api_grpc import cache, page_tokens
+    from services.api_grpc.bootstrap import redis_breaker
+    from services.api_grpc.decisions import Facts
+    from services.api_grpc.queries import Queries
+    from services.api_grpc.server import RateLimitConfig, build_server
+    from services.api_grpc.service import PaymentApi
+    from shared.catalog import load_catalog
+    from shared.config import DEFAULT_CATALOG_PATH
+    from shared.db import open_pool
+
+    class NoBus:
+        async def publish(self, *args: Any) -> None:
+            raise RuntimeError("the benchmark publishes nothing")
+
+    pool = await open_pool(db_url)
+    redis = Redis.from_url(redis_url)
+    breaker = redis_breaker()
+    api = PaymentApi(
+        Facts.of(load_catalog(DEFAULT_CATALOG_PATH)), Queries(pool), cache.EntitlementCache(redis, breaker, prefix),
+        NoBus(), None, page_tokens.PageTokens(page_tokens.derive_key("bench")),
+    )
+    keys = (ApiKey("bench", SecretStr(KEY), frozenset({"read"})),)
+    server = build_server(api, keys, port=port, redis=redis, redis_breaker=breaker,
+                          rate_limit=RateLimitConfig(rate=1e6, burst=1e6, prefix=prefix))
+    await server.start()
+    await server.grpc_server.wait_for_termination()
+
+
+def serve(kind: str, port: int, *args: str) -> None:
+    import logging
+
+    logging.disable(logging.INFO)
+    uvloop.run(_trivial(port) if kind == "trivial" else _real(port, *args))
+
+
+async def _load(port: int, bulk: bool, inflight: int, seconds: float) -> list[float]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = service_pb2_grpc.PaymentServiceStub(channel)
+    md = (("authorization", f"Bearer {KEY}"),)
+    features = (FEATURES * 8)[:50]
+    latencies: list[float] = []
+
+    async def worker(n: int) -> None:
+        i = n
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            subject = service_pb2.Subject(family_id=f"fam{i % 50}")
+            started = time.perf_counter()
+            if bulk:
+                await stub.BulkCheckEntitlements(
+                    service_pb2.BulkCheckEntitlementsRequest(subjects=[subject], feature_codes=features), metadata=md)
+            else:
+                await stub.CheckEntitlement(
+                    service_pb2.CheckEntitlementRequest(subject=subject, feature_code=FEATURES[i % 7]), metadata=md)
+            latencies.append(time.perf_counter() - started)
+            i += 1
+
+    # Warm up the channel and the cache, then measure.
+    for n in range(50):
+        await stub.BulkCheckEntitlements(service_pb2.BulkCheckEntitlementsRequest(
+            subjects=[service_pb2.Subject(family_id=f"fam{n}")], feature_codes=FEATURES), metadata=md)
+    await asyncio.gather(*(worker(n) for n in range(inflight)))
+    await channel.close()
+    return latencies
+
+
+def client(port: int, bulk: bool, inflight: int, seconds: float, out: Any) -> None:
+    out.put(uvloop.run(_load(port, bulk, inflight, seconds)))
+
+
+def measure(port: int, bulk: bool, inflight: int, seconds: float) -> dict[str, float]:
+    queue: Any = mp.Queue()
+    proc = mp.Process(target=client, args=(port, bulk, inflight, seconds, queue))
+    proc.start()
+    lat = sorted(queue.get())
+    proc.join()
+    q = statistics.quantiles(lat, n=100)
+    return {"qps": len(lat) / seconds, "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
+
+
+async def warm_redis(redis_url: str, prefix: str) -> None:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url)
+    now = int(time.time())
+    for n in range(50):
+        fields = {f: orjson.dumps({"allowed": True, "status": "active", "access_level": "full", "plan_id": "pro",
+                                   "expires_at": now + 86400, "usage_limit": None, "limit_period": "none",
+                                   "decided_by_event_id": "evt_bench", "grace_until": None, "after_grace": None})
+                  for f in FEATURES}
+        fields["_watermark"] = orjson.dumps({"created": now, "event_id": "evt_bench"})
+        await redis.hset(f"{prefix}ent:family:fam{n}", mapping=fields)  # type: ignore[arg-type]
+        await redis.expire(f"{prefix}ent:family:fam{n}", 600)
+    await redis.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    from shared.devbroker import free_port
+    from shared.migrate import migrate_up
+
+    settings = Settings()
+    db_url = conninfo.make_conninfo(settings.database_url.get_secret_value(), dbname="paymentsvc_bench")
+    migrate_up(db_url, create_database=True)
+    redis_url = settings.redis_url.get_secret_value()
+    prefix = f"bench:{secrets.token_hex(4)}:"
+    asyncio.run(warm_redis(redis_url, prefix))
+    ports = {"trivial": free_port(), "api": free_port()}
+    servers = [
+        mp.Process(target=serve, args=("trivial", ports["trivial"])),
+        mp.Process(target=serve, args=("api", ports["api"], db_url, redis_url, prefix)),
+    ]
+    for s in servers:
+        s.start()
+    time.sleep(2.0)
+    try:
+        for label, bulk in (("CheckEntitlement", False), ("BulkCheckEntitlements x50", True)):
+            base = measure(ports["trivial"], bulk, 64, args.seconds)
+            real = measure(ports["api"], bulk, 64, args.seconds)
+            low = measure(ports["api"], bulk, 4, args.seconds)
+            print(f"{label} @64: trivial {base['qps']:.0f} qps p50 {base['p50_ms']:.2f} p99 {base['p99_ms']:.2f} ms | "
+                  f"api {real['qps']:.0f} qps p50 {real['p50_ms']:.2f} p99 {real['p99_ms']:.2f} ms | "
+                  f"QPS ratio {real['qps'] / base['qps']:.2f}, p99 ratio {real['p99_ms'] / base['p99_ms']:.2f}")
+            print(f"{label} @4: api p50 {low['p50_ms']:.2f} ms p99 {low['p99_ms']:.2f} ms")
+    finally:
+        for s in servers:
+            s.terminate()
+            s.join()
+
+
+if __name__ == "__main__":
+    main()

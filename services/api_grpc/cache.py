@@ -1,0 +1,131 @@
+"""The Redis side of entitlement reads: the projection's hashes, read and filled.
+
+Layout (written by services/entitlements/projection.py): key
+`{prefix}ent:{subject_type}:{subject_id}`, fields `<feature_code>` -> JSON answer and
+`_watermark`. A key exists iff its hash has `_watermark`. A fill from Postgres writes
+only when the key does not exist (one Lua script, atomic in Redis), so it never
+overwrites a fresher hash the worker wrote meanwhile; the worker always deletes and
+rewrites the whole hash, so a fill is in turn replaced by the next change.
+
+Every call goes through the Redis circuit breaker and a timeout: a Redis that is down
+or slow makes `read` raise CacheUnavailable, and readers use Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+import redis.exceptions
+from redis.asyncio import Redis
+
+from services.api_grpc.breakers import Breaker, BreakerOpen
+from services.api_grpc.validation import SubjectKey
+from services.entitlements.projection import REDIS_TTL_S, WATERMARK_FIELD, redis_key
+
+# A subject with no rows gets a hash with only the watermark: a cached "nothing", so
+# that free-plan subjects do not go to Postgres on every check. Shorter-lived.
+EMPTY_TTL_S = 300
+_FILL_IF_ABSENT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+return 1
+"""
+
+Fields = dict[str, Any]
+
+
+class CacheUnavailable(RuntimeError):
+    """Redis did not answer (down, slow, or its breaker is open)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | TimeoutError | OSError)
+
+
+def parse(raw: Mapping[bytes, bytes] | None) -> Fields | None:
+    """A hash as read from Redis -> feature_code -> answer (and `_watermark`); None if absent."""
+    if not raw or WATERMARK_FIELD.encode() not in raw:
+        return None
+    return {k.decode(): orjson.loads(v) for k, v in raw.items()}
+
+
+class EntitlementCache:
+    def __init__(self, client: Redis, breaker: Breaker, prefix: str = "") -> None:
+        self._client = client
+        self._breaker = breaker
+        self._prefix = prefix
+        self._fill = client.register_script(_FILL_IF_ABSENT)
+
+    @property
+    def client(self) -> Redis:
+        return self._client
+
+    def key(self, subject: SubjectKey) -> str:
+        return redis_key(self._prefix, subject)
+
+    async def read_features(
+        self, subjects: Sequence[SubjectKey], feature_code: str, timeout: float
+    ) -> list[Fields | None]:
+        """The answer of one feature (and the watermark) for each subject, in one
+        MULTI so a user and their family are read from the same moment."""
+        fields = (feature_code, WATERMARK_FIELD)
+
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=len(subjects) > 1) as pipe:
+                for subject in subjects:
+                    pipe.hmget(self.key(subject), fields)
+                return list(await pipe.execute())
+
+        results = await self._guarded(run, timeout)
+        names = [f.encode() for f in fields]
+        return [
+            parse({n: v for n, v in zip(names, values, strict=True) if v is not None})
+            for values in results
+        ]
+
+    async def read_all(self, subjects: Sequence[SubjectKey], timeout: float) -> list[Fields | None]:
+        """Whole hashes of `subjects`, from one MULTI/EXEC: one consistent snapshot."""
+
+        async def run() -> list[Any]:
+            async with self._client.pipeline(transaction=True) as pipe:
+                for subject in subjects:
+                    pipe.hgetall(self.key(subject))
+                return list(await pipe.execute())
+
+        return [parse(raw) for raw in await self._guarded(run, timeout)]
+
+    async def fill(self, fields_by_subject: Mapping[SubjectKey, Mapping[str, bytes]], timeout: float) -> None:
+        """Write each subject's hash unless its key exists. Best effort: never raises."""
+
+        async def run() -> None:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for subject, fields in fields_by_subject.items():
+                    ttl = REDIS_TTL_S if len(fields) > 1 else EMPTY_TTL_S
+                    args: list[Any] = [ttl]
+                    for name, value in fields.items():
+                        args += [name, value]
+                    await self._fill(keys=[self.key(subject)], args=args, client=pipe)
+                await pipe.execute()
+
+        try:
+            await self._guarded(run, timeout)
+        except CacheUnavailable:
+            pass  # the next miss fills it
+
+    async def _guarded(self, fn: Any, timeout: float) -> Any:
+        async def timed() -> Any:
+            async with asyncio.timeout(timeout):
+                return await fn()
+
+        try:
+            return await self._breaker.call(timed)
+        except BreakerOpen as exc:
+            raise CacheUnavailable(str(exc)) from exc
+        except Exception as exc:
+            if is_transient(exc):
+                raise CacheUnavailable(f"redis: {type(exc).__name__}") from exc
+            raise

@@ -1,0 +1,180 @@
+"""The entitlement decision: pure functions from the projection's answers, the catalog
+and the clock to "allowed or denied, and why". No I/O.
+
+The answers are the JSON documents of services/entitlements/projection.py (one per
+feature of a subject, the same whether read from Redis or built from Postgres rows).
+They are what the worker last decided; the reader still applies its clock:
+
+* `expires_at` (Unix seconds) in the past: denied, reason `expired`;
+* `grace_until` in the past: the status becomes `after_grace` (`active` or
+  `suspended`) and the access level drops to the plan's `then` level;
+* a subject without an allowed entitlement for the feature falls back to the catalog's
+  default (free) plan: allowed with reason `free_plan` when that plan has the feature.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from services.api_grpc.errors import InvalidArgument
+from shared.catalog import Catalog, Feature, Plan
+
+Answer = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One feature of one subject, as CheckEntitlementResponse carries it."""
+
+    allowed: bool
+    reason: str
+    plan_id: str
+    status: str
+    expires_at: int
+    access_level: str
+    decided_by_event_id: str
+    usage_limit: int
+    limit_period: str
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What the decision needs of the catalog, computed once per process."""
+
+    catalog: Catalog
+    known: frozenset[str]
+    metered: frozenset[str]
+
+    @classmethod
+    def of(cls, catalog: Catalog) -> Facts:
+        return cls(catalog, known_features(catalog), metered_features(catalog))
+
+
+def known_features(catalog: Catalog) -> frozenset[str]:
+    return frozenset(code for plan in catalog.plans.values() for code in plan.features)
+
+
+def metered_features(catalog: Catalog) -> frozenset[str]:
+    return frozenset(
+        code
+        for plan in catalog.plans.values()
+        for code, feature in plan.features.items()
+        if feature.metered
+    )
+
+
+def require_known(feature_code: str, known: frozenset[str]) -> str:
+    """INVALID_ARGUMENT for a feature code that no plan of the catalog grants."""
+    if not feature_code:
+        raise InvalidArgument("feature_code is required")
+    if feature_code not in known:
+        raise InvalidArgument(f"unknown feature_code {feature_code!r}: no plan of the catalog has it")
+    return feature_code
+
+
+def wire_limit(limit: int | None, feature_code: str, metered: frozenset[str]) -> int:
+    """The proto's convention: -1 unlimited, 0 when the feature has no limit at all."""
+    if limit is not None:
+        return limit
+    return -1 if feature_code in metered else 0
+
+
+def decide(
+    answers: Sequence[Answer | None], feature_code: str, facts: Facts, now: float
+) -> Decision:
+    """The decision for `feature_code` given the answers of each of the subject's keys
+    (user, family; None where there is none). The best allowed answer wins."""
+    catalog, metered = facts.catalog, facts.metered
+    evaluated = [evaluate(a, feature_code, catalog, now, metered) for a in answers if a is not None]
+    allowed = [d for d in evaluated if d.allowed]
+    if allowed:
+        return max(allowed, key=_rank)
+    fallback = free_plan(catalog, feature_code, metered)
+    if fallback is not None:
+        denied = evaluated[0] if evaluated else None
+        # Keep the event that took the paid access away: it explains the downgrade.
+        return fallback if denied is None else _with_event(fallback, denied.decided_by_event_id)
+    if evaluated:
+        return evaluated[0]
+    return Decision(False, "no_entitlement", "", "", 0, "blocked", "", 0, "")
+
+
+def evaluate(
+    answer: Answer, feature_code: str, catalog: Catalog, now: float, metered: frozenset[str]
+) -> Decision:
+    """One stored answer, with the clock applied (expiry, end of grace)."""
+    status = str(answer.get("status") or "")
+    level = str(answer.get("access_level") or "blocked")
+    allowed = bool(answer.get("allowed"))
+    grace_until = answer.get("grace_until")
+    if grace_until is not None and now >= grace_until and answer.get("after_grace"):
+        status = str(answer["after_grace"])
+        level = _level_after_grace(catalog.plans.get(str(answer.get("plan_id"))), level)
+        allowed = status == "active"
+    expires_at = answer.get("expires_at")
+    reason = "granted" if allowed else (status or "no_entitlement")
+    if allowed and expires_at is not None and now >= expires_at:
+        allowed, status, reason = False, "expired", "expired"
+    if allowed and level == "grace":
+        reason = "grace"
+    return Decision(
+        allowed=allowed,
+        reason=reason,
+        plan_id=str(answer.get("plan_id") or ""),
+        status=status,
+        expires_at=int(expires_at or 0),
+        access_level=level,
+        decided_by_event_id=str(answer.get("decided_by_event_id") or ""),
+        usage_limit=wire_limit(answer.get("usage_limit"), feature_code, metered),
+        limit_period=str(answer.get("limit_period") or "none"),
+    )
+
+
+def free_plan(catalog: Catalog, feature_code: str, metered: frozenset[str]) -> Decision | None:
+    """The default plan's answer for the feature, or None if it lacks it."""
+    plan = catalog.default_plan
+    feature: Feature | None = plan.features.get(feature_code)
+    if feature is None:
+        return None
+    return Decision(
+        allowed=True,
+        reason="free_plan",
+        plan_id=plan.id,
+        status="active",
+        expires_at=0,
+        access_level="full",
+        decided_by_event_id="",
+        usage_limit=wire_limit(feature.limit, feature_code, metered),
+        limit_period=feature.period,
+    )
+
+
+def _level_after_grace(plan: Plan | None, level: str) -> str:
+    """The level a grace period drops to: the `then` of the plan's grace rule."""
+    if plan is None:
+        return "blocked"
+    thens = {rule.then for rule in plan.access_policy.values() if rule.grace_days and rule.then}
+    return thens.pop() if len(thens) == 1 else "reduced"
+
+
+def _rank(decision: Decision) -> tuple[float, float]:
+    limit = math.inf if decision.usage_limit == -1 else decision.usage_limit
+    expires = math.inf if decision.expires_at == 0 else decision.expires_at
+    return (limit, expires)
+
+
+def _with_event(decision: Decision, event_id: str) -> Decision:
+    return Decision(
+        decision.allowed,
+        decision.reason,
+        decision.plan_id,
+        decision.status,
+        decision.expires_at,
+        decision.access_level,
+        event_id,
+        decision.usage_limit,
+        decision.limit_period,
+    )

@@ -1,0 +1,310 @@
+"""Server interceptors, one concern each (the grpc-interceptor habit).
+
+Order, outermost first (server.py): ExceptionMapping, Metrics, RequestLog, Auth,
+RateLimit, Deadline. Inner layers raise domain errors; ExceptionMapping alone turns
+exceptions into status codes, and Metrics / RequestLog learn the code an exception
+will get from the same function (`status_of`).
+
+Only unary-unary methods of payment.v1.PaymentService are wrapped: health checking
+and reflection pass through untouched (and need no API key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+import psycopg
+import redis.exceptions
+from psycopg_pool import PoolTimeout
+from redis.asyncio import Redis
+
+from services.api_grpc.breakers import Breaker, BreakerOpen
+from services.api_grpc.context import CALLER
+from services.api_grpc.errors import (
+    ApiError,
+    DeadlineExceeded,
+    PermissionDenied,
+    RateLimited,
+    Unauthenticated,
+)
+from shared.config import ApiKey
+from shared.metrics import (
+    API_HANDLED,
+    API_LATENCY,
+    API_RATE_LIMIT_FAIL_OPEN,
+    API_RATE_LIMITED,
+)
+
+log = logging.getLogger("api_grpc")
+SERVICE_PREFIX = "/payment.v1.PaymentService/"
+
+Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+# The scope each method needs. Anything not listed needs `admin`: a new method is
+# closed until someone decides otherwise.
+SCOPES: dict[str, str] = {
+    "CheckEntitlement": "read",
+    "BulkCheckEntitlements": "read",
+    "ListEntitlements": "read",
+    "ListSubscriptions": "read",
+    "GetPayment": "read",
+    "GetPaymentsByCustomer": "read",
+    "ListPayments": "read",
+    "ListUsage": "read",
+    "CheckQuota": "read",
+    "CreatePayment": "write",
+    "CreateCheckoutSession": "write",
+    "IncrementUsage": "write",
+    "UpdatePaymentStatus": "admin",
+}
+
+
+def short_name(method: str) -> str:
+    return method.rsplit("/", 1)[-1]
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and client message for an exception (the one mapping)."""
+    if isinstance(exc, ApiError):
+        return exc.code, exc.message
+    if isinstance(exc, psycopg.OperationalError | PoolTimeout):
+        return grpc.StatusCode.UNAVAILABLE, "the database is unavailable; retry later"
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return grpc.StatusCode.UNAVAILABLE, "the cache is unavailable; retry later"
+    if isinstance(exc, BreakerOpen):
+        return grpc.StatusCode.UNAVAILABLE, f"{exc.name} is unavailable; retry later"
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+class UnaryInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the unary-unary handlers of PaymentService in `intercept`."""
+
+    async def intercept(
+        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        full_name = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not full_name.startswith(SERVICE_PREFIX):
+            return handler
+        inner, name = handler.unary_unary, short_name(full_name)
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await self.intercept(inner, request, context, name)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class ExceptionMapping(UnaryInterceptor):
+    """Domain and driver errors -> status codes with their message; anything else ->
+    INTERNAL with an error id that is logged with the traceback (never sent)."""
+
+    async def intercept(
+        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        try:
+            return await method(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            trailers: tuple[tuple[str, str], ...] = ()
+            if isinstance(exc, RateLimited):
+                trailers = (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
+            if code == grpc.StatusCode.INTERNAL:
+                error_id = uuid.uuid4().hex[:12]
+                log.error("unhandled error in %s (error id %s)", name, error_id, exc_info=exc)
+                message = f"internal error (error id {error_id})"
+            await context.abort(code, message, trailing_metadata=trailers)
+
+
+class Metrics(UnaryInterceptor):
+    """Handled total by method and code, and latency by method."""
+
+    async def intercept(
+        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await method(request, context)
+        except BaseException as exc:
+            code = status_of(exc)[0] if isinstance(exc, Exception) else grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            API_HANDLED.labels(name, code.name).inc()
+            API_LATENCY.labels(name).observe(time.perf_counter() - started)
+
+
+class RequestLog(UnaryInterceptor):
+    """One structured line per call: method, code, duration and the key's name. Never the
+    key, the request or the response (they may hold card data or a client_secret)."""
+
+    async def intercept(
+        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            return await method(request, context)
+        except BaseException as exc:
+            code = status_of(exc)[0] if isinstance(exc, Exception) else grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            level = logging.WARNING if code == grpc.StatusCode.INTERNAL else logging.INFO
+            if log.isEnabledFor(level):
+                log.log(
+                    level,
+                    "rpc",
+                    extra={
+                        "method": name,
+                        "code": code.name,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                        "key": CALLER.get(),
+                    },
+                )
+
+
+def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None
+
+
+def find_key(token: str, keys: Sequence[ApiKey]) -> ApiKey | None:
+    """Compare with every key in constant time, so timing tells nothing about a match."""
+    found = None
+    for key in keys:
+        if hmac.compare_digest(token.encode(), key.secret.get_secret_value().encode()):
+            found = key
+    return found
+
+
+class Auth(UnaryInterceptor):
+    """`authorization: Bearer <key>` against the configured keys, then the method's scope."""
+
+    def __init__(self, keys: Sequence[ApiKey]) -> None:
+        self._keys = tuple(keys)
+
+    async def intercept(
+        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        token = bearer_token(context.invocation_metadata())
+        if token is None:
+            raise Unauthenticated("missing API key: send `authorization: Bearer <key>`")
+        key = find_key(token, self._keys)
+        if key is None:
+            raise Unauthenticated("unknown API key")
+        CALLER.set(key.name)
+        needed = SCOPES.get(name, "admin")
+        if needed not in key.scopes:
+            raise PermissionDenied(f"{name} needs the {needed!r} scope")
+        return await method(request, context)
+
+
+_TOKEN_BUCKET = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1]) or burst
+local ts = tonumber(b[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local allowed = 0
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return {allowed, tostring(wait)}
+"""
+
+
+class RateLimit(UnaryInterceptor):
+    """A token bucket per API key in Redis (refilled at `rate`/s up to `burst`; one
+    script call, atomic). Redis down or its breaker open: fail open, and count it."""
+
+    def __init__(
+        self,
+        client: Redis,
+        breaker: Breaker,
+        *,
+        rate: float = 1000.0,
+        burst: float = 2000.0,
+        prefix: str = "",
+        timeout_s: float = 0.2,
+    ) -> None:
+        self._script = client.register_script(_TOKEN_BUCKET)
+        self._breaker = breaker
+        self._rate, self._burst = rate, burst
+        self._prefix = prefix
+        self._timeout_s = timeout_s
+
+    async def intercept(
+        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        caller = CALLER.get()
+        allowed, wait = await self._take(caller)
+        if not allowed:
+            API_RATE_LIMITED.labels(caller).inc()
+            raise RateLimited(f"rate limit of {self._rate:g}/s exceeded for this API key", wait)
+        return await method(request, context)
+
+    async def _take(self, caller: str) -> tuple[bool, float]:
+        async def run() -> Any:
+            async with asyncio.timeout(self._timeout_s):
+                return await self._script(
+                    keys=[f"{self._prefix}rl:{caller}"], args=[self._rate, self._burst]
+                )
+
+        try:
+            allowed, wait = await self._breaker.call(run)
+        except Exception:  # fail open: the limiter must not take the API down with Redis
+            API_RATE_LIMIT_FAIL_OPEN.inc()
+            return True, 0.0
+        return bool(int(allowed)), float(wait)
+
+
+class Deadline(UnaryInterceptor):
+    """Runs the call within the client's deadline; DEADLINE_EXCEEDED when it runs out."""
+
+    async def intercept(
+        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        remaining = context.time_remaining()
+        if remaining is None:
+            return await method(request, context)
+        timeout = asyncio.timeout(max(0.0, remaining))
+        try:
+            async with timeout:
+                return await method(request, context)
+        except TimeoutError:
+            if timeout.expired():
+                raise DeadlineExceeded(f"the deadline ran out during {name}") from None
+            raise

@@ -1,0 +1,300 @@
+"""payment.v1.PaymentService: translation only. Each method validates and unpacks its
+request, calls the use case (service.py) and packs the answer. Errors are raised as
+domain errors and mapped to status codes by interceptors.ExceptionMapping."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, TypeAlias
+
+import grpc
+
+from payment.v1 import service_pb2, service_pb2_grpc
+from services.api_grpc import validation
+from services.api_grpc.commands import NewPayment
+from services.api_grpc.context import CALLER
+from services.api_grpc.decisions import Decision
+from services.api_grpc.errors import InvalidArgument, Unimplemented
+from services.api_grpc.queries import PaymentFilter, Row, Watermark
+from services.api_grpc.service import PaymentApi
+from services.api_grpc.validation import SubjectIds
+from services.entitlements.model import PAYMENT_STATUSES
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+DEFAULT_TIMEOUT_S = 10.0
+
+
+def _timeout(context: Context) -> float:
+    remaining = context.time_remaining()
+    return DEFAULT_TIMEOUT_S if remaining is None else max(0.001, remaining)
+
+
+def _traceparent(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "traceparent":
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
+def _unix(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, datetime):
+        return int(value.timestamp())
+    return int(value)
+
+
+def _subject(message: service_pb2.Subject, field: str = "subject") -> SubjectIds:
+    return validation.subject(message.user_id, message.family_id, field)
+
+
+def freshness(mark: Watermark | None) -> service_pb2.Freshness:
+    if mark is None:
+        return service_pb2.Freshness()
+    return service_pb2.Freshness(watermark=mark.created, watermark_event_id=mark.event_id, lag_ms=mark.lag_ms)
+
+
+def check_response(
+    decision: Decision, feature_code: str, subject: SubjectIds, mark: Watermark | None
+) -> service_pb2.CheckEntitlementResponse:
+    return service_pb2.CheckEntitlementResponse(
+        allowed=decision.allowed,
+        reason=decision.reason,
+        plan_id=decision.plan_id,
+        status=decision.status,
+        expires_at=decision.expires_at,
+        access_level=decision.access_level,
+        decided_by_event_id=decision.decided_by_event_id,
+        usage_limit=decision.usage_limit,
+        limit_period=decision.limit_period,
+        freshness=freshness(mark),
+        feature_code=feature_code,
+        subject=service_pb2.Subject(user_id=subject.user_id, family_id=subject.family_id),
+    )
+
+
+def payment_message(row: Row) -> service_pb2.Payment:
+    return service_pb2.Payment(
+        payment_id=row["payment_id"],
+        customer_id=row.get("customer_id") or "",
+        user_id=row.get("user_id") or "",
+        family_id=row.get("family_id") or "",
+        amount=int(row.get("amount") or 0),
+        currency=row.get("currency") or "",
+        status=row.get("status") or "",
+        amount_refunded=int(row.get("amount_refunded") or 0),
+        payment_intent_id=row.get("payment_intent_id") or "",
+        charge_id=row.get("charge_id") or "",
+        invoice_id=row.get("invoice_id") or "",
+        description=row.get("description") or "",
+        failure_code=row.get("failure_code") or "",
+        failure_message=row.get("failure_message") or "",
+        created_at=_unix(row.get("created_at")),
+        updated_at=_unix(row.get("updated_at")),
+        last_event_id=row.get("last_event_id") or "",
+        last_event_created=_unix(row.get("last_event_created")),
+        metadata={str(k): str(v) for k, v in (row.get("metadata") or {}).items()},
+    )
+
+
+def entitlement_message(row: Row) -> service_pb2.Entitlement:
+    limit = row["usage_limit"]
+    return service_pb2.Entitlement(
+        feature_code=row["feature_code"],
+        plan_id=row["plan_id"],
+        status=row["status"],
+        access_level=row["access_level"],
+        usage_limit=-1 if limit is None else int(limit),
+        limit_period=row["limit_period"],
+        granted_at=_unix(row["granted_at"]),
+        expires_at=_unix(row["expires_at"]),
+        subscription_id=row["source_id"] if row["source_type"] == "subscription" else "",
+        user_id=row["user_id"] or "",
+        family_id=row["family_id"] or "",
+        last_event_id=row["last_event_id"],
+    )
+
+
+def subscription_message(row: Row) -> service_pb2.Subscription:
+    return service_pb2.Subscription(
+        subscription_id=row["subscription_id"],
+        customer_id=row["customer_id"],
+        user_id=row["user_id"] or "",
+        family_id=row["family_id"] or "",
+        plan_id=row["plan_id"] or "",
+        price_id=row["price_id"],
+        status=row["status"],
+        current_period_start=_unix(row["current_period_start"]),
+        current_period_end=_unix(row["current_period_end"]),
+        cancel_at_period_end=bool(row["cancel_at_period_end"]),
+        canceled_at=_unix(row["canceled_at"]),
+        trial_end=_unix(row["trial_end"]),
+        access_level=row["access_level"],
+        last_event_id=row["last_event_id"],
+        last_event_created=_unix(row["last_event_created"]),
+    )
+
+
+class PaymentServicer(service_pb2_grpc.PaymentServiceServicer):
+    def __init__(self, api: PaymentApi) -> None:
+        self._api = api
+
+    # ------------------------------------------------------------ entitlements
+
+    async def CheckEntitlement(  # noqa: N802 - generated name
+        self, request: service_pb2.CheckEntitlementRequest, context: Context
+    ) -> service_pb2.CheckEntitlementResponse:
+        subject = _subject(request.subject)
+        decision, mark = await self._api.check(subject, request.feature_code, _timeout(context))
+        return check_response(decision, request.feature_code, subject, mark)
+
+    async def BulkCheckEntitlements(  # noqa: N802
+        self, request: service_pb2.BulkCheckEntitlementsRequest, context: Context
+    ) -> service_pb2.BulkCheckEntitlementsResponse:
+        validation.bulk_shape(len(request.subjects), len(request.feature_codes))
+        subjects = [_subject(s, f"subjects[{i}]") for i, s in enumerate(request.subjects)]
+        codes = list(request.feature_codes)
+        results, mark = await self._api.bulk_check(subjects, codes, _timeout(context))
+        pairs = [(s, c) for s in subjects for c in codes]
+        return service_pb2.BulkCheckEntitlementsResponse(
+            results=[check_response(d, c, s, None) for d, (s, c) in zip(results, pairs, strict=True)],
+            freshness=freshness(mark),
+        )
+
+    async def ListEntitlements(  # noqa: N802
+        self, request: service_pb2.ListEntitlementsRequest, context: Context
+    ) -> service_pb2.ListEntitlementsResponse:
+        subject = _subject(request.subject)
+        size = validation.page_size(request.page_size)
+        page = await self._api.list_entitlements(subject, size, request.page_token, _timeout(context))
+        return service_pb2.ListEntitlementsResponse(
+            entitlements=[entitlement_message(r) for r in page.rows],
+            next_page_token=page.next_page_token,
+            freshness=freshness(page.freshness),
+        )
+
+    async def ListSubscriptions(  # noqa: N802
+        self, request: service_pb2.ListSubscriptionsRequest, context: Context
+    ) -> service_pb2.ListSubscriptionsResponse:
+        subject = _subject(request.subject)
+        size = validation.page_size(request.page_size)
+        page = await self._api.list_subscriptions(subject, size, request.page_token, _timeout(context))
+        return service_pb2.ListSubscriptionsResponse(
+            subscriptions=[subscription_message(r) for r in page.rows],
+            next_page_token=page.next_page_token,
+            freshness=freshness(page.freshness),
+        )
+
+    # ------------------------------------------------------------ payments
+
+    async def GetPayment(  # noqa: N802
+        self, request: service_pb2.GetPaymentRequest, context: Context
+    ) -> service_pb2.GetPaymentResponse:
+        row, mark = await self._api.get_payment(request.payment_id, _timeout(context))
+        return service_pb2.GetPaymentResponse(payment=payment_message(row), freshness=freshness(mark))
+
+    async def GetPaymentsByCustomer(  # noqa: N802
+        self, request: service_pb2.GetPaymentsByCustomerRequest, context: Context
+    ) -> service_pb2.ListPaymentsResponse:
+        customer_id = validation.identifier(request.customer_id, "customer_id")
+        size = validation.page_size(request.page_size)
+        where = PaymentFilter(customer_id=customer_id)
+        return await self._payments(where, size, request.page_token, context)
+
+    async def ListPayments(  # noqa: N802
+        self, request: service_pb2.ListPaymentsRequest, context: Context
+    ) -> service_pb2.ListPaymentsResponse:
+        size = validation.page_size(request.page_size)
+        subject = request.subject
+        if subject.user_id or subject.family_id:
+            _subject(subject)
+        if request.customer_id:
+            validation.identifier(request.customer_id, "customer_id")
+        after, before = validation.time_range(request.created_after, request.created_before)
+        where = PaymentFilter(
+            customer_id=request.customer_id or None,
+            user_id=subject.user_id or None,
+            family_id=subject.family_id or None,
+            status=validation.status_filter(request.status, PAYMENT_STATUSES),
+            created_after=after,
+            created_before=before,
+        )
+        return await self._payments(where, size, request.page_token, context)
+
+    async def _payments(
+        self, where: PaymentFilter, size: int, token: str, context: Context
+    ) -> service_pb2.ListPaymentsResponse:
+        page = await self._api.list_payments(where, size, token, _timeout(context))
+        return service_pb2.ListPaymentsResponse(
+            payments=[payment_message(r) for r in page.rows],
+            next_page_token=page.next_page_token,
+            freshness=freshness(page.freshness),
+        )
+
+    async def CreatePayment(  # noqa: N802
+        self, request: service_pb2.CreatePaymentRequest, context: Context
+    ) -> service_pb2.CreatePaymentResponse:
+        subject = request.subject
+        if subject.user_id or subject.family_id:
+            _subject(subject)
+        if request.customer_id:
+            validation.identifier(request.customer_id, "customer_id")
+        command = NewPayment(
+            idempotency_key=validation.identifier(request.idempotency_key, "idempotency_key"),
+            user_id=subject.user_id,
+            family_id=subject.family_id,
+            customer_id=request.customer_id,
+            amount=validation.amount(request.amount),
+            currency=validation.currency(request.currency),
+            description=request.description[:1000],
+            metadata=validation.metadata(dict(request.metadata)),
+            actor=CALLER.get(),
+        )
+        created = await self._api.create_payment(command, _traceparent(context), _timeout(context))
+        return service_pb2.CreatePaymentResponse(
+            payment=payment_message(created.payment), client_secret=created.client_secret
+        )
+
+    async def UpdatePaymentStatus(  # noqa: N802
+        self, request: service_pb2.UpdatePaymentStatusRequest, context: Context
+    ) -> service_pb2.UpdatePaymentStatusResponse:
+        event_id = await self._api.update_payment_status(
+            request.payment_id,
+            request.status,
+            request.reason,
+            request.idempotency_key,
+            CALLER.get(),
+            _traceparent(context),
+            _timeout(context),
+        )
+        return service_pb2.UpdatePaymentStatusResponse(event_id=event_id)
+
+    async def CreateCheckoutSession(  # noqa: N802
+        self, request: service_pb2.CreateCheckoutSessionRequest, context: Context
+    ) -> service_pb2.CreateCheckoutSessionResponse:
+        subject = _subject(request.subject)
+        if not request.plan_id:
+            raise InvalidArgument("plan_id is required")
+        if request.customer_id:
+            validation.identifier(request.customer_id, "customer_id")
+        session_id, url = await self._api.create_checkout_session(
+            subject,
+            request.plan_id,
+            validation.url(request.success_url, "success_url"),
+            validation.url(request.cancel_url, "cancel_url"),
+            request.customer_id,
+            request.idempotency_key,
+            _timeout(context),
+        )
+        return service_pb2.CreateCheckoutSessionResponse(session_id=session_id, url=url)
+
+    # ------------------------------------------------------------ usage (issue 6)
+
+    async def ListUsage(self, request: Any, context: Context) -> Any:  # noqa: N802
+        raise Unimplemented("usage quotas are issue 6: ListUsage is not implemented yet")
+
+    async def IncrementUsage(self, request: Any, context: Context) -> Any:  # noqa: N802
+        raise Unimplemented("usage quotas are issue 6: IncrementUsage is not implemented yet")
+
+    async def CheckQuota(self, request: Any, context: Context) -> Any:  # noqa: N802
+        raise Unimplemented("usage quotas are issue 6: CheckQuota is not implemented yet")

@@ -1,0 +1,135 @@
+"""Pure parts of the gRPC API: page tokens, validation and the entitlement decision."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.api_grpc import validation
+from services.api_grpc.decisions import Facts, decide, require_known
+from services.api_grpc.errors import InvalidArgument
+from services.api_grpc.page_tokens import PageTokens, derive_key, query_fingerprint
+from shared.catalog import load_catalog
+from shared.config import DEFAULT_CATALOG_PATH
+
+FACTS = Facts.of(load_catalog(DEFAULT_CATALOG_PATH))
+NOW = 1_800_000_000
+TOKENS = PageTokens(derive_key("db-url"))
+Q = query_fingerprint("payments", {"status": None})
+
+
+def answer(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "allowed": True, "status": "active", "access_level": "full", "plan_id": "pro",
+        "expires_at": NOW + 100, "usage_limit": None, "limit_period": "none",
+        "decided_by_event_id": "evt_1", "grace_until": None, "after_grace": None,
+    }
+    return {**base, **kw}
+
+
+def test_a_page_token_round_trips_its_cursor() -> None:
+    token = TOKENS.encode(Q, ["2026-01-01T00:00:00+00:00", "pi_1"])
+    assert TOKENS.decode(token, Q) == ["2026-01-01T00:00:00+00:00", "pi_1"]
+    assert TOKENS.decode("", Q) is None
+
+
+def test_replicas_with_the_same_configuration_accept_each_others_tokens() -> None:
+    token = TOKENS.encode(Q, ["x"])
+    assert PageTokens(derive_key("db-url")).decode(token, Q) == ["x"]
+    with pytest.raises(InvalidArgument):
+        PageTokens(derive_key("other")).decode(token, Q)
+
+
+@pytest.mark.parametrize("bad", ["garbage", "a.b", "!!!.###", "x" * 3000])
+def test_a_malformed_token_is_invalid_argument(bad: str) -> None:
+    with pytest.raises(InvalidArgument, match="page_token"):
+        TOKENS.decode(bad, Q)
+
+
+def test_a_tampered_token_or_one_for_another_query_is_refused() -> None:
+    token = TOKENS.encode(Q, ["x"])
+    body, sig = token.split(".")
+    forged = TOKENS.encode(Q, ["y"]).split(".")[0] + "." + sig
+    with pytest.raises(InvalidArgument, match="altered"):
+        TOKENS.decode(forged, Q)
+    with pytest.raises(InvalidArgument, match="another query"):
+        TOKENS.decode(token, query_fingerprint("payments", {"status": "failed"}))
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, 50), (1, 1), (500, 500)])
+def test_page_size_defaults_and_bounds(value: int, expected: int) -> None:
+    assert validation.page_size(value) == expected
+
+
+@pytest.mark.parametrize("value", [-1, 501])
+def test_page_size_out_of_range_is_refused(value: int) -> None:
+    with pytest.raises(InvalidArgument, match="page_size"):
+        validation.page_size(value)
+
+
+@pytest.mark.parametrize("value", ["USD", "us", "usdd", "", "u$d"])
+def test_a_bad_currency_is_refused(value: str) -> None:
+    with pytest.raises(InvalidArgument, match="currency"):
+        validation.currency(value)
+
+
+@pytest.mark.parametrize("value", [0, -5, 100_000_000])
+def test_a_bad_amount_is_refused(value: int) -> None:
+    with pytest.raises(InvalidArgument, match="amount"):
+        validation.amount(value)
+
+
+def test_subject_needs_an_id_and_bulk_is_capped() -> None:
+    with pytest.raises(InvalidArgument):
+        validation.subject("", "")
+    with pytest.raises(InvalidArgument, match="spaces"):
+        validation.subject(" u", "")
+    assert validation.subject("u", "f").keys() == [("user", "u"), ("family", "f")]
+    validation.bulk_shape(100, 100)
+    with pytest.raises(InvalidArgument):
+        validation.bulk_shape(101, 1)
+    with pytest.raises(InvalidArgument):
+        validation.bulk_shape(1, 0)
+
+
+def test_no_entitlement_falls_back_to_the_free_plan_when_it_has_the_feature() -> None:
+    free = decide([None], "projects", FACTS, NOW)
+    assert (free.allowed, free.reason, free.plan_id, free.usage_limit) == (True, "free_plan", "free", 3)
+    none = decide([None], "priority_support", FACTS, NOW)
+    assert (none.allowed, none.reason) == (False, "no_entitlement")
+
+
+def test_an_unknown_feature_is_invalid_argument() -> None:
+    with pytest.raises(InvalidArgument, match="unknown feature_code"):
+        require_known("teleport", FACTS.known)
+
+
+def test_a_granted_answer_is_allowed_until_it_expires() -> None:
+    granted = decide([answer()], "priority_support", FACTS, NOW)
+    assert (granted.allowed, granted.reason, granted.decided_by_event_id) == (True, "granted", "evt_1")
+    expired = decide([answer(expires_at=NOW - 1)], "priority_support", FACTS, NOW)
+    assert (expired.allowed, expired.reason, expired.status) == (False, "expired", "expired")
+
+
+def test_an_expired_paid_feature_the_free_plan_has_falls_back_and_names_the_event() -> None:
+    decision = decide([answer(expires_at=NOW - 1, decided_by_event_id="evt_9")], "projects", FACTS, NOW)
+    assert (decision.allowed, decision.reason, decision.decided_by_event_id) == (True, "free_plan", "evt_9")
+
+
+def test_grace_is_allowed_until_grace_until_then_after_grace_applies() -> None:
+    grace = answer(access_level="grace", grace_until=NOW + 10, after_grace="suspended")
+    assert decide([grace], "priority_support", FACTS, NOW).reason == "grace"
+    after = decide([grace], "priority_support", FACTS, NOW + 10)
+    assert (after.allowed, after.status, after.access_level) == (False, "suspended", "reduced")
+    kept = answer(access_level="grace", grace_until=NOW, after_grace="active")
+    assert decide([kept], "export_pdf", FACTS, NOW).allowed
+
+
+def test_unlimited_and_unmetered_limits_follow_the_proto_convention() -> None:
+    assert decide([answer(usage_limit=None)], "projects", FACTS, NOW).usage_limit == -1
+    assert decide([answer(usage_limit=None)], "export_pdf", FACTS, NOW).usage_limit == 0
+
+
+def test_the_best_allowed_answer_of_user_and_family_wins() -> None:
+    denied = answer(allowed=False, status="revoked", plan_id="basic")
+    allowed = answer(plan_id="pro", usage_limit=6)
+    assert decide([denied, allowed], "seats", FACTS, NOW).plan_id == "pro"
