@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     stripe_webhook_tolerance_s: int = Field(default=300, ge=1)
     webhook_max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     publish_timeout_s: float = Field(default=10.0, gt=0)
+    dunning_interval_s: float = Field(default=30.0, gt=0, description="how often the dunning scheduler looks for due cases")
     startup_timeout_s: float = Field(default=30.0, gt=0, description="wait this long for dependencies")
 
     # API.

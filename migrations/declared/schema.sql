@@ -308,3 +308,22 @@ CREATE TABLE consumer_offsets (
     applied_at          timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer, topic, kafka_partition)
 );
+
+-- ---------------------------------------------------------------- 0003: dunning
+ALTER TABLE dunning_cases ADD COLUMN price_id text;
+ALTER TABLE dunning_cases ADD COLUMN last_attempt_at timestamptz;
+ALTER TABLE dunning_cases ADD COLUMN escalated_at timestamptz;
+ALTER TABLE dunning_cases ADD COLUMN restored_at timestamptz;
+CREATE INDEX dunning_cases_restore ON dunning_cases (case_id)
+    WHERE state = 'recovered' AND escalated_at IS NOT NULL AND restored_at IS NULL;
+
+-- The dunning scheduler's ledger of side effects (not a projection; never replayed).
+CREATE TABLE dunning_steps (
+    case_id          text NOT NULL,
+    step             text NOT NULL CHECK (step ~ '^(attempt-[1-9][0-9]*|escalate|restore)$'),
+    after_attempts   integer NOT NULL CHECK (after_attempts >= 0),
+    claimed_by       text NOT NULL,
+    claimed_until    timestamptz NOT NULL,
+    published_at     timestamptz,
+    PRIMARY KEY (case_id, step)
+);

@@ -201,6 +201,27 @@ def on_subscription_event(
     return Changes(history=(entry,), catalog_misses=misses).then(derived)
 
 
+def on_dunning_status(
+    event: Event, state: State, customer: Customer | None, catalog: Catalog
+) -> Changes:
+    """dunning.escalated / dunning.restored (our scheduler): the subscription's status
+    becomes `event.status` (e.g. suspended, then active again) as a newer snapshot that
+    keeps everything else of the stored one. An unknown subscription changes nothing."""
+    stored = state.subscriptions.get(event.subscription_id)
+    if stored is None or not event.status:
+        return Changes()
+    snapshot = Event()
+    snapshot.CopyFrom(event)
+    snapshot.price_id = stored.price_id
+    snapshot.period_start = stored.current_period_start or 0
+    snapshot.period_end = stored.current_period_end or 0
+    snapshot.cancel_at_period_end = stored.cancel_at_period_end
+    snapshot.cancel_at = stored.cancel_at or 0
+    snapshot.canceled_at = stored.canceled_at or 0
+    snapshot.trial_end = stored.trial_end or 0
+    return on_subscription_event(snapshot, state, customer, catalog)
+
+
 def on_invoice_paid(
     event: Event, state: State, customer: Customer | None, catalog: Catalog
 ) -> Changes:
@@ -743,6 +764,8 @@ HANDLERS: dict[str, Handler] = {
     "invoice.payment_succeeded": on_invoice_paid,
     "invoice.payment_failed": _identity_only,
     "invoice.payment_action_required": _identity_only,
+    "dunning.escalated": on_dunning_status,
+    "dunning.restored": on_dunning_status,
     "checkout.session.completed": on_checkout_completed,
     "charge.succeeded": on_charge_succeeded,
     "charge.failed": on_charge_failed,

@@ -1,0 +1,110 @@
+"""The dunning projection: payment-events -> dunning_cases.
+
+It implements shared/projection.py's contract; shared/worker.py runs it. `apply` loads the
+cases of the batch's invoices and subscriptions in one query, folds the events in order
+with the pure handlers (handlers.py), and upserts the cases that changed. The scheduler's
+decisions are events on the same topic, so the table is a pure function of the log.
+
+`after_commit` publishes the batch's notices (case opened, retry scheduled, attempt
+failed, recovered, closed) on dunning-events; never in replay, and not at all when the
+projection has no publisher. Publishing happens after the commit, so it is at most once:
+a crash or broker failure between commit and publish loses those notices (they are
+logged and counted, never raised: the cases are already right). Their ids are stable,
+so a consumer can deduplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import DecodeError
+from psycopg import AsyncConnection
+
+from payment.v1 import events_pb2
+from services.dunning import handlers, repository
+from services.dunning.events import Publisher, notice_event
+from services.dunning.model import Notice, Outcome, State
+from shared.catalog import Catalog
+from shared.metrics import DUNNING_NOTICE_FAILURES
+from shared.projection import ApplyContext, Envelope, PoisonEvent
+
+log = logging.getLogger(__name__)
+
+PaymentEnvelope = Envelope[events_pb2.PaymentEvent]
+
+
+@dataclass(frozen=True)
+class DunningBatch:
+    """What `apply` hands to `after_commit`."""
+
+    notices: tuple[Notice, ...]
+
+
+class DunningProjection:
+    """Projection[PaymentEvent] named "dunning"; see the module docstring."""
+
+    name = "dunning"
+
+    def __init__(self, catalog: Catalog, publisher: Publisher | None) -> None:
+        self._catalog = catalog
+        self._publisher = publisher
+
+    def decode(
+        self, value: bytes, headers: dict[str, bytes]
+    ) -> tuple[str, str, events_pb2.PaymentEvent]:
+        """(event_id, event_type, event); ValueError if it is no PaymentEvent we can key."""
+        try:
+            event = events_pb2.PaymentEvent.FromString(value)
+        except DecodeError as exc:
+            raise ValueError(f"not a payment.v1.PaymentEvent: {exc}") from exc
+        if not event.event_id:
+            raise ValueError("PaymentEvent without event_id")
+        if not event.customer_id:
+            raise ValueError(f"PaymentEvent {event.event_id} without customer_id")
+        return event.event_id, event.event_type, event
+
+    async def apply(
+        self, conn: AsyncConnection[Any], events: list[PaymentEnvelope], ctx: ApplyContext
+    ) -> DunningBatch:
+        """Apply `events` in order inside the caller's transaction. Raises PoisonEvent for an
+        event the handlers reject; database errors propagate as transient."""
+        relevant = [e for e in events if e.event_type in handlers.HANDLERS]
+        if not relevant:
+            return DunningBatch(())
+        invoices = {e.message.invoice_id for e in relevant} - {""}
+        subscriptions = {
+            e.message.subscription_id
+            for e in relevant
+            if e.event_type == "customer.subscription.deleted"
+        } - {""}
+        before = await repository.load_state(conn, invoices, subscriptions)
+        after = before.copy()
+        notices: list[Notice] = []
+        for envelope in relevant:
+            outcome = self._outcome(envelope, after)
+            after.apply(outcome.cases)
+            notices += outcome.notices
+        await repository.save(conn, repository.changed(before, after))
+        return DunningBatch(tuple(notices))
+
+    def _outcome(self, envelope: PaymentEnvelope, state: State) -> Outcome:
+        try:
+            return handlers.apply(envelope.message, state, self._catalog)
+        except Exception as exc:
+            # The handlers are pure: whatever they raise, they would raise on every retry.
+            raise PoisonEvent(envelope.event_id, f"{type(exc).__name__}: {exc}") from exc
+
+    async def after_commit(self, result: DunningBatch | None, ctx: ApplyContext) -> None:
+        """Publish the notices (live only). Never raises: see the module docstring."""
+        if result is None or not result.notices or ctx.replay or self._publisher is None:
+            return
+        try:
+            await self._publisher.notices([notice_event(n) for n in result.notices])
+        except Exception as exc:
+            DUNNING_NOTICE_FAILURES.inc(len(result.notices))
+            log.warning(
+                "could not publish dunning notices",
+                extra={"notices": len(result.notices), "error": f"{type(exc).__name__}: {exc}"},
+            )
