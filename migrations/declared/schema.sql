@@ -327,3 +327,25 @@ CREATE TABLE dunning_steps (
     published_at     timestamptz,
     PRIMARY KEY (case_id, step)
 );
+
+-- ---------------------------------------------------------------- 0004: usage
+-- What IncrementUsage answered, kept so a Redis rebuild can restore idempotency records.
+ALTER TABLE usage_records ADD COLUMN used_after bigint;
+ALTER TABLE usage_records ADD COLUMN usage_limit bigint;          -- NULL: unlimited
+ALTER TABLE usage_records ADD COLUMN over_soft_limit boolean NOT NULL DEFAULT false;
+CREATE UNIQUE INDEX usage_records_idempotency_key ON usage_records (idempotency_key);
+CREATE INDEX usage_records_created ON usage_records (created_at);
+
+ALTER TABLE usage_aggregates ADD COLUMN usage_limit bigint;       -- NULL: unlimited
+CREATE INDEX usage_aggregates_period_end ON usage_aggregates (period_end);
+
+-- ---------------------------------------------------------------- 0005: outbox
+-- Messages a projection must emit, staged in its transaction and published
+-- by a relay after the commit (at least once).
+CREATE TABLE outbox (
+    id         bigserial PRIMARY KEY,
+    consumer   text NOT NULL,
+    payload    bytea NOT NULL,
+    staged_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX outbox_consumer ON outbox (consumer, id);

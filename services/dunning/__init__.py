@@ -1,1 +1,1 @@
-"""The dunning service. Not built yet: see issue 7."""
+"""The dunning service: dunning cases from payment-events, and the retry scheduler."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from services.dunning.events import KafkaPublisher
+from services.dunning.events import KafkaPublisher, notice_sender
 from services.dunning.projection import DunningProjection
 from services.dunning.scheduler import Scheduler, SchedulerConfig, StripeInvoices
 from shared import db
@@ -20,10 +20,9 @@ from shared.config import Settings
 from shared.devbroker import wait_for_broker
 from shared.errors import ConfigurationError
 from shared.kafka import make_producer
+from shared.outbox import OutboxRelay
 from shared.replay import ProjectionSpec
 from shared.workerapp import serve_projection
-
-BUILT = True
 
 # Every table this projection writes; replay rebuilds and verifies exactly these.
 # (dunning_steps is the live scheduler's ledger, like processed_events: not replayed.)
@@ -51,7 +50,8 @@ async def serve(
         publisher = KafkaPublisher(producer, settings.topics, settings.publish_timeout_s)
         payer = StripeInvoices(settings.stripe_secret_key.get_secret_value(), settings.stripe_api_base)
         scheduler = Scheduler(pool, payer, publisher, catalog, config=scheduler_config(settings), **({"clock": clock} if clock else {}))
-        projection = DunningProjection(catalog, publisher)
+        relay = OutboxRelay(pool, "dunning", notice_sender(publisher))
+        projection = DunningProjection(catalog, relay)
         # A TaskGroup: if either part fails, the other is cancelled and the error raised.
         async with asyncio.TaskGroup() as group:
             group.create_task(
@@ -61,6 +61,7 @@ async def serve(
                 )
             )
             group.create_task(scheduler.run(stop))
+            group.create_task(relay.run(stop))
     finally:
         await pool.close()
         await producer.stop()

@@ -12,7 +12,7 @@ scheduler that crashed after publishing and retried) is deduplicated by the inbo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -52,6 +52,7 @@ class KafkaPublisher:
         )
 
     async def notices(self, events: Sequence[events_pb2.DunningEvent]) -> None:
+        """Publish in order, each acknowledged before the next (per-key order holds)."""
         for e in events:
             kind = events_pb2.DunningEvent.Kind.Name(e.kind)
             await publish(
@@ -146,3 +147,12 @@ def notice_event(notice: Notice) -> events_pb2.DunningEvent:
         currency=case.currency or "",
         plan_id=case.plan_id or "",
     )
+
+
+def notice_sender(publisher: Publisher) -> Callable[[list[bytes]], Awaitable[None]]:
+    """The outbox relay's `send` for dunning notices staged as serialized DunningEvents."""
+
+    async def send(payloads: list[bytes]) -> None:
+        await publisher.notices([events_pb2.DunningEvent.FromString(p) for p in payloads])
+
+    return send

@@ -5,12 +5,12 @@ cases of the batch's invoices and subscriptions in one query, folds the events i
 with the pure handlers (handlers.py), and upserts the cases that changed. The scheduler's
 decisions are events on the same topic, so the table is a pure function of the log.
 
-`after_commit` publishes the batch's notices (case opened, retry scheduled, attempt
-failed, recovered, closed) on dunning-events; never in replay, and not at all when the
-projection has no publisher. Publishing happens after the commit, so it is at most once:
-a crash or broker failure between commit and publish loses those notices (they are
-logged and counted, never raised: the cases are already right). Their ids are stable,
-so a consumer can deduplicate.
+The batch's notices (case opened, retry scheduled, attempt failed, recovered, closed)
+are staged in the transactional outbox (shared/outbox.py) in the same transaction as the
+cases, and `after_commit` asks the relay to publish them on dunning-events. So they are
+published at least once: a crash or a broker failure between the commit and the publish
+only delays them (the service's background relay retries). Never in replay, and not at
+all when the projection has no relay. Their ids are stable, so a consumer deduplicates.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from psycopg import AsyncConnection
 
 from payment.v1 import events_pb2
 from services.dunning import handlers, repository
-from services.dunning.events import Publisher, notice_event
+from services.dunning.events import notice_event
 from services.dunning.model import Notice, Outcome, State
 from shared.catalog import Catalog
 from shared.metrics import DUNNING_NOTICE_FAILURES
+from shared.outbox import OutboxRelay, stage
 from shared.projection import ApplyContext, Envelope, PoisonEvent
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,9 @@ class DunningProjection:
 
     name = "dunning"
 
-    def __init__(self, catalog: Catalog, publisher: Publisher | None) -> None:
+    def __init__(self, catalog: Catalog, relay: OutboxRelay | None) -> None:
         self._catalog = catalog
-        self._publisher = publisher
+        self._relay = relay
 
     def decode(
         self, value: bytes, headers: dict[str, bytes]
@@ -87,6 +88,8 @@ class DunningProjection:
             after.apply(outcome.cases)
             notices += outcome.notices
         await repository.save(conn, repository.changed(before, after))
+        if notices and self._relay is not None and not ctx.replay:
+            await stage(conn, self.name, [notice_event(n).SerializeToString() for n in notices])
         return DunningBatch(tuple(notices))
 
     def _outcome(self, envelope: PaymentEnvelope, state: State) -> Outcome:
@@ -97,14 +100,14 @@ class DunningProjection:
             raise PoisonEvent(envelope.event_id, f"{type(exc).__name__}: {exc}") from exc
 
     async def after_commit(self, result: DunningBatch | None, ctx: ApplyContext) -> None:
-        """Publish the notices (live only). Never raises: see the module docstring."""
-        if result is None or not result.notices or ctx.replay or self._publisher is None:
+        """Publish the staged notices (live only). Never raises: see the module docstring."""
+        if result is None or not result.notices or ctx.replay or self._relay is None:
             return
         try:
-            await self._publisher.notices([notice_event(n) for n in result.notices])
+            await self._relay.flush()
         except Exception as exc:
             DUNNING_NOTICE_FAILURES.inc(len(result.notices))
             log.warning(
-                "could not publish dunning notices",
+                "could not publish dunning notices yet; the outbox keeps them",
                 extra={"notices": len(result.notices), "error": f"{type(exc).__name__}: {exc}"},
             )

@@ -12,10 +12,12 @@ import psycopg
 import pytest
 
 from payment.v1 import events_pb2
+from services.dunning.events import notice_sender
 from services.dunning.scheduler import Scheduler, SchedulerConfig, StripeInvoices
 from shared.catalog import Catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH
 from shared.db import make_pool
+from shared.outbox import OutboxRelay
 from tests.conftest import random_id
 from tests.integration.test_dunning_support import (
     DAY,
@@ -214,3 +216,15 @@ async def test_a_publish_failure_keeps_the_claim_until_it_expires_then_retries_w
     assert len((await s.tick()).attempts) == 1
     assert stripe_fake.keys == ["dunning-dc_in_p-1", "dunning-dc_in_p-1"]
     assert len(publisher.decisions) == 1
+
+
+async def test_notices_survive_a_broker_outage_through_the_outbox(pool: Any, database_url: str) -> None:
+    publisher = RecordingPublisher(fail=True)
+    apply = Applier(pool, CATALOG, publisher)
+    await apply([failure("in_outage", T0)])
+    assert publisher.dunning == [], "nothing could be published"
+    assert rows(database_url, "SELECT count(*) FROM outbox")[0][0] == 2, "but the notices are kept"
+    publisher.fail = False
+    await OutboxRelay(pool, "dunning", notice_sender(publisher)).flush()
+    assert [events_pb2.DunningEvent.Kind.Name(n.kind) for n in publisher.dunning] == ["CASE_OPENED", "RETRY_SCHEDULED"]
+    assert rows(database_url, "SELECT count(*) FROM outbox")[0][0] == 0

@@ -14,8 +14,10 @@ from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
 from payment.v1 import events_pb2
+from services.dunning.events import notice_sender
 from services.dunning.projection import DunningProjection
 from shared.catalog import Catalog
+from shared.outbox import OutboxRelay
 from shared.worker import BatchProcessor, DeadLetter, RawMessage
 
 DAY = 86_400
@@ -99,7 +101,8 @@ class Applier:
     """Applies events as the live worker does (inbox, transaction, after_commit)."""
 
     def __init__(self, pool: AsyncConnectionPool, catalog: Catalog, publisher: Any, *, replay: bool = False) -> None:
-        self.processor = BatchProcessor(DunningProjection(catalog, publisher), pool, NoDeadLetters(), replay=replay)
+        relay = OutboxRelay(pool, "dunning", notice_sender(publisher)) if publisher is not None else None
+        self.processor = BatchProcessor(DunningProjection(catalog, relay), pool, NoDeadLetters(), replay=replay)
         self._offsets = itertools.count()
 
     async def __call__(self, events: Sequence[events_pb2.PaymentEvent]) -> None:

@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from services.dunning.bootstrap import TABLES
-from services.dunning.events import KafkaPublisher
+from services.dunning.events import KafkaPublisher, notice_sender
 from services.dunning.projection import DunningProjection
 from services.dunning.scheduler import Scheduler, SchedulerConfig, StripeInvoices
 from shared import replay
@@ -23,6 +23,7 @@ from shared.config import DEFAULT_CATALOG_PATH, Topics
 from shared.consumer import KafkaDeadLetters, LoopPolicy, run_live
 from shared.db import make_pool
 from shared.kafka import make_producer
+from shared.outbox import OutboxRelay
 from shared.worker import BatchProcessor
 from tests.integration.test_dunning_support import (
     DAY,
@@ -58,7 +59,8 @@ async def dunning_worker(broker: str, topics: Topics, database_url: str, produce
     pool = make_pool(database_url, max_size=2)
     await pool.open(wait=True)
     stop = asyncio.Event()
-    projection = DunningProjection(CATALOG, KafkaPublisher(producer, topics))
+    relay = OutboxRelay(pool, "dunning", notice_sender(KafkaPublisher(producer, topics)))
+    projection = DunningProjection(CATALOG, relay)
     processor = BatchProcessor(projection, pool, KafkaDeadLetters(producer))
     task = asyncio.create_task(
         run_live(processor, pool, broker, topics.payment_events, f"g-{random.getrandbits(32):x}", stop,
