@@ -23,6 +23,8 @@ catalog_app = typer.Typer(no_args_is_help=True, help="The plan catalog.")
 topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics.")
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(topics_app, name="topics")
+usage_app = typer.Typer(no_args_is_help=True, help="Usage counters and quotas.")
+app.add_typer(usage_app, name="usage")
 
 
 def _settings() -> Settings:
@@ -88,6 +90,32 @@ def _require_bootstrap(settings: Settings) -> str:
             "KAFKA_BOOTSTRAP_SERVERS is not set; `paymentsvc dev` runs an embedded broker"
         )
     return settings.kafka_bootstrap_servers
+
+
+@usage_app.command("rebuild-cache")
+def usage_rebuild_cache(
+    settle: Annotated[float | None, typer.Option(help="Seconds to let publishes in flight finish; default publish timeout + 2.")] = None,
+) -> None:
+    """Rebuild the Redis usage counters from Postgres (after Redis was emptied or restarted)."""
+    from redis.asyncio import Redis
+
+    from services.usage.bootstrap import rebuild_cache
+
+    settings = _settings()
+    _require_bootstrap(settings)
+
+    async def run() -> None:
+        redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10)
+        try:
+            figures = await rebuild_cache(settings, redis, settle_s=settle)
+        finally:
+            await redis.aclose()
+        typer.echo(
+            f"rebuilt {figures.counters} counter(s), {figures.members} member counter(s), "
+            f"{figures.idempotency_records} idempotency record(s)"
+        )
+
+    asyncio.run(run())
 
 
 @app.command()
@@ -175,7 +203,6 @@ def send_webhook(
 def main() -> None:
     """Console entry point: operator errors become one line and exit status 2."""
     from shared.catalog import CatalogError
-    from shared.runner import ServiceNotBuilt
 
     # One-shot commands report failures themselves; client libraries' own
     # connection warnings would only repeat them as noise.
@@ -186,7 +213,7 @@ def main() -> None:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
-    except (DependencyUnavailable, ConfigurationError, CatalogError, ServiceNotBuilt) as exc:
+    except (DependencyUnavailable, ConfigurationError, CatalogError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except ValidationError as exc:

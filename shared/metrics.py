@@ -143,3 +143,31 @@ API_RATE_LIMIT_FAIL_OPEN = Counter(
     "paymentsvc_api_rate_limit_fail_open_total",
     "Calls let through without a rate-limit check because Redis did not answer.",
 )
+
+# ---- usage
+# The usage worker's lag is WORKER_LAG{consumer="usage"} (the shared runtime reports it).
+USAGE_INCREMENTS = Counter(
+    "paymentsvc_usage_increments_total",
+    "IncrementUsage answers, by outcome: allowed, denied, over_soft_limit, released, replayed.",
+    ["outcome"],
+)
+USAGE_SCRIPT_SECONDS = Histogram(
+    "paymentsvc_usage_script_seconds",
+    "Time of one usage Lua script call in Redis (round trip included), by script.",
+    ["script"],
+    buckets=LATENCY_BUCKETS,
+)
+USAGE_PUBLISH_FAILURES = Counter(
+    "paymentsvc_usage_publish_failures_total",
+    "Usage events the broker did not acknowledge (the Redis increment was rolled back).",
+)
+USAGE_QUOTA_READS = Counter(
+    "paymentsvc_usage_quota_reads_total",
+    "CheckQuota counter reads, by source: redis, postgres (Redis down or not rebuilt).",
+    ["source"],
+)
+USAGE_CACHE_REBUILDS = Counter(
+    "paymentsvc_usage_cache_rebuilds_total",
+    "Rebuilds of the Redis usage counters from Postgres, by outcome.",
+    ["outcome"],
+)

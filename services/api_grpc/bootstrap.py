@@ -18,9 +18,12 @@ from services.api_grpc import cache, page_tokens, stripe_gateway
 from services.api_grpc.breakers import Breaker
 from services.api_grpc.commands import KafkaEventBus
 from services.api_grpc.decisions import Facts
+from services.api_grpc.near_cache import NearCache
 from services.api_grpc.queries import Queries
 from services.api_grpc.server import RateLimitConfig, build_server
 from services.api_grpc.service import PaymentApi
+from services.api_grpc.usage import KafkaUsageBus, UsageApi, UsageStore
+from services.usage.counters import Counters
 from shared.catalog import load_catalog
 from shared.config import Settings
 from shared.db import open_pool
@@ -28,7 +31,6 @@ from shared.devbroker import wait_for_broker
 from shared.health import add_health_routes, postgres_probe, redis_probe, start_site
 from shared.kafka import kafka_probe, make_producer
 
-BUILT = True
 log = logging.getLogger("api_grpc")
 SHUTDOWN_GRACE_S = 5.0
 
@@ -66,23 +68,31 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         )
         gateway = stripe_gateway.StripeGateway(client, stripe_breaker())
     breaker = redis_breaker()
+    # A near cache per replica, invalidated by the entitlements worker's change feed
+    # and bounded in age (see near_cache.py): most checks then need no Redis round trip.
+    entitlements = cache.EntitlementCache(redis, breaker, near=NearCache())
     api = PaymentApi(
         Facts.of(catalog),
         Queries(pool),
-        cache.EntitlementCache(redis, breaker),
+        entitlements,
         KafkaEventBus(producer, settings.topics.payment_events),
         gateway,
         page_tokens.PageTokens(token_key(settings)),
     )
+    usage = UsageApi(
+        api.facts, api, UsageStore(pool), Counters(redis),
+        KafkaUsageBus(producer, settings.topics.usage_events, settings.publish_timeout_s), api.tokens,
+    )
     server = build_server(
         api, settings.api_keys, host=settings.bind_host, port=settings.grpc_port,
-        redis=redis, redis_breaker=breaker, rate_limit=RateLimitConfig(),
+        redis=redis, redis_breaker=breaker, rate_limit=RateLimitConfig(), usage=usage,
     )
     app = web.Application()
     probes = {"postgres": postgres_probe(pool), "redis": redis_probe(redis), "kafka": kafka_probe(producer)}
     add_health_routes(app, "api_grpc", settings, probes)
     try:
         await server.start()
+        entitlements.start()
         runner = await start_site(app, settings.bind_host, settings.grpc_http_port)
         log.info("listening", extra={"grpc": f"{settings.bind_host}:{server.port}"})
         try:
@@ -91,6 +101,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             await server.stop(SHUTDOWN_GRACE_S)
             await runner.cleanup()
     finally:
+        await entitlements.aclose()
         if gateway is not None:
             await gateway.close()
         await producer.stop()

@@ -15,6 +15,7 @@ from services.api_grpc import interceptors
 from services.api_grpc.breakers import Breaker
 from services.api_grpc.service import PaymentApi
 from services.api_grpc.servicer import PaymentServicer
+from services.api_grpc.usage import UsageApi
 from shared.config import ApiKey
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name
@@ -55,10 +56,12 @@ def build_server(
     redis: Redis | None = None,
     redis_breaker: Breaker | None = None,
     rate_limit: RateLimitConfig | None = RateLimitConfig(),
+    usage: UsageApi | None = None,
 ) -> Server:
     """The server bound to host:port (0: a free port, see `.port`); not started.
 
     Rate limiting needs `redis` and `redis_breaker`; pass rate_limit=None to turn it off.
+    Without `usage`, the usage RPCs answer UNIMPLEMENTED.
     """
     chain: list[grpc.aio.ServerInterceptor] = [
         interceptors.ExceptionMapping(),
@@ -74,7 +77,7 @@ def build_server(
         )
     chain.append(interceptors.Deadline())
     server = grpc.aio.server(interceptors=chain, options=[("grpc.so_reuseport", 0)])
-    service_pb2_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(api), server)
+    service_pb2_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(api, usage), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

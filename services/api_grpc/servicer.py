@@ -17,6 +17,7 @@ from services.api_grpc.decisions import Decision
 from services.api_grpc.errors import InvalidArgument, Unimplemented
 from services.api_grpc.queries import PaymentFilter, Row, Watermark
 from services.api_grpc.service import PaymentApi
+from services.api_grpc.usage import UsageApi
 from services.api_grpc.validation import SubjectIds
 from services.entitlements.model import PAYMENT_STATUSES
 
@@ -136,8 +137,9 @@ def subscription_message(row: Row) -> service_pb2.Subscription:
 
 
 class PaymentServicer(service_pb2_grpc.PaymentServiceServicer):
-    def __init__(self, api: PaymentApi) -> None:
+    def __init__(self, api: PaymentApi, usage: UsageApi | None = None) -> None:
         self._api = api
+        self._usage = usage
 
     # ------------------------------------------------------------ entitlements
 
@@ -290,11 +292,58 @@ class PaymentServicer(service_pb2_grpc.PaymentServiceServicer):
 
     # ------------------------------------------------------------ usage (issue 6)
 
-    async def ListUsage(self, request: Any, context: Context) -> Any:  # noqa: N802
-        raise Unimplemented("usage quotas are issue 6: ListUsage is not implemented yet")
+    def _usage_api(self, method: str) -> UsageApi:
+        if self._usage is None:
+            raise Unimplemented(f"usage quotas (issue 6) are not configured on this server: {method} is unavailable")
+        return self._usage
 
-    async def IncrementUsage(self, request: Any, context: Context) -> Any:  # noqa: N802
-        raise Unimplemented("usage quotas are issue 6: IncrementUsage is not implemented yet")
+    async def ListUsage(  # noqa: N802
+        self, request: service_pb2.ListUsageRequest, context: Context
+    ) -> service_pb2.ListUsageResponse:
+        usage = self._usage_api("ListUsage")
+        subject = _subject(request.subject)
+        size = validation.page_size(request.page_size)
+        page = await usage.list_usage(subject, request.feature_code, size, request.page_token, _timeout(context))
+        return service_pb2.ListUsageResponse(
+            periods=[
+                service_pb2.UsagePeriod(
+                    feature_code=r["feature_code"], period_start=int(r["period_start"]),
+                    period_end=int(r["period_end"]), used=int(r["used"]),
+                    limit=-1 if r["usage_limit"] is None else int(r["usage_limit"]),
+                )
+                for r in page.rows
+            ],
+            next_page_token=page.next_page_token,
+        )
 
-    async def CheckQuota(self, request: Any, context: Context) -> Any:  # noqa: N802
-        raise Unimplemented("usage quotas are issue 6: CheckQuota is not implemented yet")
+    async def IncrementUsage(  # noqa: N802
+        self, request: service_pb2.IncrementUsageRequest, context: Context
+    ) -> service_pb2.IncrementUsageResponse:
+        usage = self._usage_api("IncrementUsage")
+        subject = _subject(request.subject)
+        done = await usage.increment(
+            subject, request.feature_code, request.amount, request.idempotency_key,
+            dict(request.metadata), _timeout(context),
+        )
+        a = done.answer
+        return service_pb2.IncrementUsageResponse(
+            allowed=a.allowed, used=a.used, limit=a.limit, remaining=a.remaining,
+            over_soft_limit=a.over_soft_limit, overage=a.overage, period_start=a.period.start,
+            period_end=a.period.end, consistency_token=done.consistency_token, hard_limit=a.hard,
+        )
+
+    async def CheckQuota(  # noqa: N802
+        self, request: service_pb2.CheckQuotaRequest, context: Context
+    ) -> service_pb2.CheckQuotaResponse:
+        usage = self._usage_api("CheckQuota")
+        subject = _subject(request.subject)
+        quotas = await usage.check_quota(subject, request.feature_code, request.consistency_token, _timeout(context))
+        return service_pb2.CheckQuotaResponse(
+            quotas=[
+                service_pb2.Quota(
+                    feature_code=q.feature_code, used=q.used, limit=q.limit, remaining=q.remaining,
+                    period_start=q.period.start, period_end=q.period.end, hard_limit=q.hard,
+                )
+                for q in quotas
+            ]
+        )

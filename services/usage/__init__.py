@@ -1,1 +1,1 @@
-"""The usage service. Not built yet: see issue 6."""
+"""The usage service: usage-events -> usage_records and per-period aggregates; Redis counters."""

@@ -1,18 +1,98 @@
-"""Composition root of the usage service. Not built yet (issue 6).
-
-`paymentsvc serve usage` fails with a clear error instead of pretending to run,
-and `paymentsvc dev` skips it.
-"""
+"""Composition root of the usage worker: the projection on the shared loop, and a
+watchdog that rebuilds the Redis counters when it finds them gone (Redis emptied or
+restarted), so increments are refused only until the worker has caught up."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
+from psycopg import AsyncConnection
+from redis.asyncio import Redis
+
+from services.usage import rebuild
+from services.usage.model import Keys
+from services.usage.projection import UsageProjection
+from shared.catalog import load_catalog
 from shared.config import Settings
-from shared.runner import ServiceNotBuilt
+from shared.health import redis_probe
+from shared.replay import ProjectionSpec
+from shared.workerapp import serve_projection
 
-BUILT = False
+log = logging.getLogger("usage")
+WATCH_EVERY_S = 10.0
+
+# Every table this projection writes; replay rebuilds and verifies exactly these.
+TABLES = ("usage_records", "usage_aggregates", "usage_member_aggregates")
+
+
+def _redis(settings: Settings) -> Redis:
+    return Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=5, socket_connect_timeout=2)
+
+
+def connector(settings: Settings) -> Any:
+    @contextlib.asynccontextmanager
+    async def connect() -> AsyncIterator[AsyncConnection[Any]]:
+        conn = await AsyncConnection.connect(settings.database_url.get_secret_value(), autocommit=True)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    return connect
+
+
+async def rebuild_cache(settings: Settings, redis: Redis, *, settle_s: float | None = None) -> rebuild.Figures:
+    """`paymentsvc usage rebuild-cache`: see services/usage/rebuild.py."""
+    catalog = load_catalog(settings.catalog_path)
+    connect = connector(settings)
+    caught_up = rebuild.worker_caught_up(connect, settings.kafka_bootstrap_servers, settings.topics.usage_events)
+    async with connect() as conn:
+        return await rebuild.rebuild(
+            conn, redis, catalog, caught_up=caught_up,
+            settle_s=settings.publish_timeout_s + 2.0 if settle_s is None else settle_s,
+        )
+
+
+async def _watch(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
+    ready = Keys().ready
+    while not stop.is_set():
+        try:
+            if not await redis.exists(ready):
+                log.warning("usage counters missing in Redis: rebuilding them from Postgres")
+                await rebuild_cache(settings, redis)
+        except Exception:  # retried at the next tick; increments stay refused meanwhile
+            log.exception("usage counter rebuild failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), WATCH_EVERY_S)
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    raise ServiceNotBuilt("usage", issue=6)
+    """Project usage-events until `stop`; see shared/workerapp.py for the lifecycle."""
+    redis = _redis(settings)
+    watchdog = asyncio.create_task(_watch(settings, redis, stop))
+    try:
+        await serve_projection(
+            settings, stop, UsageProjection(),
+            topic=settings.topics.usage_events,
+            port=settings.usage_port,
+            extra_probes={"redis": redis_probe(redis)},
+        )
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+        await redis.aclose()
+
+
+def replay_spec(settings: Settings) -> ProjectionSpec:
+    """The projection as a rebuild runs it (it has no side effects in any mode)."""
+    return ProjectionSpec(
+        name="usage",
+        topic=settings.topics.usage_events,
+        tables=TABLES,
+        make=UsageProjection,
+    )

@@ -1,0 +1,253 @@
+"""Benchmark of IncrementUsage and CheckQuota against a trivial grpc.aio handler under the
+same load generator (a separate process), plus the bare Lua script for reference.
+
+    .venv/bin/python bench/usage.py [--seconds 5]
+
+Needs the machine's Postgres and Redis (DATABASE_URL / REDIS_URL); starts its own Tansu
+broker. It migrates a `paymentsvc_bench` database, writes warm pro-plan entitlement
+hashes for 50 families under a bench prefix (api_calls: 500,000 a month, a family pool),
+marks the usage counters ready, and prints QPS and p99 at 64 in flight and the ratios
+to the trivial handler. Every increment waits for the broker's acknowledgement
+(acks=all). Goals: IncrementUsage >= 0.4 of trivial, CheckQuota >= 0.6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import secrets
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "gen")]
+
+import grpc
+import orjson
+import uvloop
+from psycopg import conninfo
+from pydantic import SecretStr
+
+from payment.v1 import service_pb2, service_pb2_grpc
+from shared.config import ApiKey, Settings
+
+KEY = "bench-" + secrets.token_hex(4)
+SUBJECTS = 50
+INFLIGHT = 64
+
+
+class Trivial(service_pb2_grpc.PaymentServiceServicer):
+    async def IncrementUsage(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return service_pb2.IncrementUsageResponse(allowed=True, used=1)
+
+    async def CheckQuota(self, request: Any, context: Any) -> Any:  # noqa: N802
+        return service_pb2.CheckQuotaResponse(quotas=[service_pb2.Quota(feature_code=request.feature_code)])
+
+
+async def _trivial(port: int) -> None:
+    server = grpc.aio.server()
+    service_pb2_grpc.add_PaymentServiceServicer_to_server(Trivial(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+async def _real(port: int, db_url: str, redis_url: str, prefix: str, bootstrap: str, topic: str) -> None:
+    from redis.asyncio import Redis
+
+    from services.api_grpc import cache, page_tokens
+    from services.api_grpc.bootstrap import redis_breaker
+    from services.api_grpc.commands import KafkaEventBus
+    from services.api_grpc.decisions import Facts
+    from services.api_grpc.queries import Queries
+    from services.api_grpc.server import RateLimitConfig, build_server
+    from services.api_grpc.service import PaymentApi
+    from services.api_grpc.usage import KafkaUsageBus, UsageApi, UsageStore
+    from services.usage.counters import Counters
+    from shared.catalog import load_catalog
+    from shared.config import DEFAULT_CATALOG_PATH
+    from shared.db import open_pool
+    from shared.kafka import make_producer
+
+    pool = await open_pool(db_url)
+    redis = Redis.from_url(redis_url)
+    producer = make_producer(bootstrap)
+    await producer.start()
+    breaker = redis_breaker()
+    tokens = page_tokens.PageTokens(page_tokens.derive_key("bench"))
+    api = PaymentApi(
+        Facts.of(load_catalog(DEFAULT_CATALOG_PATH)), Queries(pool), cache.EntitlementCache(redis, breaker, prefix),
+        KafkaEventBus(producer, "unused"), None, tokens,
+    )
+    usage = UsageApi(api.facts, api, UsageStore(pool), Counters(redis, prefix), KafkaUsageBus(producer, topic), tokens)
+    keys = (ApiKey("bench", SecretStr(KEY), frozenset({"read", "write"})),)
+    server = build_server(api, keys, port=port, redis=redis, redis_breaker=breaker,
+                          rate_limit=RateLimitConfig(rate=1e6, burst=1e6, prefix=prefix), usage=usage)
+    await server.start()
+    await server.grpc_server.wait_for_termination()
+
+
+def serve(kind: str, port: int, *args: Any) -> None:
+    import logging
+
+    logging.disable(logging.INFO)
+    uvloop.run(_trivial(port) if kind == "trivial" else _real(port, *args))
+
+
+async def _load(port: int, method: str, inflight: int, seconds: float) -> list[float]:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = service_pb2_grpc.PaymentServiceStub(channel)
+    md = (("authorization", f"Bearer {KEY}"),)
+    latencies: list[float] = []
+    run = secrets.token_hex(4)
+
+    async def call(i: int) -> None:
+        subject = service_pb2.Subject(family_id=f"fam{i % SUBJECTS}")
+        if method == "increment":
+            await stub.IncrementUsage(service_pb2.IncrementUsageRequest(
+                subject=subject, feature_code="api_calls", amount=1, idempotency_key=f"{run}-{i}"), metadata=md)
+        else:
+            await stub.CheckQuota(service_pb2.CheckQuotaRequest(subject=subject, feature_code="api_calls"), metadata=md)
+
+    async def worker(n: int) -> None:
+        i = n * 10_000_000
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await call(i)
+            latencies.append(time.perf_counter() - started)
+            i += 1
+
+    for n in range(SUBJECTS):  # warm the channel and the policy caches
+        await call(n + 99_000_000)
+    await asyncio.gather(*(worker(n) for n in range(inflight)))
+    await channel.close()
+    return latencies
+
+
+def client(port: int, method: str, inflight: int, seconds: float, out: Any) -> None:
+    out.put(uvloop.run(_load(port, method, inflight, seconds)))
+
+
+def summary(lat: list[float], seconds: float) -> dict[str, float]:
+    lat = sorted(lat)
+    q = statistics.quantiles(lat, n=100)
+    return {"qps": len(lat) / seconds, "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
+
+
+def measure(port: int, method: str, seconds: float) -> dict[str, float]:
+    queue: Any = mp.Queue()
+    proc = mp.Process(target=client, args=(port, method, INFLIGHT, seconds, queue))
+    proc.start()
+    lat = queue.get()
+    proc.join()
+    return summary(lat, seconds)
+
+
+async def bare_lua(redis_url: str, prefix: str, seconds: float) -> dict[str, float]:
+    """The increment script alone, from one Python process with redis.asyncio, 64 in flight."""
+    from redis.asyncio import Redis
+
+    from services.usage.counters import Counters
+    from services.usage.model import Period, Policy, Request
+
+    redis = Redis.from_url(redis_url, max_connections=INFLIGHT)
+    counters = Counters(redis, prefix)
+    policy = Policy("api_calls", "pro", "family", "lua", None, 10**12, True, False, -1, Period(0, 2**40))
+    latencies: list[float] = []
+    run = secrets.token_hex(4)
+
+    async def worker(n: int) -> None:
+        i = 0
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            await counters.increment(Request(f"lua-{run}-{n}-{i}", policy, 1, 0), time.time())
+            latencies.append(time.perf_counter() - started)
+            i += 1
+
+    await asyncio.gather(*(worker(n) for n in range(INFLIGHT)))
+    await redis.aclose()
+    return summary(latencies, seconds)
+
+
+async def prepare_redis(redis_url: str, prefix: str) -> None:
+    from redis.asyncio import Redis
+
+    from services.usage.model import Keys
+
+    redis = Redis.from_url(redis_url)
+    now = int(time.time())
+    for n in range(SUBJECTS):
+        answer = {"allowed": True, "status": "active", "access_level": "full", "plan_id": "pro",
+                  "expires_at": now + 86400, "usage_limit": 500_000, "limit_period": "month", "enforcement": "hard",
+                  "decided_by_event_id": "evt_bench", "grace_until": None, "after_grace": None}
+        fields = {"api_calls": orjson.dumps(answer), "_watermark": orjson.dumps({"created": now, "event_id": "evt_bench"})}
+        await redis.hset(f"{prefix}ent:family:fam{n}", mapping=fields)  # type: ignore[arg-type]
+        await redis.expire(f"{prefix}ent:family:fam{n}", 600)
+    await redis.set(Keys(prefix).ready, "1", ex=600)
+    await redis.aclose()
+
+
+async def cleanup(redis_url: str, prefix: str) -> None:
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url)
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
+    for i in range(0, len(keys), 1000):
+        await redis.delete(*keys[i:i + 1000])
+    await redis.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    from shared.devbroker import DevBroker, ensure_topics, free_port
+    from shared.migrate import migrate_up
+
+    settings = Settings()
+    db_url = conninfo.make_conninfo(settings.database_url.get_secret_value(), dbname="paymentsvc_bench")
+    migrate_up(db_url, create_database=True)
+    redis_url = settings.redis_url.get_secret_value()
+    prefix = f"bench:{secrets.token_hex(4)}:"
+    topic = f"bench-{secrets.token_hex(4)}.usage-events"
+    broker = DevBroker()
+    asyncio.run(broker.start())
+    servers: list[mp.Process] = []
+    try:
+        asyncio.run(ensure_topics(broker.bootstrap_servers, [topic], partitions=3))
+        asyncio.run(prepare_redis(redis_url, prefix))
+        ports = {"trivial": free_port(), "api": free_port()}
+        servers = [
+            mp.Process(target=serve, args=("trivial", ports["trivial"])),
+            mp.Process(target=serve, args=("api", ports["api"], db_url, redis_url, prefix,
+                                           broker.bootstrap_servers, topic)),
+        ]
+        for s in servers:
+            s.start()
+        print(f"server pids: trivial {servers[0].pid}, api {servers[1].pid}", flush=True)
+        time.sleep(2.5)
+        for label, method, goal in (("IncrementUsage", "increment", 0.4), ("CheckQuota", "check", 0.6)):
+            base = measure(ports["trivial"], method, args.seconds)
+            real = measure(ports["api"], method, args.seconds)
+            ratio = real["qps"] / base["qps"]
+            print(f"{label} @{INFLIGHT}: trivial {base['qps']:.0f} qps p99 {base['p99_ms']:.2f} ms | "
+                  f"api {real['qps']:.0f} qps p99 {real['p99_ms']:.2f} ms | QPS ratio {ratio:.2f} "
+                  f"(goal >= {goal}), p99 ratio {real['p99_ms'] / base['p99_ms']:.2f}", flush=True)
+        lua = uvloop.run(bare_lua(redis_url, prefix, args.seconds))
+        print(f"bare Lua increment script @{INFLIGHT} (one process, redis.asyncio): {lua['qps']:.0f} /s "
+              f"p99 {lua['p99_ms']:.2f} ms")
+    finally:
+        for s in servers:
+            s.terminate()
+            s.join()
+        broker.stop()
+        asyncio.run(cleanup(redis_url, prefix))
+
+
+if __name__ == "__main__":
+    main()

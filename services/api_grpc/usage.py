@@ -1,0 +1,402 @@
+"""The usage use cases of the API: IncrementUsage, CheckQuota and ListUsage, free of gRPC.
+
+IncrementUsage
+    1. The subject's policy for the feature: the entitlement decision (decisions.py,
+       through PaymentApi.check: Redis first, Postgres second) names the plan and its
+       limit; the catalog adds hard/soft, allow_release and the member cap; the period is
+       the subscription's billing period (Postgres), a calendar month or day, or the
+       everlasting period of `none`. Policies are cached per process for POLICY_TTL_S
+       (a plan change takes effect within that), and never past their period's end.
+    2. One Lua script in Redis (services/usage/counters.py) checks the limit and the
+       member cap, changes the pool's and the member's counters and stores the answer
+       under the idempotency key, atomically. Redis is shared by every replica, so the
+       same key never counts twice across replicas; the record lives 7 days, and the
+       rebuild restores it from usage_records after a Redis loss (Postgres is the durable
+       record of every counted key).
+    3. An allowed change is published to usage-events with acks=all, its event id derived
+       from the idempotency key. If the broker does not acknowledge, a second script
+       rolls back the counters and the record (only if the record is still the one this
+       call wrote) and the answer is UNAVAILABLE: nothing counted, nothing lost.
+    A retry that finds a record whose publish is not known to be acknowledged (the first
+    attempt is in flight, or its replica died) publishes the same event again (the
+    worker's inbox drops a copy), then marks the record done and returns the first
+    answer. With Redis down or not rebuilt (`usage:ready` missing) increments are refused
+    with UNAVAILABLE: the limit cannot be checked atomically anywhere else.
+
+CheckQuota
+    Reads the counters of the current periods with one MGET. Every replica reads the same
+    Redis that IncrementUsage wrote before answering, so a check after a write sees it on
+    any replica. When Redis is down or not rebuilt, the worker's aggregates in Postgres
+    answer instead; they may lag the log, so the consistency token of IncrementUsage
+    (signed: pool, feature, period start, the counter after the write) raises `used` to at
+    least what that write saw: read-your-writes holds on both paths.
+
+ListUsage
+    The worker's per-period aggregates, newest period first, with signed page tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis.exceptions
+from aiokafka import AIOKafkaProducer
+from psycopg_pool import AsyncConnectionPool
+
+from payment.v1 import events_pb2
+from services.api_grpc import decisions, validation
+from services.api_grpc.decisions import Decision, Facts
+from services.api_grpc.errors import FailedPrecondition, InvalidArgument, Unavailable
+from services.api_grpc.page_tokens import PageTokens, query_fingerprint
+from services.api_grpc.queries import Row, Watermark
+from services.api_grpc.validation import SubjectIds, SubjectKey
+from services.usage import model, repository
+from services.usage.counters import Counters, NotReady, Step
+from services.usage.model import UNLIMITED, Answer, Outcome, Policy, Request
+from shared.kafka import PublishFailed, publish
+from shared.metrics import USAGE_INCREMENTS, USAGE_PUBLISH_FAILURES, USAGE_QUOTA_READS
+
+log = logging.getLogger("api_grpc.usage")
+POLICY_TTL_S = 5.0
+MAX_POLICIES = 100_000
+TOKEN_QUERY = "usage-consistency"
+SCHEMA_VERSION = b"1"
+CONTENT_TYPE = b"application/x-protobuf; messageType=payment.v1.UsageEvent"
+
+
+class EntitlementChecker(Protocol):
+    async def check(
+        self, subject: SubjectIds, feature_code: str, timeout: float
+    ) -> tuple[Decision, Watermark | None]: ...
+
+
+class UsageBus(Protocol):
+    async def publish(self, event: events_pb2.UsageEvent, timeout: float) -> None:
+        """Return once the broker acknowledged (acks=all); else raise Unavailable."""
+
+
+class KafkaUsageBus:
+    """usage-events, keyed by the charged pool so one pool's increments stay in order."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, max_timeout_s: float = 10.0) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._max_timeout_s = max_timeout_s
+
+    async def publish(self, event: events_pb2.UsageEvent, timeout: float) -> None:
+        headers = [
+            ("event-id", event.event_id.encode()),
+            ("event-type", b"usage.recorded"),
+            ("schema-version", SCHEMA_VERSION),
+            ("content-type", CONTENT_TYPE),
+        ]
+        try:
+            await publish(
+                self._producer, self._topic, event.SerializeToString(), key=event.subject_id.encode(),
+                headers=headers, event_type="usage.recorded", timeout_s=min(timeout, self._max_timeout_s),
+            )
+        except PublishFailed as exc:
+            raise Unavailable(f"the event bus did not acknowledge the usage event: {exc}") from exc
+
+
+class UsageStore:
+    """The API's Postgres reads for usage (sql in services/usage/sql/usage.sql)."""
+
+    def __init__(self, pool: AsyncConnectionPool, checkout_timeout_s: float = 2.0) -> None:
+        self._pool = pool
+        self._checkout_s = checkout_timeout_s
+
+    def _connection(self, timeout: float) -> Any:
+        return self._pool.connection(timeout=min(timeout, self._checkout_s))
+
+    async def billing_period(
+        self, subjects: Sequence[SubjectKey], feature_code: str, plan_id: str, timeout: float
+    ) -> tuple[int, int] | None:
+        async with self._connection(timeout) as conn:
+            return await repository.billing_period(conn, subjects, feature_code, plan_id)
+
+    async def used(self, keys: Sequence[repository.PeriodKey], timeout: float) -> list[int]:
+        async with self._connection(timeout) as conn:
+            return await repository.used_in_periods(conn, keys)
+
+    async def list_usage(
+        self, subjects: Sequence[SubjectKey], feature_code: str | None, after: Sequence[Any] | None,
+        limit: int, timeout: float,
+    ) -> list[Row]:
+        async with self._connection(timeout) as conn:
+            return await repository.list_usage(conn, subjects, feature_code, after, limit)
+
+
+@dataclass(frozen=True, slots=True)
+class Increment:
+    answer: Answer
+    consistency_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    feature_code: str
+    used: int
+    limit: int
+    remaining: int
+    period: model.Period
+    hard: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UsagePage:
+    rows: list[Row]
+    next_page_token: str
+
+
+def _redis_down(exc: BaseException) -> bool:
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | TimeoutError | OSError)
+
+
+def check_amount(amount: int) -> int:
+    if amount == 0:
+        raise InvalidArgument("amount must not be 0")
+    if abs(amount) > model.MAX_AMOUNT:
+        raise InvalidArgument(f"amount must be within ±2^53 ({model.MAX_AMOUNT}), not {amount}")
+    return amount
+
+
+class UsageApi:
+    def __init__(
+        self,
+        facts: Facts,
+        entitlements: EntitlementChecker,
+        store: UsageStore,
+        counters: Counters,
+        bus: UsageBus,
+        tokens: PageTokens,
+        clock: Callable[[], float] = time.time,
+        policy_ttl_s: float = POLICY_TTL_S,
+    ) -> None:
+        self.facts = facts
+        self.entitlements = entitlements
+        self.store = store
+        self.counters = counters
+        self.bus = bus
+        self.tokens = tokens
+        self.clock = clock
+        self.policy_ttl_s = policy_ttl_s
+        self._policies: dict[tuple[str, str, str], tuple[Policy, float]] = {}
+
+    # ------------------------------------------------------------ policy
+
+    def _metered(self, feature_code: str) -> str:
+        decisions.require_known(feature_code, self.facts.known)
+        if feature_code not in self.facts.metered:
+            raise InvalidArgument(f"feature_code {feature_code!r} is not metered: it has no usage to count")
+        return feature_code
+
+    async def policy(self, subject: SubjectIds, feature_code: str, timeout: float) -> Policy:
+        """The subject's policy for a metered feature now. FailedPrecondition when the
+        subject is not entitled to it."""
+        now = self.clock()
+        key = (subject.user_id, subject.family_id, feature_code)
+        cached = self._policies.get(key)
+        if cached is not None and cached[1] > time.monotonic() and cached[0].period.start <= now < cached[0].period.end:
+            return cached[0]
+        policy = await self._resolve(subject, feature_code, now, timeout)
+        if len(self._policies) >= MAX_POLICIES:
+            self._policies.clear()
+        self._policies[key] = (policy, time.monotonic() + self.policy_ttl_s)
+        return policy
+
+    async def _resolve(self, subject: SubjectIds, feature_code: str, now: float, timeout: float) -> Policy:
+        decision, _ = await self.entitlements.check(subject, feature_code, timeout)
+        if not decision.allowed:
+            raise FailedPrecondition(
+                f"the subject is not entitled to {feature_code!r} ({decision.reason}): there is no quota to use"
+            )
+        plan = self.facts.catalog.plans.get(decision.plan_id)
+        feature = plan.features.get(feature_code) if plan is not None else None
+        family_pool = plan is not None and plan.family_pool and bool(subject.family_id)
+        if family_pool:
+            pool_type, pool_id, member = "family", subject.family_id, (subject.user_id or None)
+        elif subject.user_id:
+            pool_type, pool_id, member = "user", subject.user_id, None
+        else:
+            pool_type, pool_id, member = "family", subject.family_id, None
+        sub_period = None
+        if decision.limit_period == "billing_period" and plan is not None and not plan.default:
+            sub_period = await self.store.billing_period(subject.keys(), feature_code, plan.id, timeout)
+        start, end = sub_period if sub_period is not None else (None, None)
+        return Policy(
+            feature_code=feature_code,
+            plan_id=decision.plan_id,
+            pool_type=pool_type,
+            pool_id=pool_id,
+            member=member,
+            limit=decision.usage_limit if decision.usage_limit >= 0 else UNLIMITED,
+            hard=feature is None or feature.enforcement == "hard",
+            allow_release=feature is not None and feature.allow_release,
+            member_cap=feature.member_cap if family_pool and feature and feature.member_cap is not None else UNLIMITED,
+            period=model.period_for(decision.limit_period, now, start, end),
+            user_id=subject.user_id,
+            family_id=subject.family_id,
+        )
+
+    # ------------------------------------------------------------ IncrementUsage
+
+    async def increment(
+        self, subject: SubjectIds, feature_code: str, amount: int, idempotency_key: str,
+        metadata: Mapping[str, str], timeout: float,
+    ) -> Increment:
+        """See the module docstring. Raises InvalidArgument, FailedPrecondition, Unavailable."""
+        deadline = time.monotonic() + timeout
+        self._metered(feature_code)
+        check_amount(amount)
+        validation.identifier(idempotency_key, "idempotency_key")
+        validation.metadata(dict(metadata))
+        policy = await self.policy(subject, feature_code, timeout)
+        if amount < 0 and not policy.allow_release:
+            raise InvalidArgument(f"feature {feature_code!r} does not allow releases (negative amounts)")
+        if policy.member_cap >= 0 and policy.member is None:
+            raise InvalidArgument(f"feature {feature_code!r} has a cap per member: subject.user_id is required")
+        request = Request(idempotency_key, policy, amount, int(self.clock() * 1000), dict(metadata))
+        for _ in range(2):  # a second round only if a retried key's first attempt was rolled back meanwhile
+            step = await self._step(request, deadline)
+            outcome = await self._publish(step, deadline)
+            if outcome is not None:
+                return self._answer(outcome, step.replayed)
+        raise Unavailable("the first attempt with this idempotency key was rolled back meanwhile; retry")
+
+    async def _step(self, request: Request, deadline: float) -> Step:
+        try:
+            async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+                step = await self.counters.increment(request, self.clock())
+        except NotReady as exc:
+            raise Unavailable("the usage counters are being rebuilt after a Redis loss; retry shortly") from exc
+        except Exception as exc:
+            if _redis_down(exc):
+                raise Unavailable(f"Redis cannot count atomically now ({type(exc).__name__}); retry later") from exc
+            raise
+        if step.replayed:
+            first = step.outcome.request
+            if (first.policy.feature_code, first.amount, first.policy.user_id, first.policy.family_id) != (
+                request.policy.feature_code, request.amount, request.policy.user_id, request.policy.family_id
+            ):
+                raise InvalidArgument("idempotency_key was already used for a different increment")
+        return step
+
+    async def _publish(self, step: Step, deadline: float) -> Outcome | None:
+        """Publish the step's event if it needs one. None: a replayed record vanished."""
+        outcome = step.outcome
+        if not model.needs_publish(outcome):
+            return outcome
+        try:
+            await self.bus.publish(model.usage_event(outcome), max(0.05, deadline - time.monotonic()))
+        except Unavailable:
+            USAGE_PUBLISH_FAILURES.inc()
+            if not step.replayed:
+                await self._rollback(step)
+            raise
+        if step.replayed and not await self.counters.confirm(step):
+            return None
+        return outcome
+
+    async def _rollback(self, step: Step) -> None:
+        try:
+            async with asyncio.timeout(2.0):
+                await self.counters.rollback(step)
+        except Exception:  # the counter stays high by this amount until the next rebuild
+            log.error("could not roll back a usage increment whose event was not published",
+                      extra={"idempotency_key": step.outcome.request.idempotency_key}, exc_info=True)
+
+    def _answer(self, outcome: Outcome, replayed: bool) -> Increment:
+        USAGE_INCREMENTS.labels("replayed" if replayed else model.outcome_label(outcome)).inc()
+        answer = model.answer(outcome)
+        p = outcome.request.policy
+        token = self.tokens.encode(TOKEN_QUERY, [p.pool_type, p.pool_id, p.feature_code, p.period.start, outcome.used])
+        return Increment(answer, token)
+
+    # ------------------------------------------------------------ CheckQuota
+
+    def _token(self, token: str) -> tuple[repository.PeriodKey, int] | None:
+        if not token:
+            return None
+        try:
+            c = self.tokens.decode(token, TOKEN_QUERY)
+        except InvalidArgument:
+            raise InvalidArgument("consistency_token is malformed or was altered") from None
+        if c is None or len(c) != 5:
+            raise InvalidArgument("consistency_token is malformed")
+        return (str(c[0]), str(c[1]), str(c[2]), int(c[3])), int(c[4])
+
+    async def check_quota(self, subject: SubjectIds, feature_code: str, token: str, timeout: float) -> list[Quota]:
+        """One feature, or every metered feature the subject is entitled to."""
+        deadline = time.monotonic() + timeout
+        seen = self._token(token)
+        if feature_code:
+            policies = [await self.policy(subject, self._metered(feature_code), timeout)]
+        else:
+            policies = []
+            for code in sorted(self.facts.metered):
+                try:
+                    policies.append(await self.policy(subject, code, max(0.05, deadline - time.monotonic())))
+                except FailedPrecondition:
+                    continue
+        period_keys = [(p.pool_type, p.pool_id, p.feature_code, p.period.start) for p in policies]
+        used, members = await self._read(policies, period_keys, deadline)
+        quotas = []
+        for p, key, u, m in zip(policies, period_keys, used, members, strict=True):
+            if seen is not None and seen[0] == key:
+                u = max(u, seen[1])
+            quotas.append(Quota(p.feature_code, u, p.limit, model.remaining(p.limit, u, p.member_cap, m),
+                                p.period, p.hard))
+        return quotas
+
+    async def _read(
+        self, policies: Sequence[Policy], period_keys: Sequence[repository.PeriodKey], deadline: float
+    ) -> tuple[list[int], list[int]]:
+        """Pool and member counters from Redis; from Postgres (members: 0) when Redis is
+        down or not rebuilt."""
+        if not policies:
+            return [], []
+        keys = [self.counters.keys.of(p) for p in policies]
+        flat = [k[0] for k in keys] + [k[1] or k[0] for k in keys]
+        values: list[int] | None = None
+        try:
+            async with asyncio.timeout(max(0.01, min(1.0, deadline - time.monotonic()))):
+                values = await self.counters.read(flat)
+        except Exception as exc:
+            if not _redis_down(exc):
+                raise
+        if values is not None:
+            USAGE_QUOTA_READS.labels("redis").inc()
+            n = len(policies)
+            members = [values[n + i] if keys[i][1] is not None else 0 for i in range(n)]
+            return values[:n], members
+        USAGE_QUOTA_READS.labels("postgres").inc()
+        used = await self.store.used(period_keys, max(0.05, deadline - time.monotonic()))
+        return used, [0] * len(policies)
+
+    # ------------------------------------------------------------ ListUsage
+
+    async def list_usage(
+        self, subject: SubjectIds, feature_code: str, page_size: int, token: str, timeout: float
+    ) -> UsagePage:
+        if feature_code:
+            decisions.require_known(feature_code, self.facts.known)
+        subjects = subject.keys()
+        fingerprint = query_fingerprint("usage", {"s": subjects, "f": feature_code})
+        after = self.tokens.decode(token, fingerprint)
+        if after is not None and len(after) != 4:
+            raise InvalidArgument("page_token is malformed")
+        rows = await self.store.list_usage(subjects, feature_code or None, after, page_size + 1, timeout)
+        more = len(rows) > page_size
+        rows = rows[:page_size]
+        next_token = ""
+        if more and rows:
+            last = rows[-1]
+            cursor = [int(last["period_start"]), last["feature_code"], last["subject_type"], last["subject_id"]]
+            next_token = self.tokens.encode(fingerprint, cursor)
+        return UsagePage(rows, next_token)
