@@ -1,12 +1,18 @@
 """Benchmark of CheckEntitlement and BulkCheckEntitlements (cache warm) against a trivial
 grpc.aio handler, under the same load generator running in a separate process.
 
-    .venv/bin/python bench/grpc_checks.py [--seconds 5]
+    .venv/bin/python bench/grpc_checks.py [--seconds 5] [--no-near-cache]
 
 Needs the machine's Postgres and Redis (DATABASE_URL / REDIS_URL). It migrates a
 `paymentsvc_bench` database (no broker: nothing is published), writes warm entitlement
 hashes for 50 subjects into Redis under a bench prefix, and prints QPS, p50 and p99 for
 64 in flight, the ratios to the trivial handler, and the latency at 4 in flight.
+
+The API server runs as in production: the full interceptor chain with the Redis rate
+limiter (a limit too high to bite) and, unless --no-near-cache, the near cache with its
+change-feed subscription (near_cache.py; entries re-read from Redis after 1 s). The
+server processes' pids are printed first, for py-spy. On a 2-core machine the client
+shares the CPUs with the server: run it on a quiet machine, and more than once.
 """
 
 from __future__ import annotations
@@ -54,12 +60,13 @@ async def _trivial(port: int) -> None:
     await server.wait_for_termination()
 
 
-async def _real(port: int, db_url: str, redis_url: str, prefix: str) -> None:
+async def _real(port: int, db_url: str, redis_url: str, prefix: str, no_near: bool) -> None:
     from redis.asyncio import Redis
 
     from services.api_grpc import cache, page_tokens
     from services.api_grpc.bootstrap import redis_breaker
     from services.api_grpc.decisions import Facts
+    from services.api_grpc.near_cache import NearCache
     from services.api_grpc.queries import Queries
     from services.api_grpc.server import RateLimitConfig, build_server
     from services.api_grpc.service import PaymentApi
@@ -74,8 +81,11 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str) -> None:
     pool = await open_pool(db_url)
     redis = Redis.from_url(redis_url)
     breaker = redis_breaker()
+    near = None if no_near else NearCache()
+    entitlements = cache.EntitlementCache(redis, breaker, prefix, near=near)
+    entitlements.start()
     api = PaymentApi(
-        Facts.of(load_catalog(DEFAULT_CATALOG_PATH)), Queries(pool), cache.EntitlementCache(redis, breaker, prefix),
+        Facts.of(load_catalog(DEFAULT_CATALOG_PATH)), Queries(pool), entitlements,
         NoBus(), None, page_tokens.PageTokens(page_tokens.derive_key("bench")),
     )
     keys = (ApiKey("bench", SecretStr(KEY), frozenset({"read"})),)
@@ -85,7 +95,7 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str) -> None:
     await server.grpc_server.wait_for_termination()
 
 
-def serve(kind: str, port: int, *args: str) -> None:
+def serve(kind: str, port: int, *args: Any) -> None:
     import logging
 
     logging.disable(logging.INFO)
@@ -156,6 +166,7 @@ async def warm_redis(redis_url: str, prefix: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--no-near-cache", action="store_true", help="every check reads Redis")
     args = parser.parse_args()
     from shared.devbroker import free_port
     from shared.migrate import migrate_up
@@ -169,10 +180,11 @@ def main() -> None:
     ports = {"trivial": free_port(), "api": free_port()}
     servers = [
         mp.Process(target=serve, args=("trivial", ports["trivial"])),
-        mp.Process(target=serve, args=("api", ports["api"], db_url, redis_url, prefix)),
+        mp.Process(target=serve, args=("api", ports["api"], db_url, redis_url, prefix, args.no_near_cache)),
     ]
     for s in servers:
         s.start()
+    print(f"server pids: trivial {servers[0].pid}, api {servers[1].pid}", flush=True)
     time.sleep(2.0)
     try:
         for label, bulk in (("CheckEntitlement", False), ("BulkCheckEntitlements x50", True)):

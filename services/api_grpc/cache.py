@@ -7,6 +7,10 @@ only when the key does not exist (one Lua script, atomic in Redis), so it never
 overwrites a fresher hash the worker wrote meanwhile; the worker always deletes and
 rewrites the whole hash, so a fill is in turn replaced by the next change.
 
+With a near cache (near_cache.py), whole hashes are served from process memory while
+the change feed is live and the entry is younger than its max age; otherwise the same
+reads as without it (whole hashes, so that what is read can be cached).
+
 Every call goes through the Redis circuit breaker and a timeout: a Redis that is down
 or slow makes `read` raise CacheUnavailable, and readers use Postgres.
 """
@@ -22,6 +26,7 @@ import redis.exceptions
 from redis.asyncio import Redis
 
 from services.api_grpc.breakers import Breaker, BreakerOpen
+from services.api_grpc.near_cache import ChangeFeed, NearCache
 from services.api_grpc.validation import SubjectKey
 from services.entitlements.projection import REDIS_TTL_S, WATERMARK_FIELD, redis_key
 
@@ -54,24 +59,44 @@ def parse(raw: Mapping[bytes, bytes] | None) -> Fields | None:
 
 
 class EntitlementCache:
-    def __init__(self, client: Redis, breaker: Breaker, prefix: str = "") -> None:
+    def __init__(self, client: Redis, breaker: Breaker, prefix: str = "", near: NearCache | None = None) -> None:
         self._client = client
         self._breaker = breaker
         self._prefix = prefix
         self._fill = client.register_script(_FILL_IF_ABSENT)
+        self.near = near
+        self.feed = ChangeFeed(client, near, prefix) if near is not None else None
+        self._keys: dict[SubjectKey, str] = {}
+
+    def start(self) -> None:
+        """Start the near cache's change feed (also done by the first read)."""
+        if self.feed is not None:
+            self.feed.start()
+
+    async def aclose(self) -> None:
+        if self.feed is not None:
+            await self.feed.aclose()
 
     @property
     def client(self) -> Redis:
         return self._client
 
     def key(self, subject: SubjectKey) -> str:
-        return redis_key(self._prefix, subject)
+        key = self._keys.get(subject)
+        if key is None:
+            key = redis_key(self._prefix, subject)
+            if len(self._keys) < 100_000:
+                self._keys[subject] = key
+        return key
 
     async def read_features(
         self, subjects: Sequence[SubjectKey], feature_code: str, timeout: float
     ) -> list[Fields | None]:
         """The answer of one feature (and the watermark) for each subject, in one
-        MULTI so a user and their family are read from the same moment."""
+        MULTI so a user and their family are read from the same moment. With a near
+        cache, whole hashes (a superset)."""
+        if self.near is not None:
+            return await self.read_all(subjects, timeout)
         fields = (feature_code, WATERMARK_FIELD)
 
         async def run() -> list[Any]:
@@ -88,12 +113,32 @@ class EntitlementCache:
         ]
 
     async def read_all(self, subjects: Sequence[SubjectKey], timeout: float) -> list[Fields | None]:
-        """Whole hashes of `subjects`, from one MULTI/EXEC: one consistent snapshot."""
+        """Whole hashes of `subjects`, from one MULTI/EXEC: one consistent snapshot
+        (or all from the near cache; a single miss reads them all again from Redis)."""
+        near = self.near
+        keys = [self.key(s) for s in subjects]
+        if near is not None:
+            if self.feed is not None and not near.usable():
+                self.feed.start()
+            cached = [near.get(k) for k in keys]
+            if None not in cached:
+                return cached
+            token = near.begin(keys)
+            hashes = None
+            try:
+                hashes = await self._read_all(keys, timeout)
+            finally:
+                near.finish(keys, token, hashes)
+            return hashes
+        return await self._read_all(keys, timeout)
 
+    async def _read_all(self, keys: Sequence[str], timeout: float) -> list[Fields | None]:
         async def run() -> list[Any]:
+            if len(keys) == 1:
+                return [await self._client.hgetall(keys[0])]  # type: ignore[misc]
             async with self._client.pipeline(transaction=True) as pipe:
-                for subject in subjects:
-                    pipe.hgetall(self.key(subject))
+                for key in keys:
+                    pipe.hgetall(key)
                 return list(await pipe.execute())
 
         return [parse(raw) for raw in await self._guarded(run, timeout)]

@@ -31,6 +31,17 @@ from shared.catalog import Plan, Price
 from shared.metrics import API_CACHE_LOOKUPS, API_ENTITLEMENT_CHECKS
 
 EMPTY_WATERMARK = orjson.dumps({"created": 0, "event_id": ""})
+_CACHE_HIT = API_CACHE_LOOKUPS.labels("hit")
+_CACHE_MISS = API_CACHE_LOOKUPS.labels("miss")
+_CACHE_UNAVAILABLE = API_CACHE_LOOKUPS.labels("unavailable")
+_CHECKS: dict[str, Any] = {}
+
+
+def _count_check(reason: str, n: int = 1) -> None:
+    child = _CHECKS.get(reason)
+    if child is None:
+        child = _CHECKS[reason] = API_ENTITLEMENT_CHECKS.labels(reason)
+    child.inc(n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +110,7 @@ class PaymentApi:
             fresh = await self.freshness.get(timeout) or subject_freshness(hashes, self.clock())
         answers = [h.get(feature_code) if h else None for h in hashes]
         decision = decisions.decide(answers, feature_code, self.facts, self.clock())
-        API_ENTITLEMENT_CHECKS.labels(decision.reason).inc()
+        _count_check(decision.reason)
         return decision, fresh
 
     async def bulk_check(
@@ -121,11 +132,18 @@ class PaymentApi:
         results = []
         for s in subjects:
             subject_hashes = [by_key[k] for k in s.keys()]
+            decided: dict[str, Decision] = {}  # a code asked twice is decided once
             for code in feature_codes:
-                answers = [h.get(code) if h else None for h in subject_hashes]
-                results.append(decisions.decide(answers, code, self.facts, now))
+                decision = decided.get(code)
+                if decision is None:
+                    answers = [h.get(code) if h else None for h in subject_hashes]
+                    decision = decided[code] = decisions.decide(answers, code, self.facts, now)
+                results.append(decision)
+        reasons: dict[str, int] = {}
         for d in results:
-            API_ENTITLEMENT_CHECKS.labels(d.reason).inc()
+            reasons[d.reason] = reasons.get(d.reason, 0) + 1
+        for reason, n in reasons.items():
+            _count_check(reason, n)
         return results, fresh
 
     async def _cached(
@@ -140,12 +158,12 @@ class PaymentApi:
             else:
                 hashes = await self.cache.read_features(keys, feature_code, timeout)
         except CacheUnavailable:
-            API_CACHE_LOOKUPS.labels("unavailable").inc()
+            _CACHE_UNAVAILABLE.inc()
             return None
-        if any(h is None for h in hashes):
-            API_CACHE_LOOKUPS.labels("miss").inc()
+        if None in hashes:
+            _CACHE_MISS.inc()
             return None
-        API_CACHE_LOOKUPS.labels("hit").inc()
+        _CACHE_HIT.inc()
         return hashes
 
     async def _from_postgres(

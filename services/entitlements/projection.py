@@ -18,6 +18,11 @@ Redis layout (skipped entirely in replay mode):
   `grace_until` has passed treat the status as `after_grace` ("active"/"suspended");
 * field `_watermark`: `{"created", "event_id"}` of the newest event behind the hash.
 
+Change feed: in the same MULTI/EXEC, after the hashes, the batch's keys (newline-
+separated) are PUBLISHed on `{prefix}ent:changes`, so that near caches in the API
+replicas (services/api_grpc/near_cache.py) evict them; a delete after a failed write
+is published too (best effort).
+
 A subject without any row has no key: readers fall back to Postgres, then to the
 catalog's default plan. If writing Redis fails, its keys are deleted (best effort) so
 that readers do not trust stale answers, the failure is counted and logged, and
@@ -53,6 +58,7 @@ REDIS_TTL_S = 24 * 3600
 # after_commit must not hold the worker's loop on a hung Redis.
 REDIS_TIMEOUT_S = 2.0
 WATERMARK_FIELD = "_watermark"
+CHANGES_CHANNEL = "ent:changes"
 
 PaymentEnvelope = Envelope[events_pb2.PaymentEvent]
 
@@ -151,31 +157,36 @@ class EntitlementsProjection:
             return
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
-                await self._write(self._redis, result.answers)
+                await self._write(self._redis, result.answers, changes_channel(self._prefix))
         except Exception as exc:  # a cache: Postgres already holds the truth
             REDIS_PROJECTION_FAILURES.inc()
             log.warning(
                 "could not write entitlements to Redis; readers fall back to Postgres",
                 extra={"subjects": len(result.answers), "error": f"{type(exc).__name__}: {exc}"},
             )
-            await self._forget(self._redis, list(result.answers))
+            await self._forget(self._redis, list(result.answers), changes_channel(self._prefix))
 
     @staticmethod
-    async def _write(redis: Redis, answers: dict[str, dict[str, bytes]]) -> None:
-        # MULTI/EXEC: a reader sees a subject's old hash or its new one, never half of it.
+    async def _write(redis: Redis, answers: dict[str, dict[str, bytes]], channel: str) -> None:
+        # MULTI/EXEC: a reader sees a subject's old hash or its new one, never half of it;
+        # the change feed's message goes out once the new hashes are in place.
         async with redis.pipeline(transaction=True) as pipe:
             for key, fields in answers.items():
                 pipe.delete(key)
                 if fields:
                     pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
                     pipe.expire(key, REDIS_TTL_S)
+            pipe.publish(channel, "\n".join(answers))
             await pipe.execute()
 
     @staticmethod
-    async def _forget(redis: Redis, keys: list[str]) -> None:
+    async def _forget(redis: Redis, keys: list[str], channel: str) -> None:
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
-                await redis.delete(*keys)
+                async with redis.pipeline(transaction=True) as pipe:
+                    pipe.delete(*keys)
+                    pipe.publish(channel, "\n".join(keys))
+                    await pipe.execute()
         except Exception:  # best effort: the TTL bounds how long a stale answer lives
             log.debug("could not delete stale entitlement keys", exc_info=True)
 
@@ -197,6 +208,11 @@ def _report(result: EntitlementsBatch) -> None:
 
 
 # ---------------------------------------------------------------- Redis answers
+
+
+def changes_channel(prefix: str) -> str:
+    """The pub/sub channel of the change feed (see the module docstring)."""
+    return f"{prefix}{CHANGES_CHANNEL}"
 
 
 def redis_key(prefix: str, subject: SubjectKey) -> str:

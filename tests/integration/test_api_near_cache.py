@@ -1,0 +1,150 @@
+"""The near cache on a running API server, kept current by the real entitlements
+worker's change feed: a change shows up long before the max age, and while the feed's
+subscription is broken every check reads Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+import psycopg
+import pytest
+from pydantic import SecretStr
+from redis.asyncio import Redis
+
+from payment.v1 import service_pb2, service_pb2_grpc
+from services.api_grpc import cache, near_cache, page_tokens
+from services.api_grpc.breakers import Breaker
+from services.api_grpc.decisions import Facts
+from services.api_grpc.near_cache import NearCache
+from services.api_grpc.queries import Queries
+from services.api_grpc.server import build_server
+from services.api_grpc.service import PaymentApi
+from shared.catalog import apply_catalog
+from shared.config import ApiKey, Topics
+from shared.db import make_pool
+from shared.devbroker import ensure_topics
+from shared.kafka import make_producer
+from tests.conftest import REDIS_URL, fresh_database
+from tests.integration.test_entitlements_projection import Ids, event, sub_event
+from tests.integration.test_entitlements_worker import (
+    CATALOG,
+    entitlements_worker,
+    publish,
+    until_processed,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+DAY = 86_400
+KEY = "k-read-" + secrets.token_hex(4)
+MAX_AGE_S = 30.0  # far beyond what the test waits: only the feed can explain a fresh answer
+
+
+class NoBus:
+    async def publish(self, *args: object) -> None:
+        raise RuntimeError("nothing is published here")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float) -> float:
+    started = time.monotonic()
+    while not await check():
+        assert time.monotonic() - started < within, f"not within {within} s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+@contextlib.asynccontextmanager
+async def served(database_url: str, prefix: str) -> AsyncIterator[tuple[service_pb2_grpc.PaymentServiceStub, cache.EntitlementCache]]:
+    pool = make_pool(database_url, max_size=2)
+    await pool.open(wait=True, timeout=10)
+    redis = Redis.from_url(REDIS_URL, socket_timeout=1.0, socket_connect_timeout=0.5)
+    breaker = Breaker("redis", cache.is_transient, threshold=3, reset_after_s=0.5)
+    entitlements = cache.EntitlementCache(redis, breaker, prefix, near=NearCache(max_age_s=MAX_AGE_S))
+    entitlements.start()
+    api = PaymentApi(Facts.of(CATALOG), Queries(pool, 1.0), entitlements, NoBus(), None,  # type: ignore[arg-type]
+                     page_tokens.PageTokens(page_tokens.derive_key("test")))
+    server = build_server(api, (ApiKey("reader", SecretStr(KEY), frozenset({"read"})),), port=0, rate_limit=None)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield service_pb2_grpc.PaymentServiceStub(channel), entitlements
+    finally:
+        await channel.close()
+        await server.stop(0.5)
+        await entitlements.aclose()
+        await redis.aclose()
+        await pool.close()
+
+
+async def test_the_feed_keeps_the_near_cache_current_and_a_broken_feed_bypasses_it(
+    broker: str, template_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = Topics(prefix=f"t{secrets.token_hex(4)}.")
+    await ensure_topics(broker, topics.all(), partitions=1)
+    prefix = f"test:{secrets.token_hex(6)}:"
+    ids, now = Ids(), int(time.time())
+    pro = {"price_id": "price_pro_monthly", "period_start": now - 60, "period_end": now + 30 * DAY}
+    redis = Redis.from_url(REDIS_URL)
+    producer = make_producer(broker)
+    await producer.start()
+    with fresh_database(template_database) as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            apply_catalog(conn, CATALOG)
+        async with entitlements_worker(broker, topics.payment_events, url, redis, prefix), served(url, prefix) as (stub, ents):
+            near = ents.near
+            assert near is not None
+            key = ents.key(("family", ids.family))
+            request = service_pb2.CheckEntitlementRequest(
+                subject=service_pb2.Subject(family_id=ids.family), feature_code="priority_support"
+            )
+
+            async def allowed() -> bool:
+                answer = await stub.CheckEntitlement(request, metadata=(("authorization", f"Bearer {KEY}"),))
+                return answer.allowed
+
+            await eventually(lambda: asyncio.sleep(0, near.usable()), within=5)
+            await publish(producer, topics.payment_events, [
+                sub_event(ids, "created", now - 60, status="active", **pro),
+                event(ids, "checkout.session.completed", now - 30, user_id=ids.user, family_id=ids.family,
+                      subscription_id=ids.sub),
+            ])
+            await until_processed(url, 2)
+            await eventually(allowed, within=5)
+            assert near.get(key) is not None  # served from the near cache from now on
+
+            # A cancellation through the worker: the feed evicts the entry, far before the max age.
+            await publish(producer, topics.payment_events, [
+                sub_event(ids, "deleted", now, status="canceled", **pro),
+            ])
+            await until_processed(url, 3)
+            took = await eventually(lambda: _not(allowed()), within=3)
+            assert took < MAX_AGE_S
+
+            # Break the subscription (Redis drops the connection) and keep it down a while.
+            monkeypatch.setattr(near_cache, "RECONNECT_MIN_S", 1.5)
+            assert await allowed() is False and near.get(key) is not None
+            host, port = ents.feed.pubsub.connection._writer.get_extra_info("sockname")[:2]  # type: ignore[union-attr]
+            await redis.execute_command("CLIENT", "KILL", "ADDR", f"{host}:{port}")
+            await eventually(lambda: asyncio.sleep(0, not near.usable()), within=2)
+            # While it is down, a change nobody announces is seen at once: the near cache is bypassed.
+            granted = await redis.hget(key, "priority_support")
+            assert granted is not None
+            await redis.hset(key, "priority_support", granted.replace(b'"allowed":false', b'"allowed":true'))
+            assert await allowed() is True
+            assert len(near) == 0
+            # The feed comes back by itself and the near cache is used again.
+            await eventually(lambda: asyncio.sleep(0, near.usable()), within=5)
+            assert await allowed() is True and near.get(key) is not None
+    await producer.stop()
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
+
+
+async def _not(value: Awaitable[bool]) -> bool:
+    return not await value
