@@ -29,7 +29,6 @@ from shared.config import SERVICE_PORTS, Settings
 from shared.devbroker import broker_for, die_with_parent
 from shared.devstripe import DEV_SECRET_KEY, LocalStripe
 from shared.errors import DependencyUnavailable
-from shared.runner import built_services
 
 # Stated in the README. Only `paymentsvc dev` uses them, and only when unset.
 DEV_WEBHOOK_SECRET = "whsec_paymentsvc_dev"
@@ -120,7 +119,7 @@ async def _run_services(
     settings: Settings, env: dict[str, str], stripe: LocalStripe | None, log_dir: Path
 ) -> None:
     children: dict[str, subprocess.Popen[bytes]] = {}
-    names = built_services()
+    names = list(SERVICE_PORTS)
     try:
         for name in names:
             log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
@@ -154,9 +153,6 @@ async def _run_services(
                 )
         console.print(table)
         _write_stack_file(log_dir / "stack.json", settings, names, env, stripe)
-        skipped = sorted(set(SERVICE_PORTS) - set(names))
-        if skipped:
-            console.print(f"not built yet, so not started: {', '.join(skipped)}")
         console.print("Ctrl-C stops everything.")
         await _wait_for_signal_or_exit(children)
     finally:

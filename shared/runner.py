@@ -1,7 +1,7 @@
 """Running one service as production would: `paymentsvc serve NAME`.
 
 Each service package has a `bootstrap` module, its composition root, with
-`BUILT` and `async def serve(settings, stop)`. `serve` runs until `stop` is
+`async def serve(settings, stop)`. `serve` runs until `stop` is
 set (SIGTERM or SIGINT), then shuts down in order and returns.
 """
 
@@ -17,21 +17,10 @@ from shared.config import SERVICE_NAMES, Settings
 from shared.errors import ConfigurationError
 
 
-class ServiceNotBuilt(RuntimeError):
-    """The service exists in the layout but is not implemented yet."""
-
-    def __init__(self, name: str, issue: int) -> None:
-        super().__init__(f"the {name} service is not built yet (issue {issue}); nothing was started")
-
-
 def load(name: str) -> ModuleType:
     if name not in SERVICE_NAMES:
         raise ConfigurationError(f"unknown service {name!r}; known: {', '.join(SERVICE_NAMES)}")
     return importlib.import_module(f"services.{name}.bootstrap")
-
-
-def built_services() -> list[str]:
-    return [name for name in SERVICE_NAMES if getattr(load(name), "BUILT", False)]
 
 
 async def run_until_signalled(name: str, settings: Settings) -> None:

@@ -1,1 +1,1 @@
-"""The entitlements service. Not built yet: see issue 4."""
+"""The entitlements service: payment-events -> customers, subscriptions, entitlements, payments; Redis."""

@@ -13,8 +13,6 @@ from shared.health import redis_probe
 from shared.replay import ProjectionSpec
 from shared.workerapp import serve_projection
 
-BUILT = True
-
 # Every table this projection writes; replay rebuilds and verifies exactly these.
 TABLES = (
     "customers",

@@ -16,7 +16,6 @@ from shared.errors import ConfigurationError
 from shared.health import add_health_routes, start_site
 from shared.kafka import kafka_probe, make_producer
 
-BUILT = True
 log = logging.getLogger("ingest_webhooks")
 
 

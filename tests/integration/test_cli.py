@@ -76,8 +76,8 @@ def test_serving_without_a_broker_configured_points_at_dev() -> None:
     assert_one_line_error(result, "KAFKA_BOOTSTRAP_SERVERS", "paymentsvc dev")
 
 
-def test_a_service_that_is_not_built_says_so_instead_of_pretending(broker: str) -> None:
-    assert_one_line_error(paymentsvc("serve", "usage", KAFKA_BOOTSTRAP_SERVERS=broker), "not built yet", "issue 6")
+def test_an_unknown_service_is_named_with_the_known_ones(broker: str) -> None:
+    assert_one_line_error(paymentsvc("serve", "billing", KAFKA_BOOTSTRAP_SERVERS=broker), "billing", "entitlements")
 
 
 def test_an_invalid_setting_is_named() -> None:
