@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from shared.metrics import WORKER_BATCH_SECONDS, WORKER_EVENTS
@@ -85,6 +86,7 @@ class BatchProcessor(Generic[M]):
         self._dead_letters = dead_letters
         self._replay = replay
         self._clock = clock
+        self._statistics = TableStatistics(pool)
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
         """Apply one batch. See the module docstring for what is committed when."""
@@ -96,6 +98,7 @@ class BatchProcessor(Generic[M]):
         if result.dead_letters:
             await self._dead_letters.send(result.dead_letters, self.consumer)
         await self.projection.after_commit(outcome, ctx)
+        await self._statistics.maybe_analyze()
         WORKER_EVENTS.labels(self.consumer, "applied").inc(result.applied)
         WORKER_EVENTS.labels(self.consumer, "duplicate").inc(result.duplicates)
         WORKER_EVENTS.labels(self.consumer, "dead_lettered").inc(len(result.dead_letters))
@@ -178,6 +181,40 @@ class BatchProcessor(Generic[M]):
             },
             prepare=True,
         )
+
+
+class TableStatistics:
+    """Keeps planner statistics of the projection's tables fresh where autovacuum does not.
+
+    The projection's batch queries look rows up by lists of ids. A table that was
+    never analyzed has no statistics, and the planner then reads it whole on every
+    batch, so a worker slows down as its tables grow (measured by bench/project.py
+    on a server with autovacuum off: 2,500 -> 700 events/s over 200k events). Where
+    the server's autovacuum is on, this does nothing.
+    """
+
+    def __init__(self, pool: AsyncConnectionPool, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._pool = pool
+        self._every_s = every_s
+        self._clock = clock
+        self._next = 0.0
+        self._needed: bool | None = None
+
+    async def maybe_analyze(self) -> list[str]:
+        """ANALYZE the tables that changed enough, at most every `every_s`. Returns them."""
+        if self._needed is False or self._clock() < self._next:
+            return []
+        self._next = self._clock() + self._every_s
+        async with self._pool.connection() as conn:
+            if self._needed is None:
+                row = await (await conn.execute(QUERIES["autovacuum_enabled"])).fetchone()
+                self._needed = not (row and row[0])
+                if not self._needed:
+                    return []
+            stale = [r[0] for r in await (await conn.execute(QUERIES["stale_tables"])).fetchall()]
+            for table in stale:
+                await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
+        return stale
 
 
 def _next_offsets(messages: Sequence[RawMessage]) -> dict[TopicPartitionKey, int]:

@@ -41,3 +41,15 @@ SELECT pg_advisory_xact_lock_shared(hashtext('paymentsvc.consumer.' || %(consume
 
 -- name: lock_consumer_exclusive
 SELECT pg_advisory_xact_lock(hashtext('paymentsvc.consumer.' || %(consumer)s));
+
+-- name: autovacuum_enabled
+SELECT current_setting('autovacuum')::boolean;
+
+-- name: stale_tables
+-- Tables of the current schema that changed by more than autovacuum's own
+-- analyze threshold (50 rows + 10 %) since their statistics were taken.
+SELECT s.relname
+FROM pg_stat_user_tables s
+JOIN pg_class c ON c.oid = s.relid
+WHERE s.schemaname = current_schema()
+  AND s.n_mod_since_analyze > 50 + 0.1 * greatest(c.reltuples, 0);

@@ -1,0 +1,535 @@
+"""Entitlements worker throughput and replay, against a bare read-and-decode consumer.
+
+Preloads a fresh Tansu topic with realistic payment events: every customer goes
+through the same 10-event lifecycle (checkout, subscription created, first
+invoice paid, renewal past_due with a failed invoice, recovered, paid by charge
+and payment intent, canceled), built as the ingester builds them (`sample_event`
+-> `normalize` -> protobuf, keyed by customer id, with the ingester's headers)
+and ordered by event time across customers, as Stripe would send them. Then,
+in one run and on the same topic:
+
+* baseline: a consumer without a group that only reads every message and
+  decodes it as a PaymentEvent;
+* worker: the real live path (`run_live` driving `BatchProcessor` over
+  `EntitlementsProjection` with Postgres and Redis, dead letters to Kafka),
+  from its first batch to the database commit of the last message; the ~5 s
+  group join on Tansu comes before the first batch and is not counted;
+* replay: `shared.replay.rebuild` of the same topic into a new schema.
+
+It prints events/s of each, the ratio of the worker to the baseline, the time
+a replay of 1M events would take at that rate, the preload rate, and the rates
+over the first and the last fifth of the events (a per-batch cost that grows
+with the tables shows there; the mix differs too: checkouts and first invoices
+come first, renewals and cancellations last). It checks that the live tables
+are complete and equal to the rebuilt ones. The worker and the replay each stop
+after --time-limit seconds; a phase cut short reports its rate so far, marked
+"partial". Everything runs in a fresh database (dropped at the end), a Tansu
+started for the run and under a unique Redis key prefix (deleted at the end),
+also on an error or SIGTERM.
+
+The Postgres server is the machine's; its settings count (the host line shows
+whether autovacuum, and so automatic ANALYZE, is on).
+
+    .venv/bin/python bench/project.py [--customers 20000] [--partitions 3]
+                                      [--time-limit 150] [--skip-replay]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from psycopg import sql
+from redis.asyncio import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+
+from payment.v1 import events_pb2  # noqa: E402
+from services.entitlements.bootstrap import TABLES  # noqa: E402
+from services.entitlements.projection import EntitlementsProjection  # noqa: E402
+from services.ingest_webhooks.handlers import PROTOBUF_CONTENT_TYPE, SCHEMA_VERSION  # noqa: E402
+from services.ingest_webhooks.normalize import normalize  # noqa: E402
+from services.ingest_webhooks.samples import new_id, sample_event  # noqa: E402
+from shared import db  # noqa: E402
+from shared.catalog import Catalog, apply_catalog, load_catalog  # noqa: E402
+from shared.config import DEFAULT_CATALOG_PATH, Topics  # noqa: E402
+from shared.consumer import KafkaDeadLetters, log_end_offsets, run_live  # noqa: E402
+from shared.devbroker import DevBroker, ensure_topics  # noqa: E402
+from shared.kafka import make_producer  # noqa: E402
+from shared.migrate import migrate_up  # noqa: E402
+from shared.projection import ApplyContext, Envelope  # noqa: E402
+from shared.replay import ProjectionSpec, prepare_schema, rebuild, verify  # noqa: E402
+from shared.worker import BatchProcessor, BatchResult, LoopPolicy, RawMessage  # noqa: E402
+
+ADMIN_URL = os.environ.get("BENCH_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+DAY = 86_400
+MONTH = 30 * DAY
+EVENTS_PER_CUSTOMER = 10
+PRICE_ID = "price_basic_monthly"
+SEND_CHUNK = 5_000
+WORKER_GOAL = 3_000.0  # events/s per worker process
+REPLAY_GOAL_S = 300.0  # for 1M events
+
+Message = tuple[bytes, bytes, list[tuple[str, bytes]]]  # key, value, headers
+Marks = list[tuple[float, int]]  # (perf_counter, events done), from (start, 0)
+
+
+# ---------------------------------------------------------------- events
+
+
+def lifecycle(start: int) -> list[tuple[int, dict[str, Any]]]:
+    """(created, Stripe event) of one customer, from checkout to cancellation."""
+    customer, user, sub = new_id("cus_"), new_id("user_"), new_id("sub_")
+    ids = {"customer_id": customer, "user_id": user, "subscription_id": sub}
+    first = (start, start + MONTH)
+    renewal = (start + MONTH, start + 2 * MONTH)
+    invoice, intent, charge = new_id("in_"), new_id("pi_"), new_id("ch_")
+    recovered = renewal[0] + 2 * DAY
+    plan = {"price_id": PRICE_ID}
+
+    def period(p: tuple[int, int]) -> dict[str, int]:
+        return {"period_start": p[0], "period_end": p[1]}
+
+    steps: list[tuple[str, int, dict[str, Any]]] = [
+        ("checkout.session.completed", start, {"mode": "subscription", "client_reference_id": user}),
+        ("customer.subscription.created", start + 1, {"status": "active", **plan, **period(first)}),
+        ("invoice.paid", start + 2, {"billing_reason": "subscription_create", **plan, **period(first)}),
+        ("customer.subscription.updated", renewal[0] + 60, {"status": "past_due", **plan, **period(renewal)}),
+        ("invoice.payment_failed", renewal[0] + 61, {"invoice_id": invoice, **plan, **period(renewal)}),
+        ("customer.subscription.updated", recovered, {"status": "active", **plan, **period(renewal)}),
+        ("invoice.paid", recovered + 1, {"invoice_id": invoice, "attempt_count": 2, "payment_intent_id": intent,
+                                         "charge_id": charge, **plan, **period(renewal)}),
+        ("charge.succeeded", recovered + 2, {"invoice_id": invoice, "payment_intent_id": intent, "charge_id": charge}),
+        ("payment_intent.succeeded", recovered + 3, {"invoice_id": invoice, "payment_intent_id": intent,
+                                                     "charge_id": charge}),
+        ("customer.subscription.deleted", renewal[1], {**plan, **period(renewal)}),
+    ]
+    assert len(steps) == EVENTS_PER_CUSTOMER
+    return [(created, sample_event(kind, created=created, **ids, **extra)) for kind, created, extra in steps]
+
+
+def make_messages(customers: int) -> list[Message]:
+    """Every customer's lifecycle, starts spread over 30 days, ordered by event time."""
+    base = int(time.time()) - 120 * DAY  # the whole history lies in the past
+    spacing = max(1, MONTH // customers)
+    timeline: list[tuple[int, int, int, dict[str, Any]]] = []
+    for c in range(customers):
+        for step, (created, event) in enumerate(lifecycle(base + c * spacing)):
+            timeline.append((created, c, step, event))
+    timeline.sort(key=lambda t: t[:3])
+    messages = []
+    for _, _, _, event in timeline:
+        normalized = normalize(event)
+        assert normalized is not None
+        headers = [
+            ("event-id", normalized.event_id.encode()),
+            ("event-type", normalized.event_type.encode()),
+            ("schema-version", SCHEMA_VERSION),
+            ("content-type", PROTOBUF_CONTENT_TYPE),
+        ]
+        messages.append((normalized.customer_id.encode(), normalized.SerializeToString(), headers))
+    return messages
+
+
+async def preload(bootstrap: str, topic: str, messages: Sequence[Message]) -> float:
+    """Produce every message (acks=all, many sends in flight); seconds until the last ack."""
+    producer = make_producer(bootstrap, request_timeout_ms=60_000)
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        for i in range(0, len(messages), SEND_CHUNK):
+            acks = [
+                await producer.send(topic, value, key=key, headers=headers)
+                for key, value, headers in messages[i : i + SEND_CHUNK]
+            ]
+            await asyncio.gather(*acks)
+        return time.perf_counter() - started
+    finally:
+        await producer.stop()
+
+
+# ---------------------------------------------------------------- the three readers
+
+
+async def baseline(bootstrap: str, topic: str, partitions: int, expected: int, timeout_s: float) -> tuple[float, int]:
+    """(seconds from the first batch to the last decoded message, messages read)."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=500
+    )
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        read, started = 0, None
+        deadline = time.monotonic() + timeout_s
+        while read < expected and time.monotonic() < deadline:
+            records = await consumer.getmany(timeout_ms=200, max_records=500)
+            if records and started is None:
+                started = time.perf_counter()
+            for batch in records.values():
+                for record in batch:
+                    events_pb2.PaymentEvent.FromString(record.value)
+                    read += 1
+        return time.perf_counter() - (started or time.perf_counter()), read
+    finally:
+        await consumer.stop()
+
+
+class Timed:
+    """Wraps a processor's `process`: when the first batch came, how many are done."""
+
+    def __init__(self, processor: BatchProcessor[Any], ends: dict[int, int]) -> None:
+        self._process = processor.process
+        self._ends = ends
+        self.reached = {p: 0 for p in ends}
+        self.first: float | None = None
+        self.last: float | None = None
+        self.applied = self.duplicates = self.dead_letters = self.batches = 0
+        self.marks: Marks = []
+        self.done = asyncio.Event()
+        processor.process = self.process  # type: ignore[method-assign]
+
+    async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
+        if self.first is None:
+            self.first = time.perf_counter()
+            self.marks.append((self.first, 0))
+        result = await self._process(messages)  # returns once the transaction committed
+        self.batches += 1
+        self.applied += result.applied
+        self.duplicates += result.duplicates
+        self.dead_letters += len(result.dead_letters)
+        for m in messages:
+            self.reached[m.partition] = max(self.reached[m.partition], m.offset + 1)
+        self.last = time.perf_counter()
+        self.marks.append((self.last, self.messages))
+        if all(self.reached[p] >= end for p, end in self._ends.items()):
+            self.done.set()
+        return result
+
+    @property
+    def seconds(self) -> float:
+        return (self.last or 0.0) - (self.first or 0.0)
+
+    @property
+    def messages(self) -> int:
+        return sum(self.reached.values())
+
+
+class Clocked:
+    """A projection that records when each batch's events were committed (for replay)."""
+
+    def __init__(self, inner: EntitlementsProjection) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.decode = inner.decode
+        self._pending = 0
+        self.marks: Marks = []
+
+    async def apply(self, conn: Any, events: list[Envelope[Any]], ctx: ApplyContext) -> Any:
+        if not self.marks:
+            self.marks.append((time.perf_counter(), 0))
+        self._pending = len(events)
+        return await self._inner.apply(conn, events, ctx)
+
+    async def after_commit(self, result: Any, ctx: ApplyContext) -> None:
+        await self._inner.after_commit(result, ctx)
+        done = self.marks[-1][1] if self.marks else 0
+        self.marks.append((time.perf_counter(), done + self._pending))
+        self._pending = 0
+
+
+def fifths(marks: Marks) -> tuple[float, float]:
+    """events/s over the first and over the last fifth of the events done."""
+    if len(marks) < 3:
+        return 0.0, 0.0
+    total = marks[-1][1]
+    head = next(m for m in marks if m[1] >= total * 0.2)
+    tail = [m for m in marks if m[1] <= total * 0.8][-1]
+
+    def rate(a: tuple[float, int], b: tuple[float, int]) -> float:
+        return (b[1] - a[1]) / (b[0] - a[0]) if b[0] > a[0] else 0.0
+
+    return rate(marks[0], head), rate(tail, marks[-1])
+
+
+async def worker(
+    bootstrap: str, database_url: str, topic: str, catalog: Catalog, ends: dict[int, int],
+    redis: Redis, redis_prefix: str, limit_s: float,
+) -> Timed:
+    """Run the live loop until every message is committed, or `limit_s` after its first batch."""
+    pool = db.make_pool(database_url, max_size=4, name="bench-entitlements")  # as serve_projection
+    await pool.open(wait=True)
+    producer = make_producer(bootstrap)
+    await producer.start()
+    stop = asyncio.Event()
+    try:
+        projection = EntitlementsProjection(catalog, redis, redis_prefix)
+        processor = BatchProcessor(projection, pool, KafkaDeadLetters(producer))
+        timed = Timed(processor, ends)
+        group = f"bench-{secrets.token_hex(4)}"
+        task = asyncio.create_task(run_live(processor, pool, bootstrap, topic, group, stop, LoopPolicy(max_batch=500)))
+        waiter = asyncio.create_task(timed.done.wait())
+        joined_by = time.perf_counter() + 60  # the group join comes before the first batch
+        while not (task.done() or waiter.done()):
+            now = time.perf_counter()
+            if now >= (timed.first + limit_s if timed.first is not None else joined_by):
+                break  # cut short: report the rate so far
+            await asyncio.wait([task, waiter], timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stop.set()
+        await task  # raises whatever ended the loop early
+        return timed
+    finally:
+        stop.set()
+        await producer.stop()
+        await pool.close()
+
+
+async def replay(
+    database_url: str, bootstrap: str, topic: str, catalog: Catalog, schema: str, n: int, limit_s: float
+) -> dict[str, Any]:
+    """`rebuild` into a new schema, as `paymentsvc replay` runs it; cut short after `limit_s`."""
+    clocked: list[Clocked] = []
+
+    def make() -> Any:
+        clocked.append(Clocked(EntitlementsProjection(catalog, None)))
+        return clocked[-1]
+
+    spec = ProjectionSpec(name="entitlements", topic=topic, tables=TABLES, make=make)
+    await asyncio.to_thread(prepare_schema, database_url, schema)  # migrations: not timed
+    started = time.perf_counter()
+    try:
+        figures = await asyncio.wait_for(rebuild(database_url, bootstrap, spec, schema, show_progress=False, prepare=False), limit_s)
+        done, seconds, eps = int(figures["offsets"]), figures["seconds"], figures["events_per_s"]
+    except TimeoutError:
+        done = clocked[-1].marks[-1][1] if clocked and clocked[-1].marks else 0
+        seconds = time.perf_counter() - started
+        eps = done / seconds
+    marks = clocked[-1].marks if clocked else []
+    print(f"replay applied {done:,} in {seconds:.1f} s", flush=True)
+    return {"replay": eps, "replay_done": done, "replay_complete": done >= n, "replay_fifths": fifths(marks),
+            "replay_schema": schema, "spec": spec}
+
+
+async def delete_keys(redis: Redis, prefix: str) -> int:
+    deleted, batch = 0, []
+    async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += await redis.delete(*batch)
+            batch = []
+    if batch:
+        deleted += await redis.delete(*batch)
+    return deleted
+
+
+# ---------------------------------------------------------------- the run
+
+
+async def run(args: argparse.Namespace, database_url: str, catalog: Catalog, messages: list[Message], tag: str) -> dict[str, Any]:
+    # SIGTERM (like Ctrl-C) cancels the run, so that every `finally` below cleans up.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+    figures: dict[str, Any] = {}
+    n = len(messages)
+    topic = Topics().payment_events
+    redis_prefix = f"bench:{tag}:"
+    redis = Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=2)
+    try:
+        async with DevBroker() as broker:
+            bootstrap = broker.bootstrap_servers
+            await ensure_topics(bootstrap, Topics().all(), partitions=args.partitions)
+
+            seconds = await preload(bootstrap, topic, messages)
+            figures["preload"] = n / seconds
+            ends = await log_end_offsets(bootstrap, [TopicPartition(topic, p) for p in range(args.partitions)])
+            figures["on_topic"] = sum(ends.values())
+            print(f"preloaded {n:,} events in {seconds:.1f} s; end offsets {ends}", flush=True)
+
+            seconds, read = await baseline(bootstrap, topic, args.partitions, n, timeout_s=120 + n / 1000)
+            figures["baseline"] = read / seconds if seconds else 0.0
+            figures["baseline_read"] = read
+            print(f"baseline read and decoded {read:,} in {seconds:.1f} s", flush=True)
+
+            timed = await worker(bootstrap, database_url, topic, catalog, ends, redis, redis_prefix, args.time_limit)
+            figures["worker"] = timed.messages / timed.seconds if timed.seconds else 0.0
+            figures["worker_timed"] = timed
+            figures["worker_fifths"] = fifths(timed.marks)
+            figures["redis_keys"] = len([k async for k in redis.scan_iter(match=f"{redis_prefix}*", count=1000)])
+            print(f"worker processed {timed.messages:,} in {timed.seconds:.1f} s ({timed.batches} batches)", flush=True)
+
+            if not args.skip_replay:
+                figures.update(await replay(database_url, bootstrap, topic, catalog, f"bench_replay_{tag}", n, args.time_limit))
+    finally:
+        try:
+            figures["redis_deleted"] = await delete_keys(redis, redis_prefix)
+        finally:
+            await redis.aclose()
+    return figures
+
+
+def create_database(name: str, catalog: Catalog) -> str:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    url = psycopg.conninfo.make_conninfo(ADMIN_URL, dbname=name)
+    migrate_up(url, create_database=False)
+    with db.connect(url) as conn:
+        apply_catalog(conn, catalog)
+    return url
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+Check = tuple[str, str, bool | None]  # what, found, ok (None: not checked)
+
+
+def checks(database_url: str, figures: dict[str, Any], customers: int, n: int) -> list[Check]:
+    """The live tables are complete, and the rebuild equals them. Skipped where a phase was cut short."""
+    timed = figures["worker_timed"]
+    live_complete = timed.messages >= n
+    with db.connect(database_url) as conn:
+
+        def count(query: str) -> int:
+            return int(conn.execute(query).fetchone()[0])  # type: ignore[index]
+
+        subscriptions = count("SELECT count(*) FROM public.subscriptions")
+        entitlements = count("SELECT count(*) FROM public.entitlements")
+        processed = count("SELECT count(*) FROM public.processed_events WHERE consumer = 'entitlements'")
+        payments = count("SELECT count(*) FROM public.payments")
+
+    def whole(ok: bool) -> bool | None:
+        return ok if live_complete else None
+
+    found: list[Check] = [
+        ("subscriptions == customers", f"{subscriptions:,} / {customers:,}", whole(subscriptions == customers)),
+        ("entitlements rows > 0", f"{entitlements:,}", entitlements > 0),
+        ("payments rows > 0", f"{payments:,}", payments > 0),
+        ("processed_events == N", f"{processed:,} / {n:,}", whole(processed == n)),
+        ("applied == N, none dead-lettered",
+         f"{timed.applied:,} applied, {timed.duplicates} duplicates, {timed.dead_letters} dead letters",
+         whole(timed.applied == n) if timed.dead_letters == 0 else False),
+        ("Redis answers written", f"{figures['redis_keys']:,} keys", figures["redis_keys"] > 0),
+    ]
+    if "replay" in figures:
+        if live_complete and figures["replay_complete"]:
+            differences = verify(database_url, figures["spec"], figures["replay_schema"])
+            found.append(("replay == live (shared.replay.verify)", repr(differences), not differences))
+        else:
+            found.append(("replay == live (shared.replay.verify)", "not run: a phase was cut short", None))
+    return found
+
+
+def host_line() -> str:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        version = conn.execute("SHOW server_version").fetchone()[0].split()[0]  # type: ignore[index]
+        autovacuum = conn.execute("SHOW autovacuum").fetchone()[0]  # type: ignore[index]
+    return (f"Python {platform.python_version()} on {platform.system()} {platform.machine()}, "
+            f"{os.cpu_count()} cores{f' ({model})' if model else ''}; "
+            f"Postgres {version} (autovacuum {autovacuum})")
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{int(seconds % 60):02d} min"
+
+
+def report(figures: dict[str, Any], args: argparse.Namespace, n: int, generated_s: float) -> None:
+    print()
+    print(host_line())
+    print(f"{args.customers:,} customers x {EVENTS_PER_CUSTOMER} events = {n:,} events "
+          f"({figures.get('on_topic', 0):,} on the topic), {args.partitions} partitions; "
+          f"generated in {generated_s:.1f} s; time limit per phase {args.time_limit:g} s")
+    print()
+    rows: list[tuple[str, str, str]] = [("preload (produce, acks=all)", f"{figures['preload']:,.0f} ev/s", "")]
+    rows.append(("baseline: read + decode", f"{figures['baseline']:,.0f} ev/s", ""))
+    timed = figures["worker_timed"]
+    complete = timed.messages >= n
+    partial = "" if complete else f" (partial: {timed.messages:,})"
+    worker_ok = "OK" if figures["worker"] >= WORKER_GOAL and complete else "MISSED"
+    rows.append(("worker: entitlements, live", f"{figures['worker']:,.0f} ev/s{partial}", f">= {WORKER_GOAL:,.0f}  {worker_ok}"))
+    first, last = figures["worker_fifths"]
+    rows.append(("  first / last fifth of the events", f"{first:,.0f} / {last:,.0f} ev/s", ""))
+    ratio = figures["worker"] / figures["baseline"] if figures["baseline"] else 0.0
+    rows.append(("ratio worker / baseline", f"{ratio:.4f}", ""))
+    if "replay" in figures:
+        eps = figures["replay"]
+        partial = "" if figures["replay_complete"] else f" (partial: {figures['replay_done']:,})"
+        rows.append(("replay: rebuild", f"{eps:,.0f} ev/s{partial}", ""))
+        first, last = figures["replay_fifths"]
+        rows.append(("  first / last fifth of the events", f"{first:,.0f} / {last:,.0f} ev/s", ""))
+        eta = 1_000_000 / eps if eps else float("inf")
+        eta_text = minutes(eta) if eta != float("inf") else "never"
+        rows.append(("replay of 1M events (at that rate)", eta_text,
+                     f"<  5:00  {'OK' if eta < REPLAY_GOAL_S else 'MISSED'}"))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'figure':<{width}} | {'value':>32} | goal")
+    print(f"{'-' * width}-+-{'-' * 32}-+-{'-' * 18}")
+    for name, value, goal in rows:
+        print(f"{name:<{width}} | {value:>32} | {goal}")
+
+
+def main() -> None:
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # refused probes while Tansu starts
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--customers", type=int, default=20_000)
+    parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument("--time-limit", type=float, default=150.0,
+                        help="seconds the worker and the replay may each take (default 150)")
+    parser.add_argument("--skip-replay", action="store_true")
+    args = parser.parse_args()
+
+    catalog = load_catalog(DEFAULT_CATALOG_PATH)
+    started = time.perf_counter()
+    messages = make_messages(args.customers)
+    generated_s = time.perf_counter() - started
+    n = len(messages)
+    print(f"generated {n:,} events in {generated_s:.1f} s", flush=True)
+
+    tag = secrets.token_hex(4)
+    dbname = f"paymentsvc_bench_{tag}"
+    try:
+        database_url = create_database(dbname, catalog)
+        figures = asyncio.run(run(args, database_url, catalog, messages, tag))
+        found = checks(database_url, figures, args.customers, n)
+        report(figures, args, n, generated_s)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(f"interrupted: broker stopped, Redis keys deleted; dropping database {dbname}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        drop_database(dbname)
+    print()
+    for what, value, ok in found:
+        print(f"  {'ok  ' if ok else 'skip' if ok is None else 'FAIL'} {what}: {value}")
+    print(f"  cleanup: database {dbname} dropped, {figures.get('redis_deleted', 0):,} Redis keys deleted")
+    if any(ok is False for _, _, ok in found):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
