@@ -19,7 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
+from google.protobuf.message import DecodeError
 from psycopg import AsyncConnection
+
+from payment.v1 import events_pb2
 
 M = TypeVar("M")
 
@@ -65,3 +68,20 @@ class Projection(Protocol[M]):
 
     async def after_commit(self, result: Any, ctx: ApplyContext) -> None:
         """Post-commit work that may fail without losing anything (e.g. Redis)."""
+
+
+def decode_payment_event(value: bytes) -> tuple[str, str, events_pb2.PaymentEvent]:
+    """(event_id, event_type, event) of a payment-events message, for `Projection.decode`.
+
+    Raises ValueError for bytes that are no PaymentEvent, or one without the event id
+    (the inbox key) or the customer id (the partition key).
+    """
+    try:
+        event = events_pb2.PaymentEvent.FromString(value)
+    except DecodeError as exc:
+        raise ValueError(f"not a payment.v1.PaymentEvent: {exc}") from exc
+    if not event.event_id:
+        raise ValueError("PaymentEvent without event_id")
+    if not event.customer_id:
+        raise ValueError(f"PaymentEvent {event.event_id} without customer_id")
+    return event.event_id, event.event_type, event

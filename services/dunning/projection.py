@@ -19,7 +19,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.message import DecodeError
 from psycopg import AsyncConnection
 
 from payment.v1 import events_pb2
@@ -29,7 +28,7 @@ from services.dunning.model import Notice, Outcome, State
 from shared.catalog import Catalog
 from shared.metrics import DUNNING_NOTICE_FAILURES
 from shared.outbox import OutboxRelay, stage
-from shared.projection import ApplyContext, Envelope, PoisonEvent
+from shared.projection import ApplyContext, Envelope, PoisonEvent, decode_payment_event
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +55,7 @@ class DunningProjection:
         self, value: bytes, headers: dict[str, bytes]
     ) -> tuple[str, str, events_pb2.PaymentEvent]:
         """(event_id, event_type, event); ValueError if it is no PaymentEvent we can key."""
-        try:
-            event = events_pb2.PaymentEvent.FromString(value)
-        except DecodeError as exc:
-            raise ValueError(f"not a payment.v1.PaymentEvent: {exc}") from exc
-        if not event.event_id:
-            raise ValueError("PaymentEvent without event_id")
-        if not event.customer_id:
-            raise ValueError(f"PaymentEvent {event.event_id} without customer_id")
-        return event.event_id, event.event_type, event
+        return decode_payment_event(value)
 
     async def apply(
         self, conn: AsyncConnection[Any], events: list[PaymentEnvelope], ctx: ApplyContext

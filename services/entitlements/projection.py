@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from google.protobuf.message import DecodeError
 from psycopg import AsyncConnection
 from redis.asyncio import Redis
 
@@ -50,7 +49,7 @@ from services.entitlements.model import Changes, State, SubjectKey
 from services.entitlements.repository import BatchKeys, SubjectRow
 from shared.catalog import SECONDS_PER_DAY, Catalog
 from shared.metrics import ACCESS_CHANGES, CATALOG_MISSES, REDIS_PROJECTION_FAILURES
-from shared.projection import ApplyContext, Envelope, PoisonEvent
+from shared.projection import ApplyContext, Envelope, PoisonEvent, decode_payment_event
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +97,7 @@ class EntitlementsProjection:
         self, value: bytes, headers: dict[str, bytes]
     ) -> tuple[str, str, events_pb2.PaymentEvent]:
         """(event_id, event_type, event); ValueError if it is no PaymentEvent we can key."""
-        try:
-            event = events_pb2.PaymentEvent.FromString(value)
-        except DecodeError as exc:
-            raise ValueError(f"not a payment.v1.PaymentEvent: {exc}") from exc
-        if not event.event_id:
-            raise ValueError("PaymentEvent without event_id")
-        if not event.customer_id:
-            raise ValueError(f"PaymentEvent {event.event_id} without customer_id")
-        return event.event_id, event.event_type, event
+        return decode_payment_event(value)
 
     async def apply(
         self, conn: AsyncConnection[Any], events: list[PaymentEnvelope], ctx: ApplyContext

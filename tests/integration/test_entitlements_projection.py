@@ -20,6 +20,7 @@ from psycopg import sql
 from redis.asyncio import Redis
 
 from payment.v1 import events_pb2
+from services.entitlements.bootstrap import TABLES
 from services.entitlements.projection import EntitlementsProjection
 from services.ingest_webhooks.normalize import normalize
 from services.ingest_webhooks.samples import sample_event
@@ -34,17 +35,6 @@ DAY = 86_400
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
 P1 = T0 + 30 * DAY
 P2 = P1 + 30 * DAY
-TABLES = (
-    "customers",
-    "subscriptions",
-    "subscription_history",
-    "paid_periods",
-    "one_time_grants",
-    "access_changes",
-    "entitlements",
-    "payments",
-    "catalog_misses",
-)
 
 
 @pytest.fixture(scope="module")
