@@ -227,6 +227,30 @@ async def test_fifty_concurrent_increments_at_a_hard_limit_never_cross_it_and_th
     await until_recorded(stack.database_url, user, "api_calls", 990 + len(allowed))
 
 
+async def test_batched_scripts_survive_a_script_flush_and_batched_reads_see_every_earlier_write(
+    served: Served, stack: Stack
+) -> None:
+    """Concurrent increments share one pipeline and concurrent quota reads one MGET: a
+    Redis that lost its scripts still counts each increment once, and every read issued
+    after a write answered sees that write."""
+    users = [random_id("user_") for _ in range(5)]
+    await served.redis.script_flush()
+    answers = await asyncio.gather(*(
+        served.stub.IncrementUsage(inc(u, amount=n + 1), metadata=auth(WRITE)) for u in users for n in range(4)
+    ))
+    assert all(a.allowed for a in answers)
+    assert [max(a.used for a in answers[i * 4:(i + 1) * 4]) for i in range(5)] == [10] * 5
+
+    async def write_then_read(user: str) -> tuple[int, int]:
+        written = await served.stub.IncrementUsage(inc(user, amount=2), metadata=auth(WRITE))
+        return written.used, (await quota(served.stub, user)).used
+
+    for written, read in await asyncio.gather(*(write_then_read(u) for u in users for _ in range(3))):
+        assert read >= written
+    assert [(await quota(served.stub, u)).used for u in users] == [16] * 5
+    await until_recorded(stack.database_url, users[0], "api_calls", 16)
+
+
 async def test_an_idempotency_key_retried_after_a_timeout_and_on_another_replica_counts_once(
     served: Served, stack: Stack
 ) -> None:
