@@ -139,7 +139,10 @@ async def _run_services(
         for name in names:
             port = getattr(settings, SERVICE_PORTS[name])
             ready = await asyncio.to_thread(_wait_ready, port, deadline, children[name])
-            table.add_row(name, f"http://127.0.0.1:{port}", "yes" if ready else "NO", str(log_dir / f"{name}.log"))
+            listens = f"http://127.0.0.1:{port}"
+            if name == "api_grpc":
+                listens = f"grpc 127.0.0.1:{settings.grpc_port}, {listens}"
+            table.add_row(name, listens, "yes" if ready else "NO", str(log_dir / f"{name}.log"))
             if not ready:
                 raise DependencyUnavailable(name, f"127.0.0.1:{port}", f"not ready; see {log_dir / (name + '.log')}")
         table.add_row("kafka", env["KAFKA_BOOTSTRAP_SERVERS"], "yes", "")

@@ -58,7 +58,7 @@ def configure(level: str = "INFO", fmt: str = "console", service: str = "") -> N
     root.handlers[:] = [handler]
     root.setLevel(level)
     # The Kafka and gRPC clients are chatty at INFO about reconnects we handle.
-    for noisy in ("aiokafka", "kafka", "faust", "mode", "localstripe"):
+    for noisy in ("aiokafka", "kafka", "localstripe", "yoyo"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
     if service:
         old_factory = logging.getLogRecordFactory()
