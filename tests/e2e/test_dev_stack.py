@@ -103,10 +103,16 @@ async def test_the_dev_stack_is_ready_within_a_minute_and_localstripe_events_rea
     )
 
     topic = f"{dev_stack['prefix']}payment-events"
-    records = await read_topic(dev_stack["kafka_bootstrap_servers"], topic, expect=1, timeout=30)
-    events = [events_pb2.PaymentEvent.FromString(r.value) for r in records]
-    created = [e for e in events if e.event_type == "customer.subscription.created"]
-    assert created, f"no customer.subscription.created among {[e.event_type for e in events]}"
+    # localstripe sends its webhooks in no particular order, each after about a second.
+    async def subscription_created() -> list:  # type: ignore[type-arg]
+        records = await read_topic(dev_stack["kafka_bootstrap_servers"], topic, expect=0)
+        events = [events_pb2.PaymentEvent.FromString(r.value) for r in records]
+        return [(r, e) for r, e in zip(records, events, strict=True) if e.event_type == "customer.subscription.created"]
+
+    found = await eventually(subscription_created, 30, interval=0.5)
+    assert found, "no customer.subscription.created reached payment-events"
+    records = [found[0][0]]
+    created = [found[0][1]]
     event = created[0]
     assert (event.customer_id, event.subscription_id, event.user_id) == (customer.id, subscription.id, user_id)
     assert event.price_id == plan.id and event.status == "active"
