@@ -65,6 +65,14 @@ class BatchResult:
     next_offsets: dict[TopicPartitionKey, int] = field(default_factory=dict)
 
 
+class TooManyDeadLetters(RuntimeError):
+    """Most of a batch is poison: more likely a broken deploy than bad messages.
+
+    Raised before anything is committed, so the loop treats it as transient and
+    pauses (and the metric shows it) instead of draining the topic to the DLQ.
+    """
+
+
 class DeadLetterSink(Protocol):
     async def send(self, letters: Sequence[DeadLetter], consumer: str) -> None:
         """Return once every letter is acknowledged; raise to make the batch transient."""
@@ -79,6 +87,8 @@ class BatchProcessor(Generic[M]):
         *,
         replay: bool = False,
         clock: Callable[[], float] = time.time,
+        max_dead_letter_ratio: float = 0.5,
+        dead_letter_allowance: int = 10,
     ) -> None:
         self.projection = projection
         self.consumer = projection.name
@@ -87,12 +97,15 @@ class BatchProcessor(Generic[M]):
         self._replay = replay
         self._clock = clock
         self._statistics = TableStatistics(pool)
+        self._max_ratio = max_dead_letter_ratio
+        self._allowance = dead_letter_allowance
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
         """Apply one batch. See the module docstring for what is committed when."""
         started = time.perf_counter()
         result = BatchResult(next_offsets=_next_offsets(messages))
         events = self._decode(messages, result.dead_letters)
+        self._check_dead_letters(result.dead_letters, messages)
         ctx = ApplyContext(consumer=self.consumer, replay=self._replay, now=self._clock())
         outcome = await self._apply_isolating_poison(messages, events, ctx, result)
         if result.dead_letters:
@@ -116,6 +129,14 @@ class BatchProcessor(Generic[M]):
             events.append(Envelope(event_id, event_type, message, m.topic, m.partition, m.offset, m.key))
         return events
 
+    def _check_dead_letters(self, letters: list[DeadLetter], messages: Sequence[RawMessage]) -> None:
+        """A few poison messages are dead-lettered; most of a batch stops the worker."""
+        if len(letters) > max(self._allowance, self._max_ratio * len(messages)):
+            raise TooManyDeadLetters(
+                f"{len(letters)} of {len(messages)} messages would go to the DLQ "
+                f"(first: {letters[0].error_class}: {letters[0].error[:200]})"
+            )
+
     async def _apply_isolating_poison(
         self, messages: Sequence[RawMessage], events: list[Envelope[M]], ctx: ApplyContext, result: BatchResult
     ) -> Any:
@@ -131,6 +152,7 @@ class BatchProcessor(Generic[M]):
                 for e in bad:
                     message = by_position[(e.topic, e.partition, e.offset)]
                     result.dead_letters.append(DeadLetter(message, poison.reason[:1000], "PoisonEvent"))
+                self._check_dead_letters(result.dead_letters, messages)
 
     async def _transaction(
         self, events: list[Envelope[M]], messages: Sequence[RawMessage], ctx: ApplyContext, result: BatchResult

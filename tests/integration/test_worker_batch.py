@@ -16,7 +16,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from shared.db import make_pool
 from shared.projection import ApplyContext, Envelope, PoisonEvent
-from shared.worker import BatchProcessor, DeadLetter, RawMessage
+from shared.worker import BatchProcessor, DeadLetter, RawMessage, TooManyDeadLetters
 
 pytestmark = pytest.mark.integration
 
@@ -145,3 +145,21 @@ async def test_two_workers_racing_on_the_same_events_apply_each_once(database_ur
         assert len(await recorded(pool)) == 50
     finally:
         await other_pool.close()
+
+
+async def test_a_batch_that_is_mostly_poison_stops_instead_of_draining_to_the_dlq(pool: AsyncConnectionPool) -> None:
+    letters = Letters()
+    processor = BatchProcessor(RecordingProjection(), pool, letters)
+    batch = [RawMessage("events", 0, i, b"k", b"{broken") for i in range(30)] + [message(30, "good")]
+    with pytest.raises(TooManyDeadLetters, match="30 of 31"):
+        await processor.process(batch)
+    assert letters.sent == [] and await recorded(pool) == [] and await offsets(pool) == {}, "nothing committed"
+
+
+async def test_a_batch_of_rejected_events_over_the_ratio_commits_nothing(pool: AsyncConnectionPool) -> None:
+    letters = Letters()
+    processor = BatchProcessor(RecordingProjection(), pool, letters, dead_letter_allowance=2)
+    batch = [message(i, f"bad{i}", poison=True) for i in range(4)] + [message(4, "good")]
+    with pytest.raises(TooManyDeadLetters):
+        await processor.process(batch)
+    assert letters.sent == [] and await recorded(pool) == [] and await offsets(pool) == {}
