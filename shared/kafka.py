@@ -17,9 +17,26 @@ from collections.abc import Sequence
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from shared import tracing
 from shared.metrics import EVENTS_PUBLISHED, PUBLISH_LATENCY
 
 Headers = Sequence[tuple[str, bytes]]
+SCHEMA_VERSION = b"1"
+
+
+def event_headers(event_id: str, event_type: str, message: str, traceparent: str = "") -> list[tuple[str, bytes]]:
+    """The headers of every protobuf message on our topics (DESIGN.md, "Topics").
+
+    `message` names the payment.v1 message type; `traceparent` is the W3C header
+    value to carry (a new trace when empty).
+    """
+    return [
+        ("event-id", event_id.encode()),
+        ("event-type", event_type.encode()),
+        ("schema-version", SCHEMA_VERSION),
+        ("content-type", f"application/x-protobuf; messageType=payment.v1.{message}".encode()),
+        ("traceparent", (traceparent or tracing.child_traceparent()).encode()),
+    ]
 
 
 class PublishFailed(RuntimeError):

@@ -18,10 +18,8 @@ from aiokafka import AIOKafkaProducer
 from payment.v1 import events_pb2
 from services.api_grpc.errors import Unavailable
 from shared import tracing
-from shared.kafka import PublishFailed, publish
+from shared.kafka import PublishFailed, event_headers, publish
 
-SCHEMA_VERSION = b"1"
-PROTOBUF_CONTENT_TYPE = b"application/x-protobuf; messageType=payment.v1.PaymentEvent"
 PAYMENT_CREATED = "payment.created"
 PAYMENT_STATUS_UPDATED = "payment.status_updated"
 
@@ -36,13 +34,7 @@ def event_id_for(event_type: str, idempotency_key: str) -> str:
 
 def headers(event: events_pb2.PaymentEvent, traceparent: str) -> list[tuple[str, bytes]]:
     """The headers the ingester sets on payment-events."""
-    return [
-        ("event-id", event.event_id.encode()),
-        ("event-type", event.event_type.encode()),
-        ("schema-version", SCHEMA_VERSION),
-        ("content-type", PROTOBUF_CONTENT_TYPE),
-        ("traceparent", tracing.child_traceparent(traceparent).encode()),
-    ]
+    return event_headers(event.event_id, event.event_type, "PaymentEvent", tracing.child_traceparent(traceparent))
 
 
 @dataclass(frozen=True, slots=True)

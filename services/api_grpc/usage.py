@@ -58,15 +58,13 @@ from services.api_grpc.validation import SubjectIds, SubjectKey
 from services.usage import model, repository
 from services.usage.counters import Counters, NotReady, Step
 from services.usage.model import UNLIMITED, Answer, Outcome, Policy, Request
-from shared.kafka import PublishFailed, publish
+from shared.kafka import PublishFailed, event_headers, publish
 from shared.metrics import USAGE_INCREMENTS, USAGE_PUBLISH_FAILURES, USAGE_QUOTA_READS
 
 log = logging.getLogger("api_grpc.usage")
 POLICY_TTL_S = 5.0
 MAX_POLICIES = 100_000
 TOKEN_QUERY = "usage-consistency"
-SCHEMA_VERSION = b"1"
-CONTENT_TYPE = b"application/x-protobuf; messageType=payment.v1.UsageEvent"
 
 
 class EntitlementChecker(Protocol):
@@ -89,12 +87,7 @@ class KafkaUsageBus:
         self._max_timeout_s = max_timeout_s
 
     async def publish(self, event: events_pb2.UsageEvent, timeout: float) -> None:
-        headers = [
-            ("event-id", event.event_id.encode()),
-            ("event-type", b"usage.recorded"),
-            ("schema-version", SCHEMA_VERSION),
-            ("content-type", CONTENT_TYPE),
-        ]
+        headers = event_headers(event.event_id, "usage.recorded", "UsageEvent")
         try:
             await publish(
                 self._producer, self._topic, event.SerializeToString(), key=event.subject_id.encode(),

@@ -21,10 +21,7 @@ from payment.v1 import events_pb2
 from services.dunning.model import ATTEMPT_MADE, ESCALATED, RESTORED, Notice
 from services.dunning.repository import DueCase
 from shared.config import Topics
-from shared.kafka import publish
-
-SCHEMA_VERSION = b"1"
-CONTENT_TYPE = b"application/x-protobuf; messageType=payment.v1.%s"
+from shared.kafka import event_headers, publish
 
 
 class Publisher(Protocol):
@@ -47,7 +44,7 @@ class KafkaPublisher:
     async def decision(self, event: events_pb2.PaymentEvent) -> None:
         await publish(
             self._producer, self._topics.payment_events, event.SerializeToString(),
-            key=event.customer_id.encode(), headers=_headers(event.event_id, event.event_type, "PaymentEvent"),
+            key=event.customer_id.encode(), headers=event_headers(event.event_id, event.event_type, "PaymentEvent"),
             event_type=event.event_type, timeout_s=self._timeout_s,
         )
 
@@ -57,18 +54,9 @@ class KafkaPublisher:
             kind = events_pb2.DunningEvent.Kind.Name(e.kind)
             await publish(
                 self._producer, self._topics.dunning_events, e.SerializeToString(),
-                key=e.customer_id.encode(), headers=_headers(e.event_id, kind, "DunningEvent"),
+                key=e.customer_id.encode(), headers=event_headers(e.event_id, kind, "DunningEvent"),
                 event_type=kind, timeout_s=self._timeout_s,
             )
-
-
-def _headers(event_id: str, event_type: str, message: str) -> list[tuple[str, bytes]]:
-    return [
-        ("event-id", event_id.encode()),
-        ("event-type", event_type.encode()),
-        ("schema-version", SCHEMA_VERSION),
-        ("content-type", CONTENT_TYPE % message.encode()),
-    ]
 
 
 # ---------------------------------------------------------------- decisions

@@ -17,9 +17,8 @@ from typing import Any, Literal
 from services.ingest_webhooks.normalize import PROJECTED_TYPES, MalformedEvent, normalize
 from services.ingest_webhooks.verify import WebhookRejected
 from shared.config import Topics
+from shared.kafka import event_headers
 
-SCHEMA_VERSION = b"1"
-PROTOBUF_CONTENT_TYPE = b"application/x-protobuf; messageType=payment.v1.PaymentEvent"
 JSON_CONTENT_TYPE = b"application/json"
 
 Outcome = Literal["published", "archived", "dead_lettered"]
@@ -81,9 +80,7 @@ def plan_delivery(event: Any, raw_body: bytes, topics: Topics, traceparent: str 
         topic=topics.payment_events,
         key=normalized.customer_id.encode(),
         value=normalized.SerializeToString(),
-        headers=base_headers
-        + (("schema-version", SCHEMA_VERSION), ("content-type", PROTOBUF_CONTENT_TYPE))
-        + trace,
+        headers=tuple(event_headers(event_id, event_type, "PaymentEvent", traceparent)),
         event_type=event_type,
     )
     return Delivery(event_id, event_type, "published", (raw, published))
