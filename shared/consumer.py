@@ -115,9 +115,6 @@ class Backoff:
         delay, self.delay = self.delay, min(self.delay * 2, self._policy.backoff_max_s)
         return delay
 
-    def reset(self) -> None:
-        self.delay = self._policy.backoff_initial_s
-
 
 async def process_until_done(
     processor: BatchProcessor[Any],

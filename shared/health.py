@@ -16,7 +16,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 import orjson
-import psycopg
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from psycopg_pool import AsyncConnectionPool
@@ -103,17 +102,6 @@ def add_health_routes(
 def postgres_probe(pool: AsyncConnectionPool) -> Probe:
     async def probe() -> None:
         async with pool.connection(timeout=PROBE_TIMEOUT_S) as conn:
-            await conn.execute("SELECT 1")
-
-    return probe
-
-
-def postgres_url_probe(url: str) -> Probe:
-    """A probe that opens its own connection (for services that hold no pool)."""
-
-    async def probe() -> None:
-        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=2, autocommit=True)
-        async with conn:
             await conn.execute("SELECT 1")
 
     return probe

@@ -24,8 +24,3 @@ def child_traceparent(incoming: str | None = None) -> str:
         if match and match.group(1) != _INVALID_TRACE:
             return f"00-{match.group(1)}-{span_id}-{match.group(3)}"
     return f"00-{os.urandom(16).hex()}-{span_id}-01"
-
-
-def trace_id(traceparent: str) -> str:
-    match = _TRACEPARENT.match(traceparent)
-    return match.group(1) if match else ""

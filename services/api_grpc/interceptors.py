@@ -229,11 +229,6 @@ def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-def find_key(token: str, keys: Sequence[ApiKey]) -> ApiKey | None:
-    """Compare with every key in constant time, so timing tells nothing about a match."""
-    return _find(token.encode(), [(key.secret.get_secret_value().encode(), key) for key in keys])
-
-
 def _find(token: bytes, secrets: Sequence[tuple[bytes, ApiKey]]) -> ApiKey | None:
     found = None
     for secret, key in secrets:

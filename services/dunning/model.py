@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 SCHEDULED_STATES = frozenset({"open", "retrying"})
 # States that no webhook about a failure moves any more.
 FINAL_STATES = frozenset({"escalated", "recovered", "closed"})
-CASE_STATES = SCHEDULED_STATES | FINAL_STATES | {"action_required"}
 
 # Event types that the dunning scheduler publishes on payment-events (source DUNNING).
 ATTEMPT_MADE = "dunning.attempt_made"

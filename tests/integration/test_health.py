@@ -9,8 +9,9 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from shared.config import Settings
+from shared.db import make_pool
 from shared.devbroker import free_port
-from shared.health import add_health_routes, postgres_url_probe, redis_probe
+from shared.health import add_health_routes, postgres_probe, redis_probe
 
 pytestmark = pytest.mark.integration
 
@@ -32,7 +33,9 @@ async def get(server: TestServer, path: str) -> tuple[int, dict | str]:  # type:
 
 async def test_ready_is_200_when_every_dependency_answers(database_url: str, redis_url: str) -> None:
     redis = Redis.from_url(redis_url)
-    server = await serve({"postgres": postgres_url_probe(database_url), "redis": redis_probe(redis)})
+    pool = make_pool(database_url, min_size=1)
+    await pool.open(wait=True)
+    server = await serve({"postgres": postgres_probe(pool), "redis": redis_probe(redis)})
     try:
         assert await get(server, "/health/ready") == (200, {"status": "ready"})
         status, body = await get(server, "/health")
@@ -41,12 +44,15 @@ async def test_ready_is_200_when_every_dependency_answers(database_url: str, red
     finally:
         await server.close()
         await redis.aclose()
+        await pool.close()
 
 
 async def test_ready_is_503_and_names_the_dependency_that_is_down(redis_url: str) -> None:
     down_url = f"postgresql://postgres@127.0.0.1:{free_port()}/x"
     redis = Redis.from_url(redis_url)
-    server = await serve({"postgres": postgres_url_probe(down_url), "redis": redis_probe(redis)})
+    pool = make_pool(down_url, min_size=0)
+    await pool.open(wait=False)
+    server = await serve({"postgres": postgres_probe(pool), "redis": redis_probe(redis)})
     try:
         status, body = await get(server, "/health/ready")
         assert status == 503 and body["down"] == ["postgres"]  # type: ignore[index]
@@ -56,6 +62,7 @@ async def test_ready_is_503_and_names_the_dependency_that_is_down(redis_url: str
     finally:
         await server.close()
         await redis.aclose()
+        await pool.close()
 
 
 async def test_status_shows_the_version_and_config_but_no_secret() -> None:
