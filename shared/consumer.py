@@ -30,7 +30,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from psycopg_pool import AsyncConnectionPool
 
-from shared.kafka import PublishFailed
+from shared.kafka import OutgoingMessage, publish_all
 from shared.metrics import WORKER_LAG, WORKER_PAUSED, WORKER_TRANSIENT_FAILURES
 from shared.worker import QUERIES, BatchProcessor, DeadLetter, LoopPolicy, RawMessage
 
@@ -47,12 +47,7 @@ class KafkaDeadLetters:
         self._timeout_s = timeout_s
 
     async def send(self, letters: Sequence[DeadLetter], consumer: str) -> None:
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                acks = [await self._producer.send(**self._record(letter, consumer)) for letter in letters]
-                await asyncio.gather(*acks)
-        except (TimeoutError, KafkaError) as exc:
-            raise PublishFailed(f"dead letters not acknowledged: {type(exc).__name__}") from exc
+        await publish_all(self._producer, [self._record(letter, consumer) for letter in letters], self._timeout_s)
         for letter in letters:
             log.warning(
                 "dead-lettered a message",
@@ -61,9 +56,9 @@ class KafkaDeadLetters:
             )
 
     @staticmethod
-    def _record(letter: DeadLetter, consumer: str) -> dict[str, Any]:
+    def _record(letter: DeadLetter, consumer: str) -> OutgoingMessage:
         m = letter.message
-        headers = [
+        headers = (
             *m.headers,
             ("error", letter.error.encode()[:1000]),
             ("error-class", letter.error_class.encode()),
@@ -71,8 +66,8 @@ class KafkaDeadLetters:
             ("original-topic", m.topic.encode()),
             ("original-partition", str(m.partition).encode()),
             ("original-offset", str(m.offset).encode()),
-        ]
-        return {"topic": f"{m.topic}.dlq", "value": m.value, "key": m.key, "headers": headers}
+        )
+        return OutgoingMessage(f"{m.topic}.dlq", m.key, m.value, headers, letter.error_class)
 
 
 def _raw(records: dict[TopicPartition, list[Any]]) -> list[RawMessage]:
@@ -185,7 +180,7 @@ async def run_live(
             if not await process_until_done(processor, messages, policy, stop, keep_alive):
                 break
             await _commit(consumer, messages, processor.consumer)
-            _report_lag(consumer, processor.consumer)
+            await _report_lag(consumer, processor.consumer)
     finally:
         await consumer.stop()
 
@@ -205,16 +200,11 @@ async def _commit(consumer: AIOKafkaConsumer, messages: list[RawMessage], name: 
         log.warning("offset commit failed", extra={"consumer": name, "error": type(exc).__name__})
 
 
-def _report_lag(consumer: AIOKafkaConsumer, name: str) -> None:
+async def _report_lag(consumer: AIOKafkaConsumer, name: str) -> None:
     for tp in consumer.assignment():
         highwater = consumer.highwater(tp)
-        if highwater is None:
-            continue
-        try:
-            position = consumer._fetcher._subscriptions.assignment[tp].position  # noqa: SLF001
-        except (AttributeError, KeyError):
-            continue
-        if position is not None:
+        if highwater is not None:
+            position = await consumer.position(tp)
             WORKER_LAG.labels(name, tp.topic, str(tp.partition)).set(max(0, highwater - position))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -57,6 +58,44 @@ def make_producer(bootstrap_servers: str, *, request_timeout_ms: int = 10_000) -
     )
 
 
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
+    event_type: str = ""
+
+
+async def publish_all(
+    producer: AIOKafkaProducer, messages: Sequence[OutgoingMessage], timeout_s: float = 10.0
+) -> list[tuple[int, int]]:
+    """Send messages and wait until the broker acknowledged every one.
+
+    All are enqueued before any ack is awaited, so they share produce requests.
+    Returns (partition, offset) of each. Raises PublishFailed if an
+    acknowledgement is missing after `timeout_s` or the broker refuses a message;
+    then nothing may be assumed sent.
+    """
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout_s):
+            acks = [
+                await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
+                for m in messages
+            ]
+            metadata = await asyncio.gather(*acks)
+    except TimeoutError as exc:
+        raise PublishFailed(f"no acknowledgement from the broker in {timeout_s:g} s") from exc
+    except KafkaError as exc:
+        raise PublishFailed(f"broker refused the message: {type(exc).__name__}") from exc
+    elapsed = time.perf_counter() - started
+    for m in messages:
+        PUBLISH_LATENCY.labels(m.topic).observe(elapsed)
+        EVENTS_PUBLISHED.labels(m.topic, m.event_type).inc()
+    return [(md.partition, md.offset) for md in metadata]
+
+
 async def publish(
     producer: AIOKafkaProducer,
     topic: str,
@@ -67,22 +106,9 @@ async def publish(
     event_type: str = "",
     timeout_s: float = 10.0,
 ) -> tuple[int, int]:
-    """Send one message and wait for the broker's acknowledgement.
-
-    Returns (partition, offset). Raises PublishFailed if there is no
-    acknowledgement within `timeout_s` or the broker refuses the message.
-    """
-    started = time.perf_counter()
-    try:
-        async with asyncio.timeout(timeout_s):
-            metadata = await producer.send_and_wait(topic, value, key=key, headers=list(headers))
-    except TimeoutError as exc:
-        raise PublishFailed(f"no acknowledgement from the broker in {timeout_s:g} s") from exc
-    except KafkaError as exc:
-        raise PublishFailed(f"broker refused the message: {type(exc).__name__}") from exc
-    PUBLISH_LATENCY.labels(topic).observe(time.perf_counter() - started)
-    EVENTS_PUBLISHED.labels(topic, event_type).inc()
-    return metadata.partition, metadata.offset
+    """Send one message and wait for its acknowledgement; see publish_all."""
+    message = OutgoingMessage(topic, key, value, tuple(headers), event_type)
+    return (await publish_all(producer, [message], timeout_s))[0]
 
 
 def kafka_probe(producer: AIOKafkaProducer):  # type: ignore[no-untyped-def]

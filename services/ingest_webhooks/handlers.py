@@ -17,20 +17,11 @@ from typing import Any, Literal
 from services.ingest_webhooks.normalize import PROJECTED_TYPES, MalformedEvent, normalize
 from services.ingest_webhooks.verify import WebhookRejected
 from shared.config import Topics
-from shared.kafka import event_headers
+from shared.kafka import OutgoingMessage, event_headers
 
 JSON_CONTENT_TYPE = b"application/json"
 
 Outcome = Literal["published", "archived", "dead_lettered"]
-
-
-@dataclass(frozen=True, slots=True)
-class OutgoingMessage:
-    topic: str
-    key: bytes
-    value: bytes
-    headers: tuple[tuple[str, bytes], ...]
-    event_type: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,11 +19,10 @@ from hypothesis import strategies as st
 
 from services.ingest_webhooks.app import IngestConfig, make_app
 from services.ingest_webhooks.devtools import encode_event, sign
-from services.ingest_webhooks.handlers import OutgoingMessage
 from services.ingest_webhooks.samples import SAMPLE_TYPES, sample_event
 from services.ingest_webhooks.verify import SignatureVerifier
 from shared.config import Topics
-from shared.kafka import PublishFailed
+from shared.kafka import OutgoingMessage, PublishFailed
 
 SECRET = "whsec_unit"
 
