@@ -76,8 +76,12 @@ migrate.proxy.up: install
 	@test -n "$(password)" || { echo "usage: make migrate.proxy.up password=..."; exit 2; }
 	@PGPASSWORD='$(password)' $(BIN)/paymentsvc migrate
 
+## Run every benchmark at full size (make test runs each in a small smoke mode: tests/bench).
 bench: preflight
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/project.py
+	$(BIN)/python bench/grpc_checks.py
+	$(BIN)/python bench/usage.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .dev

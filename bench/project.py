@@ -60,7 +60,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 from payment.v1 import events_pb2  # noqa: E402
 from services.entitlements.bootstrap import TABLES  # noqa: E402
 from services.entitlements.projection import EntitlementsProjection  # noqa: E402
-from services.ingest_webhooks.handlers import PROTOBUF_CONTENT_TYPE, SCHEMA_VERSION  # noqa: E402
 from services.ingest_webhooks.normalize import normalize  # noqa: E402
 from services.ingest_webhooks.samples import new_id, sample_event  # noqa: E402
 from shared import db  # noqa: E402
@@ -68,6 +67,7 @@ from shared.catalog import Catalog, apply_catalog, load_catalog  # noqa: E402
 from shared.config import DEFAULT_CATALOG_PATH, Topics  # noqa: E402
 from shared.consumer import KafkaDeadLetters, log_end_offsets, run_live  # noqa: E402
 from shared.devbroker import DevBroker, ensure_topics  # noqa: E402
+from shared.kafka import event_headers  # noqa: E402
 from shared.kafka import make_producer  # noqa: E402
 from shared.migrate import migrate_up  # noqa: E402
 from shared.projection import ApplyContext, Envelope  # noqa: E402
@@ -135,12 +135,7 @@ def make_messages(customers: int) -> list[Message]:
     for _, _, _, event in timeline:
         normalized = normalize(event)
         assert normalized is not None
-        headers = [
-            ("event-id", normalized.event_id.encode()),
-            ("event-type", normalized.event_type.encode()),
-            ("schema-version", SCHEMA_VERSION),
-            ("content-type", PROTOBUF_CONTENT_TYPE),
-        ]
+        headers = event_headers(normalized.event_id, normalized.event_type, "PaymentEvent")
         messages.append((normalized.customer_id.encode(), normalized.SerializeToString(), headers))
     return messages
 

@@ -1,0 +1,42 @@
+"""Every benchmark runs in a small smoke mode, so a benchmark cannot rot unnoticed.
+
+These are not measurements (figures from a loaded CI machine mean little): each
+benchmark is run as an operator would run it, as a subprocess with tiny
+arguments, and must exit 0 and print its ratio to the baseline measured in the
+same run. An import error, a renamed API or a broken check fails here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SMOKE = [
+    pytest.param(["bench/ingest.py", "--seconds", "0.5", "--levels", "4"], r"^\s+4 \|.*\|\s+\d+\.\d+$", id="ingest"),
+    pytest.param(["bench/project.py", "--customers", "50", "--time-limit", "60"], r"^ratio worker / baseline\s+\|\s+\d", id="project"),
+    pytest.param(["bench/grpc_checks.py", "--seconds", "0.5"], r"QPS ratio \d+\.\d+", id="grpc_checks"),
+    pytest.param(["bench/usage.py", "--seconds", "0.5"], r"QPS ratio \d+\.\d+", id="usage"),
+]
+
+
+@pytest.mark.parametrize(("argv", "ratio_line"), SMOKE)
+def test_benchmark_runs_in_smoke_mode_and_prints_its_ratio(argv: list[str], ratio_line: str) -> None:
+    done = subprocess.run(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{argv[0]} exited {done.returncode}:\n{output[-3000:]}"
+    assert re.search(ratio_line, done.stdout, re.MULTILINE), f"{argv[0]} printed no ratio:\n{done.stdout[-3000:]}"
+    assert "FAIL" not in done.stdout, done.stdout[-3000:]
