@@ -67,8 +67,10 @@ from shared.catalog import Catalog, apply_catalog, load_catalog  # noqa: E402
 from shared.config import DEFAULT_CATALOG_PATH, Topics  # noqa: E402
 from shared.consumer import KafkaDeadLetters, log_end_offsets, run_live  # noqa: E402
 from shared.devbroker import DevBroker, ensure_topics  # noqa: E402
-from shared.kafka import event_headers  # noqa: E402
-from shared.kafka import make_producer  # noqa: E402
+from shared.kafka import (
+    event_headers,  # noqa: E402
+    make_producer,  # noqa: E402
+)
 from shared.migrate import migrate_up  # noqa: E402
 from shared.projection import ApplyContext, Envelope  # noqa: E402
 from shared.replay import ProjectionSpec, prepare_schema, rebuild, verify  # noqa: E402
