@@ -21,7 +21,16 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
 from shared import db
 from shared.consumer import database_offsets, run_replay
@@ -106,13 +115,23 @@ async def rebuild(
     return {"seconds": elapsed, "offsets": applied, "events_per_s": applied / elapsed if elapsed else 0.0, "poison": letters.count}
 
 
+class _EventsColumn(ProgressColumn):
+    """done/total events, rate and lag; the total reads "?" until the log's end is known."""
+
+    def render(self, task: Task) -> Text:
+        total = "?" if task.total is None else f"{task.total:.0f}"
+        return Text(
+            f"{task.completed:.0f}/{total} events, {task.fields['rate']:.0f} ev/s, lag {task.fields['lag']:.0f}"
+        )
+
+
 def _progress(enabled: bool) -> Progress:
     """events done/total, events/s, what is left (the lag) and the ETA."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TaskProgressColumn(),
-        TextColumn("{task.completed:.0f}/{task.total:.0f} events, {task.fields[rate]:.0f} ev/s, lag {task.fields[lag]:.0f}"),
+        _EventsColumn(),
         TimeRemainingColumn(),
         disable=not enabled,
     )
