@@ -15,7 +15,6 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from services.api_grpc import cache, page_tokens, stripe_gateway
-from services.api_grpc.breakers import Breaker
 from services.api_grpc.commands import KafkaEventBus
 from services.api_grpc.decisions import Facts
 from services.api_grpc.near_cache import NearCache
@@ -24,6 +23,7 @@ from services.api_grpc.server import RateLimitConfig, build_server
 from services.api_grpc.service import PaymentApi
 from services.api_grpc.usage import KafkaUsageBus, UsageApi, UsageStore
 from services.usage.counters import Counters
+from shared.breaker import Breaker
 from shared.catalog import load_catalog
 from shared.config import Settings
 from shared.db import open_pool

@@ -25,10 +25,10 @@ import orjson
 import redis.exceptions
 from redis.asyncio import Redis
 
-from services.api_grpc.breakers import Breaker, BreakerOpen
 from services.api_grpc.near_cache import ChangeFeed, NearCache
 from services.api_grpc.validation import SubjectKey
 from services.entitlements.projection import REDIS_TTL_S, WATERMARK_FIELD, redis_key
+from shared.breaker import Breaker, BreakerOpen
 
 # A subject with no rows gets a hash with only the watermark: a cached "nothing", so
 # that free-plan subjects do not go to Postgres on every check. Shorter-lived.

@@ -26,7 +26,6 @@ import redis.exceptions
 from psycopg_pool import PoolTimeout
 from redis.asyncio import Redis
 
-from services.api_grpc.breakers import Breaker, BreakerOpen
 from services.api_grpc.context import CALLER
 from services.api_grpc.errors import (
     ApiError,
@@ -35,6 +34,7 @@ from services.api_grpc.errors import (
     RateLimited,
     Unauthenticated,
 )
+from shared.breaker import Breaker, BreakerOpen
 from shared.config import ApiKey
 from shared.metrics import (
     API_HANDLED,

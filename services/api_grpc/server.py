@@ -12,10 +12,10 @@ from redis.asyncio import Redis
 
 from payment.v1 import service_pb2, service_pb2_grpc
 from services.api_grpc import interceptors
-from services.api_grpc.breakers import Breaker
 from services.api_grpc.service import PaymentApi
 from services.api_grpc.servicer import PaymentServicer
 from services.api_grpc.usage import UsageApi
+from shared.breaker import Breaker
 from shared.config import ApiKey
 
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 import stripe
 
-from services.api_grpc.breakers import Breaker, BreakerOpen
 from services.api_grpc.errors import FailedPrecondition, InvalidArgument, Unavailable
+from shared.breaker import Breaker, BreakerOpen
 
 T = TypeVar("T")
 

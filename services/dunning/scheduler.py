@@ -46,8 +46,6 @@ from typing import Protocol
 
 import stripe
 from psycopg_pool import AsyncConnectionPool
-from purgatory import AsyncCircuitBreakerFactory
-from purgatory.domain.model import OpenedState
 
 from payment.v1 import events_pb2
 from services.dunning import repository
@@ -55,6 +53,7 @@ from services.dunning.events import Publisher, decision_event, decision_notice
 from services.dunning.handlers import policy_for
 from services.dunning.model import ATTEMPT_MADE, ESCALATED, RESTORED, Case, Version
 from services.dunning.repository import DueCase
+from shared.breaker import Breaker, BreakerOpen
 from shared.catalog import Catalog, DunningPolicy
 from shared.metrics import DUNNING_BREAKER_OPEN, DUNNING_STEPS
 
@@ -169,6 +168,7 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.time,
         config: SchedulerConfig | None = None,
+        breaker_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pool = pool
         self._payer = payer
@@ -176,9 +176,13 @@ class Scheduler:
         self._catalog = catalog
         self._clock = clock
         self.config = config or SchedulerConfig()
-        self._breakers = AsyncCircuitBreakerFactory(
-            default_threshold=self.config.breaker_threshold,
-            default_ttl=self.config.breaker_ttl_s,
+        # Only an outage counts against the breaker: a decline is an answer from Stripe.
+        self.breaker = Breaker(
+            BREAKER,
+            lambda exc: isinstance(exc, StripeUnavailable),
+            threshold=self.config.breaker_threshold,
+            reset_after_s=self.config.breaker_ttl_s,
+            clock=breaker_clock,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -231,7 +235,7 @@ class Scheduler:
         if kind == "attempt":
             try:
                 result = await self._pay(case, step)
-            except (StripeUnavailable, OpenedState) as exc:
+            except (StripeUnavailable, BreakerOpen) as exc:
                 await self._release(case, step)
                 DUNNING_STEPS.labels(kind, "stripe_unavailable").inc()
                 report.skipped_unavailable.append(case.case_id)
@@ -262,14 +266,12 @@ class Scheduler:
         ].append(case.case_id)
 
     async def _pay(self, case: DueCase, step: Step) -> PayResult:
-        breaker = await self._breakers.get_breaker(BREAKER)
         try:
-            async with breaker:
-                return await self._payer.pay(
-                    case.invoice_id, f"dunning-{case.case_id}-{step.attempt}"
-                )
+            return await self.breaker.call(
+                lambda: self._payer.pay(case.invoice_id, f"dunning-{case.case_id}-{step.attempt}")
+            )
         finally:
-            DUNNING_BREAKER_OPEN.set(1 if breaker.context.state == "opened" else 0)
+            DUNNING_BREAKER_OPEN.set(1 if self.breaker.state == "opened" else 0)
 
     async def _release(self, case: DueCase, step: Step) -> None:
         async with self._pool.connection() as conn:

@@ -28,12 +28,12 @@ from redis.asyncio import Redis
 
 from payment.v1 import events_pb2, service_pb2, service_pb2_grpc
 from services.api_grpc import cache, page_tokens, stripe_gateway
-from services.api_grpc.breakers import Breaker
 from services.api_grpc.commands import KafkaEventBus
 from services.api_grpc.decisions import Facts
 from services.api_grpc.queries import Queries
 from services.api_grpc.server import RateLimitConfig, Server, build_server
 from services.api_grpc.service import PaymentApi
+from shared.breaker import Breaker
 from shared.catalog import apply_catalog
 from shared.config import ApiKey, Topics
 from shared.db import make_pool
@@ -49,6 +49,8 @@ from tests.integration.test_entitlements_worker import (
     until_processed,
 )
 from tests.kafka_helpers import headers_of, read_topic
+from tests.support.clock import Clock
+from tests.support.net import counting_http, refusing_port
 from tests.support.private_postgres import PrivatePostgres
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -388,10 +390,9 @@ async def checkout_stub() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
     app.router.add_post("/v1/checkout/sessions", create)
     runner = web.AppRunner(app)
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
-        yield f"http://127.0.0.1:{port}", seen
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", seen
     finally:
         await runner.cleanup()
 
@@ -570,31 +571,38 @@ async def test_with_postgres_stopped_checks_answer_from_redis_and_other_reads_ar
 
 
 async def test_stripe_failing_opens_the_breaker_which_half_opens_and_closes_on_success(stack: Stack) -> None:
-    breaker = Breaker("stripe", stripe_gateway.is_transient, threshold=2, reset_after_s=0.5)
+    clock = Clock()
+    breaker = Breaker("stripe", stripe_gateway.is_transient, threshold=2, reset_after_s=30, clock=clock)
     request = service_pb2.CreatePaymentRequest(
         subject=subject(stack.live, user=True), customer_id="cus_x", amount=100, currency="usd", idempotency_key=random_id()
     )
-    async with api_server(
-        stack.database_url, stack.redis_url, stack.prefix, stack.broker, stack.topics.payment_events,
-        stripe_base=f"http://127.0.0.1:{free_port()}", stripe_breaker=breaker,
-    ) as (_, stub, api):
-        for _ in range(2):
-            await expect_code(stub.CreatePayment(request, metadata=auth(WRITE)), Code.UNAVAILABLE, "Stripe is unavailable")
-        assert await breaker.state() == "opened"
-        started = time.perf_counter()
-        await expect_code(stub.CreatePayment(request, metadata=auth(WRITE)), Code.UNAVAILABLE, "circuit open")
-        assert time.perf_counter() - started < 0.2
-        assert api.stripe is not None
-        # Stripe comes back: after the reset timeout the next call is a trial that closes it.
-        api.stripe = stripe_gateway.StripeGateway(stripe_gateway.make_client(DEV_SECRET_KEY, stack.stripe_base), breaker)
-        await asyncio.sleep(0.6)
-        created = await stub.CreatePayment(
-            service_pb2.CreatePaymentRequest(subject=subject(stack.live, user=True), amount=100, currency="usd", idempotency_key=random_id()),
-            metadata=auth(WRITE),
-        )
-        assert created.payment.status == "pending"
-        assert await breaker.state() == "closed"
-        await api.stripe.close()
+    with refusing_port() as down:
+        async with api_server(
+            stack.database_url, stack.redis_url, stack.prefix, stack.broker, stack.topics.payment_events,
+            stripe_base=f"http://127.0.0.1:{down}", stripe_breaker=breaker,
+        ) as (_, stub, api), counting_http(status=200) as peer:
+            for _ in range(2):
+                await expect_code(stub.CreatePayment(request, metadata=auth(WRITE)), Code.UNAVAILABLE, "Stripe is unavailable")
+            assert breaker.state == "opened"
+            # Open: a Stripe that answers again is not even asked until the cool-down is over.
+            assert api.stripe is not None
+            api.stripe = stripe_gateway.StripeGateway(stripe_gateway.make_client(DEV_SECRET_KEY, peer.url), breaker)
+            clock.advance(29)
+            for _ in range(3):
+                await expect_code(stub.CreatePayment(request, metadata=auth(WRITE)), Code.UNAVAILABLE, "circuit open")
+            assert peer.requests == 0
+            await api.stripe.close()
+            # Stripe is back and the cool-down over: the next call is a trial that closes it.
+            api.stripe = stripe_gateway.StripeGateway(stripe_gateway.make_client(DEV_SECRET_KEY, stack.stripe_base), breaker)
+            clock.advance(1)
+            assert breaker.state == "half-opened"
+            created = await stub.CreatePayment(
+                service_pb2.CreatePaymentRequest(subject=subject(stack.live, user=True), amount=100, currency="usd", idempotency_key=random_id()),
+                metadata=auth(WRITE),
+            )
+            assert created.payment.status == "pending"
+            assert breaker.state == "closed"
+            await api.stripe.close()
 
 
 async def test_a_client_over_its_rate_is_resource_exhausted_with_retry_after(stack: Stack) -> None:

@@ -18,12 +18,12 @@ from redis.asyncio import Redis
 
 from payment.v1 import service_pb2, service_pb2_grpc
 from services.api_grpc import cache, near_cache, page_tokens
-from services.api_grpc.breakers import Breaker
 from services.api_grpc.decisions import Facts
 from services.api_grpc.near_cache import NearCache
 from services.api_grpc.queries import Queries
 from services.api_grpc.server import build_server
 from services.api_grpc.service import PaymentApi
+from shared.breaker import Breaker
 from shared.catalog import apply_catalog
 from shared.config import ApiKey, Topics
 from shared.db import make_pool

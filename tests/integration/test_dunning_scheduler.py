@@ -49,11 +49,14 @@ async def stripe_fake() -> AsyncIterator[FakeStripe]:
         yield fake
 
 
-def scheduler(pool: Any, fake: FakeStripe, publisher: RecordingPublisher, clock: Clock, **config: Any) -> Scheduler:
+def scheduler(
+    pool: Any, fake: FakeStripe, publisher: RecordingPublisher, clock: Clock, breaker_clock: Clock | None = None,
+    **config: Any,
+) -> Scheduler:
     config.setdefault("owner", random_id("replica-"))
     return Scheduler(
         pool, StripeInvoices("sk_test_fake", fake.url, timeout_s=5), publisher, CATALOG,
-        clock=clock, config=SchedulerConfig(**config),
+        clock=clock, config=SchedulerConfig(**config), breaker_clock=breaker_clock or Clock(0),
     )
 
 
@@ -120,20 +123,27 @@ async def test_a_stripe_outage_opens_the_breaker_burns_nothing_and_attempts_resu
     publisher = RecordingPublisher()
     apply = Applier(pool, CATALOG, publisher)
     await apply([failure(f"in_out{i}", T0) for i in range(5)])
-    s = scheduler(pool, stripe_fake, publisher, clock, breaker_threshold=2, breaker_ttl_s=0.3)
+    breaker_clock = Clock(0)
+    s = scheduler(pool, stripe_fake, publisher, clock, breaker_clock, breaker_threshold=2, breaker_ttl_s=30)
     stripe_fake.mode = "down"
     report = await s.tick()
     assert len(report.skipped_unavailable) == 5 and report.attempts == []
+    assert stripe_fake.requests == 2  # two outages open the breaker; the rest never left
+    assert s.breaker.state == "opened"
     assert publisher.decisions == []
     assert rows(database_url, "SELECT count(*) FROM dunning_steps") == [(0,)]  # nothing claimed stays
     assert {c[:2] for c in cases(database_url).values()} == {("open", 0)}
-    # The breaker is open now: no request reaches Stripe at all.
+    # The breaker is open now: no request reaches Stripe at all, even though it is back.
     stripe_fake.mode = "ok"
+    breaker_clock.advance(29)
     report = await s.tick()
-    assert len(report.skipped_unavailable) == 5 and sum(stripe_fake.calls.values()) == 0
-    await asyncio.sleep(0.4)  # the breaker lets a trial call through; it succeeds and closes
+    assert len(report.skipped_unavailable) == 5 and stripe_fake.requests == 2
+    # Its cool-down is over: a trial call goes through, succeeds and closes it.
+    breaker_clock.advance(1)
+    assert s.breaker.state == "half-opened"
     report = await s.tick()
     assert len(report.attempts) == 5 and sum(stripe_fake.calls.values()) == 5
+    assert s.breaker.state == "closed"
     await apply(publisher.decisions)
     assert {c[:2] for c in cases(database_url).values()} == {("retrying", 1)}
 

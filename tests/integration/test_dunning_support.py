@@ -19,19 +19,11 @@ from services.dunning.projection import DunningProjection
 from shared.catalog import Catalog
 from shared.outbox import OutboxRelay
 from shared.worker import BatchProcessor, DeadLetter, RawMessage
+from tests.support.clock import Clock
+
+__all__ = ["Clock"]
 
 DAY = 86_400
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
@@ -56,12 +48,14 @@ class FakeStripe:
     """POST /v1/invoices/{id}/pay: `mode` is ok (paid), decline (402) or down (503)."""
 
     mode: str = "ok"
+    requests: int = 0  # every request that reached the server, whatever the mode
     calls: collections.Counter[str] = field(default_factory=collections.Counter)
     keys: list[str] = field(default_factory=list)
     url: str = ""
 
     async def pay(self, request: web.Request) -> web.Response:
         invoice = request.match_info["invoice"]
+        self.requests += 1
         if self.mode == "down":
             return web.json_response({"error": {"type": "api_error", "message": "down"}}, status=503)
         self.calls[invoice] += 1

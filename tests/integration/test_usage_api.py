@@ -22,7 +22,6 @@ from redis.asyncio import Redis
 
 from payment.v1 import service_pb2, service_pb2_grpc
 from services.api_grpc import cache, page_tokens
-from services.api_grpc.breakers import Breaker
 from services.api_grpc.commands import KafkaEventBus
 from services.api_grpc.decisions import Facts
 from services.api_grpc.queries import Queries
@@ -33,6 +32,7 @@ from services.usage import rebuild
 from services.usage.bootstrap import connector
 from services.usage.counters import Counters
 from services.usage.projection import UsageProjection
+from shared.breaker import Breaker
 from shared.catalog import apply_catalog
 from shared.config import Settings, Topics
 from shared.consumer import KafkaDeadLetters, LoopPolicy, run_live
