@@ -6,6 +6,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
+# Under CI (CI=true) property tests draw the same examples on every run (tests/conftest.py).
+ifeq ($(CI),true)
+export HYPOTHESIS_PROFILE ?= ci
+endif
+
 .PHONY: dev test test.unit test.integration test.e2e lint preflight install \
         build.proto check.proto migrate.create migrate.local.up migrate.local.down \
         migrate.proxy.up bench clean

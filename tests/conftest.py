@@ -5,6 +5,15 @@
 - `database_url`: a fresh database per test, cloned from a migrated template.
 - `redis_url` / `redis_prefix`: the shared Redis with a key prefix unique to the test.
 Ids are random so that tests never collide, even across parallel runs.
+
+Hypothesis runs under the profile named by HYPOTHESIS_PROFILE (`make test` under CI=true
+and `.ci/run` set `ci`):
+- `ci`: derandomized, so every run draws the same examples (each test's seed is fixed,
+  derived from the test itself) and a red CI is red on every rerun.
+- `dev` (the default): a new random seed per session, printed in pytest's header; rerun
+  with HYPOTHESIS_SEED=<seed> (or --hypothesis-seed=<seed>) to draw the same examples.
+Both print the blob to reproduce a failure (@reproduce_failure). An example Hypothesis
+ever found is kept as an explicit @example (or a plain test) next to its property.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
+from hypothesis import settings as hypothesis_settings
 from psycopg import sql
 
 from shared.config import Topics
@@ -27,6 +37,26 @@ from shared.migrate import migrate_up
 ADMIN_URL = os.environ.get("TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 TEMPLATE_DB = f"paymentsvc_tpl_{secrets.token_hex(4)}"
+
+hypothesis_settings.register_profile("ci", derandomize=True, print_blob=True, database=None)
+hypothesis_settings.register_profile("dev", print_blob=True)
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "dev")
+hypothesis_settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Outside `ci`, pick the session's seed here (before Hypothesis' own plugin reads
+    --hypothesis-seed) so that it can be printed and given back."""
+    if HYPOTHESIS_PROFILE != "ci" and config.getoption("hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = os.environ.get("HYPOTHESIS_SEED") or str(secrets.randbits(32))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if HYPOTHESIS_PROFILE == "ci":
+        return "hypothesis: profile ci, derandomized (each test's seed is fixed by the test itself)"
+    seed = config.getoption("hypothesis_seed", None)
+    return f"hypothesis: profile {HYPOTHESIS_PROFILE}, seed {seed} (rerun with HYPOTHESIS_SEED={seed})"
 
 
 def random_id(prefix: str = "") -> str:

@@ -4,7 +4,8 @@ Answers:
 - 200 once every message of the event is acknowledged by the broker (acks=all);
 - 400 for a missing, bad or stale signature, a non-UTF-8 or malformed body, or a
   verified event we cannot normalize (archived and dead-lettered first);
-- 413 for a body over the limit, 415 for a content type other than JSON, 405 for
+- 413 for a body over the limit, 415 for a content type other than JSON or a
+  malformed one (`malformed_content_type`), 405 for
   another method;
 - 503 with Retry-After when the broker does not acknowledge within the timeout,
   so Stripe retries. Never a 2xx for an event that is not on the bus.
@@ -59,7 +60,11 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
 
 
 def _check_content_type(request: web.Request) -> None:
-    if request.content_type != "application/json":
+    try:
+        content_type = request.content_type
+    except (IndexError, ValueError) as exc:  # aiohttp's parser fails on e.g. ";0*"
+        raise WebhookRejected(415, "malformed_content_type", "the Content-Type header is malformed") from exc
+    if content_type != "application/json":
         raise WebhookRejected(415, "wrong_content_type", "the content type must be application/json")
 
 

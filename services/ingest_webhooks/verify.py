@@ -51,6 +51,8 @@ class SignatureVerifier:
         """
         if not header:
             raise WebhookRejected(400, "missing_signature", "the Stripe-Signature header is missing")
+        if not header.isascii():  # int() reads non-ASCII digits; the SDK's compare raises on them
+            raise WebhookRejected(400, "bad_signature", "the Stripe-Signature header is malformed")
         try:
             payload = body.decode("utf-8")
         except UnicodeDecodeError as exc:
