@@ -134,6 +134,13 @@ API_CACHE_LOOKUPS = Counter(
     "Entitlement reads from Redis, by result: hit, miss (Postgres), unavailable (Postgres).",
     ["result"],
 )
+API_NEAR_CACHE_READS = Counter(
+    "paymentsvc_api_near_cache_reads_total",
+    "Entitlement hash reads through the near cache, by result: hit (every subject from "
+    "process memory), miss (read Redis, then cached), bypass (the change feed is down or "
+    "silent: read Redis, cache nothing).",
+    ["result"],
+)
 API_RATE_LIMITED = Counter(
     "paymentsvc_api_rate_limited_total",
     "Calls refused by the per-key rate limiter, by key name.",

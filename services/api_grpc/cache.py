@@ -29,6 +29,7 @@ from services.api_grpc.near_cache import ChangeFeed, NearCache
 from services.api_grpc.validation import SubjectKey
 from services.entitlements.projection import REDIS_TTL_S, WATERMARK_FIELD, redis_key
 from shared.breaker import Breaker, BreakerOpen
+from shared.metrics import API_NEAR_CACHE_READS
 
 # A subject with no rows gets a hash with only the watermark: a cached "nothing", so
 # that free-plan subjects do not go to Postgres on every check. Shorter-lived.
@@ -118,11 +119,14 @@ class EntitlementCache:
         near = self.near
         keys = [self.key(s) for s in subjects]
         if near is not None:
-            if self.feed is not None and not near.usable():
+            usable = near.usable()
+            if self.feed is not None and not usable:
                 self.feed.start()
             cached = [near.get(k) for k in keys]
             if None not in cached:
+                API_NEAR_CACHE_READS.labels("hit").inc()
                 return cached
+            API_NEAR_CACHE_READS.labels("miss" if usable else "bypass").inc()
             token = near.begin(keys)
             hashes = None
             try:

@@ -1,18 +1,24 @@
 """The near cache on a running API server, kept current by the real entitlements
-worker's change feed: a change shows up long before the max age, and while the feed's
-subscription is broken every check reads Redis."""
+worker's change feed. Asserted: what the near cache promises, counted by its metric
+(paymentsvc_api_near_cache_reads_total), never the state between two steps of a race:
+- a repeated check while no change arrived is a hit, until the maximum age (the near
+  cache's clock is a fake one here, so only the test moves it);
+- a change made through the worker evicts the entry (seen within a polled bound, with
+  the clock standing still: only the feed can explain it);
+- while the feed's subscription is broken every check bypasses the near cache, and it
+  is used again once the feed is back by itself."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
@@ -37,11 +43,13 @@ from tests.integration.test_entitlements_worker import (
     publish,
     until_processed,
 )
+from tests.support.clock import Clock
+from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 DAY = 86_400
 KEY = "k-read-" + secrets.token_hex(4)
-MAX_AGE_S = 30.0  # far beyond what the test waits: only the feed can explain a fresh answer
+MAX_AGE_S = 1.0
 
 
 class NoBus:
@@ -49,21 +57,19 @@ class NoBus:
         raise RuntimeError("nothing is published here")
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], within: float) -> float:
-    started = time.monotonic()
-    while not await check():
-        assert time.monotonic() - started < within, f"not within {within} s"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
+def reads(result: str) -> float:
+    return REGISTRY.get_sample_value("paymentsvc_api_near_cache_reads_total", {"result": result}) or 0.0
 
 
 @contextlib.asynccontextmanager
-async def served(database_url: str, prefix: str) -> AsyncIterator[tuple[service_pb2_grpc.PaymentServiceStub, cache.EntitlementCache]]:
+async def served(
+    database_url: str, prefix: str, clock: Clock
+) -> AsyncIterator[tuple[service_pb2_grpc.PaymentServiceStub, cache.EntitlementCache]]:
     pool = make_pool(database_url, max_size=2)
     await pool.open(wait=True, timeout=10)
     redis = Redis.from_url(REDIS_URL, socket_timeout=1.0, socket_connect_timeout=0.5)
     breaker = Breaker("redis", cache.is_transient, threshold=3, reset_after_s=0.5)
-    entitlements = cache.EntitlementCache(redis, breaker, prefix, near=NearCache(max_age_s=MAX_AGE_S))
+    entitlements = cache.EntitlementCache(redis, breaker, prefix, near=NearCache(max_age_s=MAX_AGE_S, liveness_s=1e9, clock=clock))
     entitlements.start()
     api = PaymentApi(Facts.of(CATALOG), Queries(pool, 1.0), entitlements, NoBus(), None,  # type: ignore[arg-type]
                      page_tokens.PageTokens(page_tokens.derive_key("test")))
@@ -91,12 +97,14 @@ async def test_the_feed_keeps_the_near_cache_current_and_a_broken_feed_bypasses_
     redis = Redis.from_url(REDIS_URL)
     producer = make_producer(broker)
     await producer.start()
+    # The near cache's clock (max age; liveness is out of the way): only the test moves it.
+    clock = Clock(1000.0)
     with fresh_database(template_database) as url:
         with psycopg.connect(url, autocommit=True) as conn:
             apply_catalog(conn, CATALOG)
-        async with entitlements_worker(broker, topics.payment_events, url, redis, prefix), served(url, prefix) as (stub, ents):
+        async with entitlements_worker(broker, topics.payment_events, url, redis, prefix), served(url, prefix, clock) as (stub, ents):
             near = ents.near
-            assert near is not None
+            assert near is not None and ents.feed is not None
             key = ents.key(("family", ids.family))
             request = service_pb2.CheckEntitlementRequest(
                 subject=service_pb2.Subject(family_id=ids.family), feature_code="priority_support"
@@ -106,39 +114,69 @@ async def test_the_feed_keeps_the_near_cache_current_and_a_broken_feed_bypasses_
                 answer = await stub.CheckEntitlement(request, metadata=(("authorization", f"Bearer {KEY}"),))
                 return answer.allowed
 
-            await eventually(lambda: asyncio.sleep(0, near.usable()), within=5)
+            async def counted(result: str) -> bool:
+                """One check; whether it was counted as `result`."""
+                before = reads(result)
+                await allowed()
+                return reads(result) == before + 1
+
+            async def feed_caught_up() -> None:
+                """Every change published so far has been processed by this replica: a
+                marker published after them (Redis keeps one channel's order) is seen."""
+                marker = f"{prefix}marker:{secrets.token_hex(4)}"
+                near.finish([marker], near.begin([marker]), [{"marker": True}])
+                await redis.publish(ents.feed.channel, marker)
+                await eventually(lambda: near.get(marker) is None, timeout=30, what="the marker's eviction")
+
+            await eventually(near.usable, timeout=30, what="the feed's subscription")
             await publish(producer, topics.payment_events, [
                 sub_event(ids, "created", now - 60, status="active", **pro),
                 event(ids, "checkout.session.completed", now - 30, user_id=ids.user, family_id=ids.family,
                       subscription_id=ids.sub),
             ])
             await until_processed(url, 2)
-            await eventually(allowed, within=5)
-            assert near.get(key) is not None  # served from the near cache from now on
+            await eventually(allowed, timeout=30, what="the grant")
+            # The worker publishes its changes in the MULTI/EXEC that wrote them: once the
+            # grant is readable, the marker comes after every change announcing it.
+            await feed_caught_up()
 
-            # A cancellation through the worker: the feed evicts the entry, far before the max age.
+            # No change arrives now: a repeated check is a hit, until the maximum age.
+            await allowed()
+            for _ in range(3):
+                assert await counted("hit")
+            clock.advance(MAX_AGE_S + 0.001)
+            assert await counted("miss")  # too old: read Redis again (and cache it)
+            assert await counted("hit")
+
+            # A cancellation through the worker: the feed evicts the entry, the near
+            # cache's clock standing still (so the maximum age cannot explain it).
             await publish(producer, topics.payment_events, [
                 sub_event(ids, "deleted", now, status="canceled", **pro),
             ])
             await until_processed(url, 3)
-            took = await eventually(lambda: _not(allowed()), within=3)
-            assert took < MAX_AGE_S
+            await eventually(lambda: _not(allowed()), timeout=30, what="the cancellation")
+            await feed_caught_up()
+            assert await allowed() is False
+            assert await counted("hit")
 
-            # Break the subscription (Redis drops the connection) and keep it down a while.
-            monkeypatch.setattr(near_cache, "RECONNECT_MIN_S", 1.5)
-            assert await allowed() is False and near.get(key) is not None
+            # Break the subscription (Redis drops the connection); the feed stays down for
+            # RECONNECT_MIN_S, far longer than the checks below take.
+            monkeypatch.setattr(near_cache, "RECONNECT_MIN_S", 5.0)
             host, port = ents.feed.pubsub.connection._writer.get_extra_info("sockname")[:2]  # type: ignore[union-attr]
             await redis.execute_command("CLIENT", "KILL", "ADDR", f"{host}:{port}")
-            await eventually(lambda: asyncio.sleep(0, not near.usable()), within=2)
+            await eventually(lambda: not near.usable(), timeout=30, what="the feed noticing the kill")
             # While it is down, a change nobody announces is seen at once: the near cache is bypassed.
             granted = await redis.hget(key, "priority_support")
             assert granted is not None
             await redis.hset(key, "priority_support", granted.replace(b'"allowed":false', b'"allowed":true'))
+            before = reads("bypass")
             assert await allowed() is True
-            assert len(near) == 0
+            assert await allowed() is True
+            assert reads("bypass") == before + 2 and len(near) == 0
             # The feed comes back by itself and the near cache is used again.
-            await eventually(lambda: asyncio.sleep(0, near.usable()), within=5)
-            assert await allowed() is True and near.get(key) is not None
+            await eventually(near.usable, timeout=30, what="the feed's reconnection")
+            assert await allowed() is True
+            assert await counted("hit")
     await producer.stop()
     keys = [k async for k in redis.scan_iter(match=f"{prefix}*")]
     if keys:
