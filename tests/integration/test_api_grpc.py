@@ -8,9 +8,9 @@ POST /v1/checkout/sessions that records the form fields the SDK sent.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -52,6 +52,7 @@ from tests.kafka_helpers import headers_of, read_topic
 from tests.support.clock import Clock
 from tests.support.net import counting_http, refusing_port
 from tests.support.private_postgres import PrivatePostgres
+from tests.support.wait import eventually, eventually_sync
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 DAY = 86_400
@@ -104,13 +105,13 @@ async def stack(broker: str, template_database: str) -> AsyncIterator[Stack]:
         stripe = LocalStripe()
         stripe.start()
         exits.callback(stripe.stop)
-        async with entitlements_worker(broker, topics.payment_events, url, redis, prefix):
+        async with entitlements_worker(broker, topics.payment_events, url, redis, prefix) as progress:
             producer = make_producer(broker)
             await producer.start()
             await publish(producer, topics.payment_events, events)
             await producer.stop()
             await until_processed(url, len(events))
-            await asyncio.sleep(0.3)  # Redis is written after the commit
+            await progress.until_finished(len(events))  # Redis is written after the commit
             yield Stack(url, topics, redis_url, prefix, broker, live, old, stripe.api_base)
         keys = [k async for k in redis.scan_iter(match=f"{prefix}*")]
         if keys:
@@ -345,14 +346,13 @@ async def test_create_payment_goes_through_stripe_and_publishes_payment_created(
         events_pb2.EVENT_SOURCE_API, created.payment.payment_id, 2500, "pending")
     assert sent.actor == "writer" and sent.user_id == stack.live.user
     # The worker applies it: the pending payment becomes readable.
-    for _ in range(100):
+    async def readable() -> service_pb2.GetPaymentResponse | None:
         with contextlib.suppress(grpc.aio.AioRpcError):
-            got = await stub.GetPayment(service_pb2.GetPaymentRequest(payment_id=sent.payment_intent_id), metadata=auth(READ))
-            assert got.payment.status == "pending"
-            break
-        await asyncio.sleep(0.1)
-    else:
-        pytest.fail("the worker did not apply payment.created")
+            return await stub.GetPayment(service_pb2.GetPaymentRequest(payment_id=sent.payment_intent_id), metadata=auth(READ))
+        return None
+
+    got = await eventually(readable, timeout=30, what="the worker applying payment.created")
+    assert got.payment.status == "pending"
 
 
 async def test_update_payment_status_publishes_an_event_applied_by_the_worker(stub, stack: Stack) -> None:
@@ -361,13 +361,13 @@ async def test_update_payment_status_publishes_an_event_applied_by_the_worker(st
         metadata=auth(ADMIN),
     )
     assert answer.event_id.startswith("api_")
-    for _ in range(100):
+
+    async def disputed() -> service_pb2.GetPaymentResponse | None:
         got = await stub.GetPayment(service_pb2.GetPaymentRequest(payment_id=stack.old.intent), metadata=auth(READ))
-        if got.payment.status == "disputed":
-            assert got.payment.last_event_id == answer.event_id
-            return
-        await asyncio.sleep(0.1)
-    pytest.fail("the worker did not apply payment.status_updated")
+        return got if got.payment.status == "disputed" else None
+
+    got = await eventually(disputed, timeout=30, what="the worker applying payment.status_updated")
+    assert got.payment.last_event_id == answer.event_id
 
 
 async def test_update_payment_status_of_an_unknown_payment_is_not_found(stub) -> None:
@@ -513,19 +513,29 @@ async def test_health_and_reflection_need_no_key(served) -> None:
 
 @contextlib.contextmanager
 def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        for _ in range(50):
-            with contextlib.suppress(OSError):
-                import socket
+    """A redis-server of our own. The port is free when picked but may be taken before
+    redis-server binds it (other tests run beside us): then it exits, and we start
+    another on a new port."""
+    for _ in range(5):
+        port = free_port()
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
 
-                socket.create_connection(("127.0.0.1", port), 0.1).close()
-                break
-            time.sleep(0.05)
+        def up(process: subprocess.Popen[bytes] = process, port: int = port) -> str:
+            if process.poll() is not None:
+                return "exited"
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                return "up" if process.poll() is None else "exited"
+            return ""
+
+        if eventually_sync(up, timeout=30, what=f"redis-server on port {port}") == "up":
+            break
+    else:
+        raise RuntimeError("redis-server did not start on any of 5 free ports")
+    try:
         yield f"redis://127.0.0.1:{port}/0", process
     finally:
         if process.poll() is None:

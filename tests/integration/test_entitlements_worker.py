@@ -30,6 +30,7 @@ from shared.kafka import make_producer
 from shared.worker import BatchProcessor
 from tests.integration.test_entitlements_projection import Ids, event, story
 from tests.kafka_helpers import eventually
+from tests.support.wait import eventually as wait_for
 
 pytestmark = pytest.mark.integration
 CATALOG = load_catalog(DEFAULT_CATALOG_PATH)
@@ -50,21 +51,42 @@ async def publish(producer: AIOKafkaProducer, topic: str, events: Sequence[event
     await asyncio.gather(*acks)
 
 
+class Progress:
+    """How many events the worker has finished: applied or skipped as duplicates, with
+    the batch's after-commit work (the Redis hashes) done. Resolved by BatchProcessor
+    returning, so waiting on it needs no guess of how long after_commit takes."""
+
+    def __init__(self, processor: BatchProcessor) -> None:
+        self.finished = 0
+        process = processor.process
+
+        async def counted(messages):  # type: ignore[no-untyped-def]
+            result = await process(messages)
+            self.finished += result.applied + result.duplicates
+            return result
+
+        processor.process = counted  # type: ignore[method-assign]
+
+    async def until_finished(self, n: int, timeout: float = 40) -> None:
+        await wait_for(lambda: self.finished >= n, timeout=timeout, what=f"{n} events finished ({self.finished} so far)")
+
+
 @contextlib.asynccontextmanager
 async def entitlements_worker(
     broker: str, topic: str, database_url: str, redis: Redis | None = None, prefix: str = ""
-) -> AsyncIterator[None]:
+) -> AsyncIterator[Progress]:
     pool = make_pool(database_url, max_size=2)
     await pool.open(wait=True)
     producer = make_producer(broker)
     await producer.start()
     stop = asyncio.Event()
     processor = BatchProcessor(EntitlementsProjection(CATALOG, redis, prefix), pool, KafkaDeadLetters(producer))
+    progress = Progress(processor)
     task = asyncio.create_task(
         run_live(processor, pool, broker, topic, f"g-{random.getrandbits(32):x}", stop, LoopPolicy(max_batch=200), 6000)
     )
     try:
-        yield
+        yield progress
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -104,10 +126,9 @@ async def test_the_worker_projects_events_into_postgres_and_redis(
     events = story(ids)
     redis = Redis.from_url(redis_url)
     try:
-        async with entitlements_worker(broker, topics.payment_events, live_db, redis, redis_prefix):
+        async with entitlements_worker(broker, topics.payment_events, live_db, redis, redis_prefix) as progress:
             await publish(producer, topics.payment_events, events)
-            await until_processed(live_db, len(events))
-            await asyncio.sleep(0.3)  # after_commit follows the commit
+            await progress.until_finished(len(events))  # Redis is written after the commit
         with psycopg.connect(live_db) as conn:
             sub = conn.execute(
                 "SELECT status, plan_id, user_id, family_id, cancel_at_period_end FROM subscriptions WHERE subscription_id = %s",
@@ -173,14 +194,15 @@ async def test_a_swap_during_live_traffic_loses_no_event_and_applies_none_twice(
     broker: str, topics: Topics, live_db: str, producer: AIOKafkaProducer
 ) -> None:
     first, second = stories(10), stories(10)
-    async with entitlements_worker(broker, topics.payment_events, live_db):
+    async with entitlements_worker(broker, topics.payment_events, live_db) as progress:
         await publish(producer, topics.payment_events, first)
         await until_processed(live_db, len(first))
 
         async def trickle() -> None:
+            """Live traffic, ten events at a time, each ten once the worker took the last."""
             for i in range(0, len(second), 10):
                 await publish(producer, topics.payment_events, second[i : i + 10])
-                await asyncio.sleep(0.05)
+                await progress.until_finished(len(first) + i + 10)
 
         sender = asyncio.create_task(trickle())
         await replay.rebuild(live_db, broker, spec(topics.payment_events), "rebuild_b", show_progress=False)

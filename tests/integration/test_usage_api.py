@@ -104,14 +104,14 @@ async def stack(broker: str, template_database: str) -> AsyncIterator[Stack]:
         with psycopg.connect(url, autocommit=True) as conn:
             apply_catalog(conn, CATALOG)
         redis = Redis.from_url(redis_url)
-        async with entitlements_worker(broker, topics.payment_events, url, redis, prefix), \
+        async with entitlements_worker(broker, topics.payment_events, url, redis, prefix) as progress, \
                 usage_worker(broker, topics.usage_events, url):
             producer = make_producer(broker)
             await producer.start()
             await publish(producer, topics.payment_events, events)
             await producer.stop()
             await until_processed(url, len(events))
-            await asyncio.sleep(0.3)
+            await progress.until_finished(len(events))  # Redis is written after the commit
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
                 await rebuild.rebuild(conn, redis, CATALOG, prefix=prefix, settle_s=0)  # sets usage:ready
             yield Stack(url, topics, redis_url, prefix, broker, family)
@@ -403,8 +403,7 @@ async def test_after_flushdb_quotas_fall_back_to_postgres_and_a_rebuild_gives_th
                 out.append([(q.feature_code, q.used, q.limit, q.period_start, q.period_end, q.hard_limit) for q in r.quotas])
             return out
 
-        before = await answers()
-        await asyncio.sleep(0.5)  # the entitlements fill of this replica has settled
+        before = await answers()  # every fill of Redis it made was awaited by the call
         await s.redis.flushdb()  # the module's own redis-server, never the shared one
         during = await answers()
         await expect_code(s.stub.IncrementUsage(inc(user), metadata=auth(WRITE)), Code.UNAVAILABLE, "rebuilt")

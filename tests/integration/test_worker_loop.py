@@ -22,6 +22,7 @@ from shared.worker import BatchProcessor, RawMessage
 from tests.kafka_helpers import eventually, headers_of, read_topic
 from tests.support.counting import SCHEMA, CountingProjection, run_worker
 from tests.support.private_postgres import PrivatePostgres
+from tests.support.wait import eventually as wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +56,11 @@ async def worker(bootstrap: str, topic: str, database_url: str) -> AsyncIterator
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+def caplog_refusals(caplog: pytest.LogCaptureFixture) -> int:
+    """psycopg's pool logs each failed connection attempt."""
+    return sum(1 for r in caplog.records if r.name == "psycopg.pool" and "error connecting" in r.getMessage())
 
 
 async def all_applied_once(database_url: str, n: int, timeout: float = 40.0) -> dict[str, int]:
@@ -106,7 +112,7 @@ async def test_a_poison_message_goes_to_the_dlq_and_the_next_good_message_is_app
 
 
 async def test_postgres_down_for_a_while_makes_the_worker_wait_then_catch_up(
-    broker: str, topics: Topics, producer: AIOKafkaProducer
+    broker: str, topics: Topics, producer: AIOKafkaProducer, caplog: pytest.LogCaptureFixture
 ) -> None:
     pg = PrivatePostgres().init()
     pg.start()
@@ -119,7 +125,9 @@ async def test_postgres_down_for_a_while_makes_the_worker_wait_then_catch_up(
             await all_applied_once(pg.url, 50)
             pg.stop()
             await produce(producer, topics.payment_events, range(50, 100))
-            await asyncio.sleep(3)  # the worker retries with backoff meanwhile
+            # The worker meets the outage: its pool fails to connect, again and again.
+            refused = caplog_refusals(caplog)
+            await wait_for(lambda: caplog_refusals(caplog) >= refused + 3, timeout=60, what="three refused connections")
             pg.start()
             await all_applied_once(pg.url, 100)
     finally:
@@ -139,16 +147,18 @@ async def test_two_worker_processes_split_the_partitions_and_killing_one_loses_n
         with psycopg.connect(counting_db) as conn:
             return {row[0] for row in conn.execute("SELECT DISTINCT pid FROM applied")}
 
+    produced = 0
+
+    async def split() -> bool:
+        """Produce some more; whether both processes have applied something (the group
+        split the partitions)."""
+        nonlocal produced
+        await produce(producer, topic, range(produced, produced + 200))
+        produced += 200
+        return {first.pid, second.pid} <= pids()
+
     try:
-        produced = 0
-        # Keep producing until both processes have applied something: the group split the partitions.
-        for _ in range(40):
-            await produce(producer, topic, range(produced, produced + 200))
-            produced += 200
-            if {first.pid, second.pid} <= pids():
-                break
-            await asyncio.sleep(0.5)
-        assert {first.pid, second.pid} <= pids(), "the two workers did not split the partitions"
+        await wait_for(split, timeout=90, interval=0.5, what="the two workers splitting the partitions")
         first.send_signal(signal.SIGKILL)
         await produce(producer, topic, range(produced, produced + 500))
         await all_applied_once(counting_db, produced + 500, timeout=60)
