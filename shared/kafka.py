@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
+from payment.v1 import events_pb2
 from shared import tracing
 from shared.metrics import EVENTS_PUBLISHED, PUBLISH_LATENCY
 
@@ -120,3 +121,13 @@ def kafka_probe(producer: AIOKafkaProducer):  # type: ignore[no-untyped-def]
             raise PublishFailed("no broker answered a metadata request")
 
     return probe
+
+
+def payment_event_key(event: events_pb2.PaymentEvent) -> str:
+    """The Kafka key of a payment-events message: the customer id, else the payment's own.
+
+    A guest payment (no Stripe Customer) is keyed by its payment intent id, else its
+    charge id, else its object id, so the charge, intent and checkout events of one
+    payment share a partition and stay in order. Empty when the event has none.
+    """
+    return event.customer_id or event.payment_intent_id or event.charge_id or event.object_id

@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError
 from psycopg import AsyncConnection
 
 from payment.v1 import events_pb2
+from shared.kafka import payment_event_key
 
 M = TypeVar("M")
 
@@ -74,7 +75,7 @@ def decode_payment_event(value: bytes) -> tuple[str, str, events_pb2.PaymentEven
     """(event_id, event_type, event) of a payment-events message, for `Projection.decode`.
 
     Raises ValueError for bytes that are no PaymentEvent, or one without the event id
-    (the inbox key) or the customer id (the partition key).
+    (the inbox key) or a partition key (`payment_event_key`).
     """
     try:
         event = events_pb2.PaymentEvent.FromString(value)
@@ -82,6 +83,7 @@ def decode_payment_event(value: bytes) -> tuple[str, str, events_pb2.PaymentEven
         raise ValueError(f"not a payment.v1.PaymentEvent: {exc}") from exc
     if not event.event_id:
         raise ValueError("PaymentEvent without event_id")
-    if not event.customer_id:
-        raise ValueError(f"PaymentEvent {event.event_id} without customer_id")
+    if not payment_event_key(event):
+        raise ValueError(f"PaymentEvent {event.event_id} without customer_id or payment id")
     return event.event_id, event.event_type, event
+

@@ -262,7 +262,7 @@ CREATE INDEX dunning_cases_subscription ON dunning_cases (subscription_id);
 CREATE TABLE one_time_grants (
     source_type         text NOT NULL CHECK (source_type IN ('charge', 'checkout')),
     source_id           text NOT NULL CHECK (source_id <> ''),
-    customer_id         text NOT NULL,
+    customer_id         text,  -- NULL: bought by a guest (0006)
     user_id             text,
     family_id           text,
     plan_id             text NOT NULL,

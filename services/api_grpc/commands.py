@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaProducer
 from payment.v1 import events_pb2
 from services.api_grpc.errors import Unavailable
 from shared import tracing
-from shared.kafka import PublishFailed, event_headers, publish
+from shared.kafka import PublishFailed, event_headers, payment_event_key, publish
 
 PAYMENT_CREATED = "payment.created"
 PAYMENT_STATUS_UPDATED = "payment.status_updated"
@@ -82,7 +82,7 @@ def payment_status_updated(
         event_type=PAYMENT_STATUS_UPDATED,
         event_id=event_id_for(PAYMENT_STATUS_UPDATED, idempotency_key),
         created=now,
-        customer_id=payment["customer_id"],
+        customer_id=payment.get("customer_id") or "",  # empty for a guest's payment
         user_id=payment.get("user_id") or "",
         family_id=payment.get("family_id") or "",
         source=events_pb2.EVENT_SOURCE_API,
@@ -114,7 +114,7 @@ class KafkaEventBus:
                 self._producer,
                 self._topic,
                 event.SerializeToString(),
-                key=event.customer_id.encode(),
+                key=payment_event_key(event).encode(),
                 headers=headers(event, traceparent),
                 event_type=event.event_type,
                 timeout_s=timeout,

@@ -19,7 +19,7 @@ from services.api_grpc import commands, decisions, validation
 from services.api_grpc.cache import CacheUnavailable, EntitlementCache, Fields
 from services.api_grpc.commands import EventBus, NewPayment
 from services.api_grpc.decisions import Decision, Facts
-from services.api_grpc.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.api_grpc.errors import InvalidArgument, NotFound, Unavailable
 from services.api_grpc.freshness import FreshnessCache
 from services.api_grpc.page_tokens import PageTokens, query_fingerprint
 from services.api_grpc.queries import PaymentFilter, Queries, Row, Watermark
@@ -280,8 +280,6 @@ class PaymentApi:
         row = await self.queries.payment(payment_id, timeout)
         if row is None:
             raise NotFound(f"no payment {payment_id!r}")
-        if not row["customer_id"]:
-            raise FailedPrecondition(f"payment {payment_id!r} has no customer to key its event by")
         event = commands.payment_status_updated(
             row, status, reason, idempotency_key, actor, int(self.clock())
         )

@@ -106,8 +106,31 @@ def apply(event: Event, state: State, catalog: Catalog) -> Changes:
     handler = HANDLERS.get(event.event_type)
     if handler is None:
         return Changes()
+    if not event.customer_id and not _guest_allowed(event):
+        raise InvalidEvent(f"{event.event_type} without a customer")
     mapping, customer = _map_customer(event, state, catalog)
     return mapping.then(handler(event, state, customer, catalog))
+
+
+# Payments Stripe lets happen without a customer (Payment Links, guest checkout), and our
+# own commands about them. Any other event without a customer cannot be applied.
+GUEST_TYPES = frozenset(
+    {
+        "charge.succeeded",
+        "charge.failed",
+        "charge.refunded",
+        "payment_intent.succeeded",
+        "payment_intent.payment_failed",
+        "payment.created",
+        "payment.status_updated",
+    }
+)
+
+
+def _guest_allowed(event: Event) -> bool:
+    if event.event_type == "checkout.session.completed":
+        return event.mode == "payment"
+    return event.event_type in GUEST_TYPES
 
 
 # ---------------------------------------------------------------- customers
@@ -115,7 +138,7 @@ def apply(event: Event, state: State, catalog: Catalog) -> Changes:
 
 def _map_customer(event: Event, state: State, catalog: Catalog) -> tuple[Changes, Customer | None]:
     stored = state.customers.get(event.customer_id)
-    if not (event.user_id or event.family_id):
+    if not event.customer_id or not (event.user_id or event.family_id):
         return Changes(), stored
     version = _version(event)
     seen = Customer(
@@ -577,7 +600,7 @@ def _one_time_purchase(
     seen = OneTimeGrant(
         source[0],
         source[1],
-        event.customer_id,
+        event.customer_id or None,
         event.user_id or None,
         event.family_id or None,
         plan.id,
@@ -690,7 +713,7 @@ def _payment_seen(
     version = _version(event)
     return Payment(
         payment_id=payment_id,
-        customer_id=event.customer_id,
+        customer_id=event.customer_id or None,
         user_id=_fill(event.user_id or None, customer.user_id if customer else None),
         family_id=_fill(event.family_id or None, customer.family_id if customer else None),
         amount=event.amount,

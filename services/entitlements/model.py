@@ -151,7 +151,7 @@ class OneTimeGrant:
 
     source_type: str
     source_id: str
-    customer_id: str
+    customer_id: str | None  # None: bought by a guest
     user_id: str | None
     family_id: str | None
     plan_id: str
@@ -168,6 +168,7 @@ class OneTimeGrant:
         newer, older = _by_version(self, other)
         return replace(
             newer,
+            customer_id=_first(older.customer_id, newer.customer_id),
             user_id=_first(older.user_id, newer.user_id),
             family_id=_first(older.family_id, newer.family_id),
             plan_id=older.plan_id,

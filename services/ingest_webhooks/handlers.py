@@ -14,7 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from services.ingest_webhooks.normalize import PROJECTED_TYPES, MalformedEvent, normalize
+from services.ingest_webhooks.normalize import (
+    PROJECTED_TYPES,
+    MalformedEvent,
+    normalize,
+    partition_key,
+)
 from services.ingest_webhooks.verify import WebhookRejected
 from shared.config import Topics
 from shared.kafka import OutgoingMessage, event_headers
@@ -69,7 +74,7 @@ def plan_delivery(event: Any, raw_body: bytes, topics: Topics, traceparent: str 
     assert normalized is not None  # a projected type always normalizes or raises
     published = OutgoingMessage(
         topic=topics.payment_events,
-        key=normalized.customer_id.encode(),
+        key=partition_key(normalized).encode(),
         value=normalized.SerializeToString(),
         headers=tuple(event_headers(event_id, event_type, "PaymentEvent", traceparent)),
         event_type=event_type,

@@ -6,8 +6,13 @@ Contract of :func:`normalize`:
 * A type outside :data:`PROJECTED_TYPES` gives ``None``; the caller archives and counts it.
 * A projected event that lacks what the projections need raises :class:`MalformedEvent`,
   whose message names the field path and never echoes the payload. Needed are the
-  event's ``id``, ``type``, ``created`` and ``data.object``, the object's ``id`` and its
-  ``customer`` (the customer id is the Kafka key). Integers must be JSON integers.
+  event's ``id``, ``type``, ``created`` and ``data.object``, the object's ``id`` and, for
+  subscriptions, invoices and checkout sessions in subscription mode, its ``customer``.
+  Integers must be JSON integers.
+* Guest payments: a charge, a payment intent or a checkout session in payment mode may
+  have no customer (Payment Links, guest checkout). ``customer_id`` is then empty and
+  :func:`partition_key` gives the payment's own id, so all events of one payment share a
+  partition.
 * Nothing else raises: any other oddity in the payload is a ``MalformedEvent`` too.
 
 API versions. Both the 2024-06-20 shape and the 2025-03-31.basil-and-later shape are read.
@@ -72,6 +77,7 @@ from services.ingest_webhooks.stripe_models import (
     Subscription,
     SubscriptionItem,
 )
+from shared.kafka import payment_event_key
 
 PROJECTED_TYPES: frozenset[str] = frozenset(
     {
@@ -103,6 +109,12 @@ class MalformedEvent(ValueError):
     The message names the field path (``data.object.customer``) and what is wrong with it,
     never the payload's values, so it is safe to log.
     """
+
+
+def partition_key(event: events_pb2.PaymentEvent) -> str:
+    """The Kafka key of a normalized event: its customer, else the payment's own id
+    (the payment intent id first, so all events of one guest payment share a partition)."""
+    return payment_event_key(event)
 
 
 def normalize(event: dict[str, Any]) -> events_pb2.PaymentEvent | None:
@@ -190,6 +202,8 @@ class _Projection:
     # Metadata maps in resolution order (the object's own first); see the module docstring.
     identity: Sequence[Mapping[str, Any]]
     fields: dict[str, Any] = field(default_factory=dict)
+    # A one-time payment, which Stripe lets happen without a customer.
+    guest_allowed: bool = False
 
 
 def _common_fields(event: StripeEvent, object_type: str, p: _Projection) -> dict[str, Any]:
@@ -198,7 +212,7 @@ def _common_fields(event: StripeEvent, object_type: str, p: _Projection) -> dict
         "event_id": event.id,
         "event_type": event.type,
         "created": event.created,
-        "customer_id": _customer_id(p.customer),
+        "customer_id": _customer_id(p.customer, p.guest_allowed),
         "api_version": event.api_version,
         "livemode": event.livemode,
         "object_type": object_type,
@@ -211,11 +225,13 @@ def _common_fields(event: StripeEvent, object_type: str, p: _Projection) -> dict
     }
 
 
-def _customer_id(customer: Customer | None) -> str:
+def _customer_id(customer: Customer | None, guest_allowed: bool) -> str:
     if customer is None:
+        if guest_allowed:
+            return ""
         raise MalformedEvent(
             "malformed Stripe event: data.object.customer: required "
-            "(the customer id is the Kafka key)"
+            "(a subscription or invoice always has a customer; it is the Kafka key)"
         )
     return customer.id
 
@@ -458,6 +474,7 @@ def _project_charge(event_type: str, data: dict[str, Any]) -> _Projection:
         customer=charge.customer,
         metadata=charge.metadata,
         identity=[charge.metadata, _customer_metadata(charge.customer)],
+        guest_allowed=True,
         fields={
             "charge_id": charge.id,
             "payment_intent_id": _id(charge.payment_intent),
@@ -484,6 +501,7 @@ def _project_payment_intent(event_type: str, data: dict[str, Any]) -> _Projectio
         customer=intent.customer,
         metadata=intent.metadata,
         identity=[intent.metadata, _customer_metadata(intent.customer)],
+        guest_allowed=True,
         fields={
             "payment_intent_id": intent.id,
             "charge_id": _id(intent.latest_charge),
@@ -516,6 +534,7 @@ def _project_checkout_session(event_type: str, data: dict[str, Any]) -> _Project
             _customer_metadata(session.customer),
             {"user_id": session.client_reference_id},
         ],
+        guest_allowed=session.mode == "payment",
         fields={
             "checkout_session_id": session.id,
             "subscription_id": _id(session.subscription),

@@ -374,6 +374,89 @@ def test_decode_rejects_what_it_cannot_key(catalog: Catalog) -> None:
             projection.decode(value, {})
 
 
+# ---------------------------------------------------------------- guest payments
+
+
+def guest(ids: Ids, event_type: str, created: int, **kw: Any) -> events_pb2.PaymentEvent:
+    """A payment made without a Stripe Customer (Payment Links, guest checkout)."""
+    kw.setdefault("event_id", random_id("evt_"))
+    kw.setdefault("user_id", None)
+    payload = sample_event(event_type, created=created, **kw)
+    payload["data"]["object"]["customer"] = None
+    normalized = normalize(payload)
+    assert normalized is not None and normalized.customer_id == ""
+    return normalized
+
+
+def guest_payment(url: str, payment_id: str) -> list[tuple[Any, ...]]:
+    return query(
+        url,
+        "SELECT customer_id, user_id, status, amount_refunded FROM payments WHERE payment_id = %s",
+        payment_id,
+    )
+
+
+async def test_the_guest_refund_flow_shuffled_and_redelivered_ends_refunded(
+    db: str, catalog: Catalog
+) -> None:
+    ids = Ids()
+    pay = {"payment_intent_id": ids.intent, "charge_id": ids.charge, "amount": 1000}
+    flow = [
+        guest(ids, "charge.succeeded", T0, **pay),
+        guest(ids, "payment_intent.succeeded", T0 + 1, **pay),
+        guest(ids, "charge.refunded", T0 + 2, amount_refunded=1000, **pay),
+    ]
+    seed = random.randrange(2**32)
+    print(f"shuffle seed {seed}")
+    events = flow * 2
+    random.Random(seed).shuffle(events)
+    projection = EntitlementsProjection(catalog, None)
+    for one in events:  # one batch each, so every load goes through Postgres
+        await apply_batch(db, projection, [one])
+
+    assert guest_payment(db, ids.intent) == [(None, None, "refunded", 1000)]
+
+
+@pytest.mark.parametrize("customer_first", [True, False])
+async def test_a_guest_payment_later_attached_to_a_customer_joins_it(
+    db: str, catalog: Catalog, customer_first: bool
+) -> None:
+    ids = Ids()
+    pay = {"payment_intent_id": ids.intent, "charge_id": ids.charge, "amount": 1000}
+    as_guest = guest(ids, "charge.succeeded", T0, **pay)
+    with_customer = event(ids, "payment_intent.succeeded", T0 + 1, user_id=ids.user, **pay)
+    projection = EntitlementsProjection(catalog, None)
+    for one in [with_customer, as_guest] if customer_first else [as_guest, with_customer]:
+        await apply_batch(db, projection, [one])
+
+    assert guest_payment(db, ids.intent) == [(ids.customer, ids.user, "succeeded", 0)]
+
+
+async def test_a_guest_grant_is_found_again_by_its_charge(db: str, catalog: Catalog) -> None:
+    ids = Ids()
+    bought = {"charge_id": ids.one_time_charge, "payment_intent_id": ids.intent, "plan_id": "basic",
+              "user_id": ids.user}
+    projection = EntitlementsProjection(catalog, None)
+    await apply_batch(db, projection, [guest(ids, "charge.succeeded", T0, one_off=True, **bought)])
+    # A later event of the same charge, in another batch: the stored grant must be loaded
+    # (by the charge id, as it has no customer) so its granted_at stays the first one.
+    later = guest(ids, "charge.succeeded", T0 + 5, one_off=True, **bought)
+    await apply_batch(db, projection, [later])
+
+    assert query(
+        db,
+        "SELECT customer_id, user_id, extract(epoch FROM granted_at)::bigint FROM one_time_grants"
+        " WHERE source_id = %s",
+        ids.one_time_charge,
+    ) == [(None, ids.user, T0)]
+    assert query(
+        db,
+        "SELECT count(*) FROM entitlements WHERE source_id = %s AND subject_id = %s",
+        ids.one_time_charge,
+        ids.user,
+    ) == [(5,)]
+
+
 # ---------------------------------------------------------------- Redis
 
 

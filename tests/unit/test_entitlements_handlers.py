@@ -693,3 +693,112 @@ def test_the_rich_lifecycle_ends_where_it_should() -> None:
     payment = state.payments["pi_Rich"]
     assert (payment.status, payment.amount_refunded) == ("disputed", 900)
     assert (payment.user_id, payment.family_id) == (USER, FAMILY)  # learned after the payment
+
+
+# ---------------------------------------------------------------- guest payments
+
+
+def guest(event_type: str, created: int, **kw: Any) -> events_pb2.PaymentEvent:
+    """A payment made without a Stripe Customer (Payment Links, guest checkout)."""
+    kw.setdefault("event_id", f"evt_guest_{event_type}_{created}")
+    kw.setdefault("user_id", None)
+    payload = sample_event(event_type, created=created, **kw)
+    payload["data"]["object"]["customer"] = None
+    normalized = normalize(payload)
+    assert normalized is not None and normalized.customer_id == ""
+    return normalized
+
+
+GUEST_IDS = {"payment_intent_id": "pi_Guest", "charge_id": "ch_Guest", "amount": 1000}
+
+
+def guest_refund_flow() -> list[events_pb2.PaymentEvent]:
+    return [
+        guest("charge.succeeded", T0, **GUEST_IDS),
+        guest("payment_intent.succeeded", T0 + 1, **GUEST_IDS),
+        guest("charge.refunded", T0 + 2, amount_refunded=1000, **GUEST_IDS),
+    ]
+
+
+def test_a_guest_payment_is_recorded_without_a_customer_and_grants_nothing() -> None:
+    state = run([guest("charge.succeeded", T0, plan_id="basic", **GUEST_IDS)])
+
+    payment = state.payments["pi_Guest"]
+    assert (payment.customer_id, payment.user_id, payment.status) == (None, None, "succeeded")
+    assert not state.customers
+    assert not grants(state, ("charge", "ch_Guest"))
+
+
+@pytest.mark.parametrize(
+    ("event_type", "extra", "status"),
+    [
+        ("charge.failed", {}, "failed"),
+        ("payment_intent.payment_failed", {}, "failed"),
+        ("charge.refunded", {"amount_refunded": 400}, "partially_refunded"),
+        ("charge.refunded", {"amount_refunded": 1000}, "refunded"),
+    ],
+)
+def test_a_guest_payment_follows_its_status(
+    event_type: str, extra: dict[str, Any], status: str
+) -> None:
+    state = run([guest("charge.succeeded", T0, **GUEST_IDS), guest(event_type, T0 + 1, **GUEST_IDS, **extra)])
+    assert state.payments["pi_Guest"].status == status
+
+
+def test_a_guest_charge_naming_a_user_grants_its_plan_once() -> None:
+    charge = guest("charge.succeeded", T0, user_id=USER, plan_id="basic", **GUEST_IDS)
+    state = run([charge, charge])
+
+    assert set(grants(state, ("charge", "ch_Guest"))) == BASIC_FEATURES
+    assert state.grants[("charge", "ch_Guest")].customer_id is None
+    assert state.payments["pi_Guest"].user_id == USER
+
+
+def test_a_guest_checkout_naming_a_user_by_client_reference_id_grants_its_plan() -> None:
+    payload = sample_event(
+        "checkout.session.completed",
+        created=T0,
+        mode="payment",
+        plan_id="basic",
+        checkout_session_id="cs_Guest",
+        event_id="evt_guest_checkout",
+        user_id=None,
+    )
+    payload["data"]["object"]["customer"] = None
+    payload["data"]["object"]["client_reference_id"] = USER
+    normalized = normalize(payload)
+    assert normalized is not None
+    state = run([normalized])
+    assert set(grants(state, ("checkout", "cs_Guest"))) == BASIC_FEATURES
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_the_guest_refund_flow_in_any_order_delivered_twice_ends_refunded(
+    order: tuple[int, ...],
+) -> None:
+    flow = guest_refund_flow()
+    events = [flow[i] for i in order for _ in range(2)]
+    payment = run(events).payments["pi_Guest"]
+    assert (payment.status, payment.amount_refunded, payment.customer_id) == ("refunded", 1000, None)
+
+
+@pytest.mark.parametrize("customer_first", [True, False])
+def test_a_guest_payment_later_attached_to_a_customer_joins_it(customer_first: bool) -> None:
+    as_guest = guest("charge.succeeded", T0, **GUEST_IDS)
+    with_customer = event("payment_intent.succeeded", T0 + 1, user_id=USER, **GUEST_IDS)
+    events = [with_customer, as_guest] if customer_first else [as_guest, with_customer]
+    state = run(events)
+
+    payment = state.payments["pi_Guest"]
+    assert (payment.customer_id, payment.user_id, payment.status) == (CUSTOMER, USER, "succeeded")
+    assert state.customers[CUSTOMER].user_id == USER
+
+
+@pytest.mark.parametrize(
+    "event_type", ["invoice.paid", "customer.subscription.updated", "checkout.session.completed"]
+)
+def test_a_non_payment_event_without_a_customer_is_invalid(event_type: str) -> None:
+    e = event(event_type, T0, user_id=USER, subscription_id=SUB)
+    e.customer_id = ""
+    with pytest.raises(InvalidEvent, match="without a customer"):
+        apply(e, State(), catalog())

@@ -170,3 +170,17 @@ async def test_signed_events_with_missing_fields_are_answered_and_never_5xx(
     assert response.status in (200, 400)
     if response.status == 400:
         assert all(m.topic != "payment-events" for m in publisher.sent)
+
+
+@pytest.mark.parametrize("event_type", ["charge.succeeded", "payment_intent.succeeded", "charge.refunded"])
+async def test_a_guest_payment_is_published_keyed_by_its_payment_intent(client_and_publisher, event_type: str) -> None:  # type: ignore[no-untyped-def]
+    client, publisher = client_and_publisher
+    publisher.sent.clear()
+    event = sample_event(event_type, payment_intent_id="pi_Guest", charge_id="ch_Guest")
+    event["data"]["object"]["customer"] = None
+    body = encode_event(event)
+    response = await client.post(
+        "/webhooks/stripe", data=body, headers={"Content-Type": "application/json", "Stripe-Signature": sign(body, SECRET)}
+    )
+    assert response.status == 200
+    assert {m.topic: m.key for m in publisher.sent}["payment-events"] == b"pi_Guest"

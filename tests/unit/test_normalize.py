@@ -10,7 +10,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from payment.v1 import events_pb2
-from services.ingest_webhooks.normalize import PROJECTED_TYPES, MalformedEvent, normalize
+from services.ingest_webhooks.normalize import (
+    PROJECTED_TYPES,
+    MalformedEvent,
+    normalize,
+    partition_key,
+)
 from services.ingest_webhooks.samples import (
     DEFAULT_EMAIL,
     DEFAULT_PRICE_ID,
@@ -266,8 +271,79 @@ def test_a_missing_needed_field_is_malformed_and_named(
     event_type: str, path: tuple[str, ...], named: str
 ) -> None:
     event = built(event_type)
+    if path[-1] == "customer" and event_type == "checkout.session.completed":
+        obj(event)["mode"] = "subscription"  # in payment mode it may be a guest's
+    if path[-1] == "customer" and event_type == "charge.succeeded":
+        _delete(event, path)  # a guest payment: normalized, not malformed
+        assert normalized(event).customer_id == ""
+        return
     _delete(event, path)
     with pytest.raises(MalformedEvent, match=rf"(^|\W){named}\W"):
+        normalize(event)
+
+
+GUEST_PAYMENT_TYPES = frozenset(
+    {
+        "charge.succeeded",
+        "charge.failed",
+        "charge.refunded",
+        "payment_intent.succeeded",
+        "payment_intent.payment_failed",
+        "checkout.session.completed",
+    }
+)
+
+
+@pytest.mark.parametrize("event_type", sorted(GUEST_PAYMENT_TYPES))
+@pytest.mark.parametrize("customer", [None, "absent"])
+def test_a_guest_payment_normalizes_keyed_by_its_own_id(event_type: str, customer: Any) -> None:
+    event = built(event_type)
+    if event_type == "checkout.session.completed":
+        obj(event)["mode"] = "payment"
+    if customer == "absent":
+        del obj(event)["customer"]
+    else:
+        obj(event)["customer"] = customer
+    result = normalized(event)
+    assert result.customer_id == ""
+    expected_key = result.payment_intent_id or result.charge_id or result.object_id
+    assert expected_key and partition_key(result) == expected_key
+
+
+def test_a_guest_charge_without_a_payment_intent_is_keyed_by_the_charge() -> None:
+    event = built("charge.succeeded")
+    obj(event)["customer"] = None
+    obj(event)["payment_intent"] = None
+    result = normalized(event)
+    assert partition_key(result) == "ch_Test"
+
+
+def test_every_event_of_one_guest_payment_shares_a_key() -> None:
+    keys = set()
+    for event_type in ("charge.succeeded", "payment_intent.succeeded", "charge.refunded"):
+        event = built(event_type)
+        obj(event)["customer"] = None
+        keys.add(partition_key(normalized(event)))
+    assert keys == {"pi_Test"}
+
+
+def test_a_customers_event_is_keyed_by_the_customer() -> None:
+    assert partition_key(normalized(built("charge.succeeded"))) == "cus_Test"
+
+
+@pytest.mark.parametrize("event_type", ["invoice.paid", "customer.subscription.updated"])
+def test_a_subscription_or_invoice_without_a_customer_stays_malformed(event_type: str) -> None:
+    event = built(event_type)
+    obj(event)["customer"] = None
+    with pytest.raises(MalformedEvent, match=r"data\.object\.customer"):
+        normalize(event)
+
+
+def test_a_subscription_checkout_without_a_customer_stays_malformed() -> None:
+    event = built("checkout.session.completed")
+    obj(event)["mode"] = "subscription"
+    obj(event)["customer"] = None
+    with pytest.raises(MalformedEvent, match=r"data\.object\.customer"):
         normalize(event)
 
 

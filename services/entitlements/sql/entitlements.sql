@@ -37,7 +37,9 @@ WHERE customer_id = ANY(%(customer_ids)s::text[])
 SELECT source_type, source_id, customer_id, user_id, family_id, plan_id, granted_at,
        last_event_id, last_event_created
 FROM one_time_grants
-WHERE customer_id = ANY(%(customer_ids)s::text[]);
+WHERE customer_id = ANY(%(customer_ids)s::text[])
+   -- a guest's grant has no customer: found by its charge or checkout session id
+   OR source_id = ANY(%(payment_ids)s::text[]);
 
 -- name: load_entitlements
 -- Second phase: the sources are the subscriptions and grants the first phase found.
