@@ -11,7 +11,7 @@ ifeq ($(CI),true)
 export HYPOTHESIS_PROFILE ?= ci
 endif
 
-.PHONY: dev test test.unit test.integration test.e2e lint preflight install \
+.PHONY: dev test test.unit test.integration test.e2e test.chaos lint preflight install \
         build.proto check.proto migrate.create migrate.local.up migrate.local.down \
         migrate.proxy.up bench clean
 
@@ -44,6 +44,9 @@ test.integration: preflight
 
 test.e2e: preflight
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+test.chaos: preflight
+	$(BIN)/python -m pytest tests/chaos -s $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check services shared tests bench
