@@ -242,8 +242,11 @@ async def _redis_mismatches(database_url: str, redis_url: str) -> tuple[list[str
     return mismatches, absent, len(expected)
 
 
-async def test_chaos_run_loses_nothing_applies_nothing_twice_and_leaves_redis_true(tmp_path: Path) -> None:
-    print(f"\nchaos: seed {SEED} (CHAOS_SEED={SEED} reproduces the fault schedule and the delivery order)")
+async def test_chaos_run_loses_nothing_applies_nothing_twice_and_leaves_redis_true(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with capsys.disabled():  # the seed and the figures show in every run, not only on failure
+        print(f"\nchaos: seed {SEED} (CHAOS_SEED={SEED} reproduces the fault schedule and the delivery order)")
     rng = random.Random(SEED)
     postgres, redis_server = PrivatePostgres().init(), PrivateRedis()
     postgres.start()
@@ -321,7 +324,7 @@ async def test_chaos_run_loses_nothing_applies_nothing_twice_and_leaves_redis_tr
 
             faults = sum(chaos.injected.values())
             restarts = sum(s.restarts for s in services) - chaos.injected["worker SIGKILL"]
-            print(
+            figures = (
                 f"chaos: {len(events)} events posted for {CUSTOMERS} customers ({len(deliveries)} deliveries, "
                 f"{load.retries} retries after 5xx or refused connections), {faults} faults injected "
                 f"({', '.join(f'{n} x{k}' for k, n in sorted(chaos.injected.items()))}), {restarts} "
@@ -329,6 +332,8 @@ async def test_chaos_run_loses_nothing_applies_nothing_twice_and_leaves_redis_tr
                 f"{compared - absent} of {compared} subjects cached and equal to Postgres, {absent} absent; "
                 f"{elapsed:.0f} s"
             )
+            with capsys.disabled():
+                print(figures)
     finally:
         for service in services:
             service.stop()
