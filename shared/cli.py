@@ -10,7 +10,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -25,6 +25,8 @@ app.add_typer(catalog_app, name="catalog")
 app.add_typer(topics_app, name="topics")
 usage_app = typer.Typer(no_args_is_help=True, help="Usage counters and quotas.")
 app.add_typer(usage_app, name="usage")
+entitlements_app = typer.Typer(no_args_is_help=True, help="The entitlements projection's Redis answers.")
+app.add_typer(entitlements_app, name="entitlements")
 
 
 def _settings() -> Settings:
@@ -116,6 +118,51 @@ def usage_rebuild_cache(
         )
 
     asyncio.run(run())
+
+
+@entitlements_app.command("rebuild-cache")
+def entitlements_rebuild_cache(
+    subject: Annotated[str | None, typer.Option(help="Only this subject, as TYPE:ID (e.g. user:u_123).")] = None,
+) -> None:
+    """Rewrite the Redis entitlement answers from Postgres (all subjects, or one); safe while the worker runs."""
+    import psycopg
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from services.entitlements.bootstrap import rebuild_cache
+
+    settings = _settings()
+    key: tuple[str, str] | None = None
+    if subject is not None:
+        subject_type, _, subject_id = subject.partition(":")
+        if not subject_type or not subject_id:
+            raise ConfigurationError(f"--subject must be TYPE:ID, e.g. user:u_123; got {subject!r}")
+        key = (subject_type, subject_id)
+
+    async def run() -> int:
+        redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10, socket_connect_timeout=5)
+        columns = (TextColumn("rebuild entitlements cache"), BarColumn(), MofNCompleteColumn(), TextColumn("subjects"))
+        try:
+            with Progress(*columns, console=_progress_console()) as bar:
+                task = bar.add_task("", total=None)
+                return await rebuild_cache(
+                    settings, redis, key, progress=lambda done, total: bar.update(task, completed=done, total=total)
+                )
+        except (OSError, RedisError, psycopg.OperationalError) as exc:
+            raise DependencyUnavailable("entitlements cache", "postgres/redis", str(exc).splitlines()[0]) from exc
+        finally:
+            await redis.aclose()
+
+    done = asyncio.run(run())
+    typer.echo(f"rewrote the Redis answers of {done} subject(s) from Postgres")
+
+
+def _progress_console() -> Any:
+    """Progress on stderr, so the last line of stdout is the result."""
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 @app.command()

@@ -349,3 +349,15 @@ CREATE TABLE outbox (
     staged_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX outbox_consumer ON outbox (consumer, id);
+
+-- ---------------------------------------------------------------- 0006: cache_refresh_pending
+-- Subjects whose Redis answer may be older than Postgres (set in the batch's
+-- transaction, cleared once Redis holds the new answer).
+CREATE TABLE cache_refresh_pending (
+    consumer     text NOT NULL,
+    subject_type text NOT NULL,
+    subject_id   text NOT NULL,
+    batch_txid   bigint NOT NULL,
+    marked_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (consumer, subject_type, subject_id)
+);

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
+import psycopg
 from redis.asyncio import Redis
 
-from services.entitlements.projection import EntitlementsProjection
-from shared.catalog import load_catalog
+from services.entitlements import repository
+from services.entitlements.projection import (
+    EntitlementsProjection,
+    mark_cached_subjects,
+    redis_key,
+    refresh_pending,
+)
+from shared.catalog import Catalog, load_catalog
 from shared.config import Settings
 from shared.health import redis_probe
 from shared.replay import ProjectionSpec
 from shared.workerapp import serve_projection
+
+log = logging.getLogger(__name__)
 
 # Every table this projection writes; replay rebuilds and verifies exactly these.
 TABLES = (
@@ -38,6 +49,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     catalog = load_catalog(settings.catalog_path)
     redis = _redis(settings)
     try:
+        await _refresh_at_start(settings, redis, catalog)
         projection = EntitlementsProjection(catalog, redis)
         await serve_projection(
             settings, stop, projection,
@@ -47,6 +59,48 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         )
     finally:
         await redis.aclose()
+
+
+async def _refresh_at_start(settings: Settings, redis: Redis, catalog: Catalog) -> None:
+    """Rewrite the answers an earlier process committed but may not have written to Redis."""
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            settings.database_url.get_secret_value(), connect_timeout=5, autocommit=True
+        ) as conn:
+            refreshed = await refresh_pending(conn, redis, catalog)
+        if refreshed:
+            log.info("rewrote Redis answers left pending by an earlier process", extra={"subjects": refreshed})
+    except Exception as exc:  # the first batches retry; Postgres stays the truth meanwhile
+        log.warning(
+            "could not rewrite pending Redis answers at start; the next batches will",
+            extra={"error": f"{type(exc).__name__}: {exc}"},
+        )
+
+
+async def rebuild_cache(
+    settings: Settings,
+    redis: Redis,
+    subject: tuple[str, str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Rewrite the Redis answers of every subject (or one) from Postgres; how many subjects.
+
+    Safe while the worker runs: subjects are marked as a batch marks them, and each chunk
+    locks its marks, so a running batch and the rebuild never write one subject at once.
+    """
+    catalog = load_catalog(settings.catalog_path)
+    url = settings.database_url.get_secret_value()
+    async with await psycopg.AsyncConnection.connect(url, connect_timeout=5, autocommit=True) as conn:
+        async with conn.transaction():
+            await repository.mark_all_cache_pending(conn, EntitlementsProjection.name, subject)
+            if subject is None:
+                await mark_cached_subjects(conn, redis)  # keys of subjects without rows go too
+            elif await redis.exists(redis_key("", subject)):
+                await repository.mark_cache_pending(conn, EntitlementsProjection.name, [subject])
+        total = await repository.count_cache_pending(conn, EntitlementsProjection.name)
+        return await refresh_pending(
+            conn, redis, catalog, progress=(lambda done: progress(done, total)) if progress else None
+        )
 
 
 def replay_spec(settings: Settings) -> ProjectionSpec:

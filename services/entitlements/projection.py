@@ -26,7 +26,14 @@ is published too (best effort).
 A subject without any row has no key: readers fall back to Postgres, then to the
 catalog's default plan. If writing Redis fails, its keys are deleted (best effort) so
 that readers do not trust stale answers, the failure is counted and logged, and
-nothing is raised: Postgres is the truth, and the next change of a subject rewrites it.
+nothing is raised: Postgres is the truth.
+
+Redis follows Postgres after any crash: every batch marks its subjects in
+`cache_refresh_pending` inside its own transaction, and the mark is cleared (in the
+next batch's transaction) only once Redis holds the new answer. A kill between the
+commit and the Redis write, or a failed write, leaves the marks; the worker rewrites
+marked subjects from Postgres when it starts (`refresh_pending`) and in its next
+batches. `paymentsvc entitlements rebuild-cache` marks every subject and does the same.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import asyncio
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +63,8 @@ log = logging.getLogger(__name__)
 REDIS_TTL_S = 24 * 3600
 # after_commit must not hold the worker's loop on a hung Redis.
 REDIS_TIMEOUT_S = 2.0
+# Marked subjects rewritten per transaction, by a batch or by refresh_pending.
+REFRESH_BATCH = 500
 WATERMARK_FIELD = "_watermark"
 CHANGES_CHANNEL = "ent:changes"
 
@@ -81,6 +90,9 @@ class EntitlementsBatch:
     answers: dict[str, dict[str, bytes]]
     catalog_misses: tuple[MissSeen, ...]
     new_access_levels: tuple[str, ...]
+    subjects: frozenset[SubjectKey] = frozenset()  # marked pending by this batch ...
+    pending_txid: int | None = None  # ... in this transaction
+    pending_left: bool = False  # marks of earlier batches may remain
 
 
 class EntitlementsProjection:
@@ -92,6 +104,10 @@ class EntitlementsProjection:
         self._catalog = catalog
         self._redis = redis
         self._prefix = redis_prefix
+        # Marks the last batch set and whose answers reached Redis: cleared by the next batch.
+        self._written: tuple[frozenset[SubjectKey], int] | None = None
+        # Whether marks of earlier batches (or an earlier process) may remain.
+        self._pending_left = True
 
     def decode(
         self, value: bytes, headers: dict[str, bytes]
@@ -111,12 +127,21 @@ class EntitlementsProjection:
         after, misses = self._fold(events, before.copy())
         writes = repository.diff(before, after)
         await repository.save(conn, writes)
-        answers: dict[str, dict[str, bytes]] = {}
-        if self._redis is not None and not ctx.replay:
-            rows = await repository.read_subjects(conn, writes.subjects)
-            answers = redis_answers(rows, writes.subjects, self._catalog, self._prefix)
         levels = tuple(change.to_level for change in writes.access_changes_new)
-        return EntitlementsBatch(answers, tuple(misses), levels)
+        if self._redis is None or ctx.replay:
+            return EntitlementsBatch({}, tuple(misses), levels)
+        if self._written:
+            await repository.clear_cache_pending(conn, self.name, *self._written)
+        subjects = set(writes.subjects)
+        pending_left = False
+        if self._pending_left:
+            taken = await repository.take_cache_pending(conn, self.name, REFRESH_BATCH)
+            subjects.update(taken)
+            pending_left = len(taken) >= REFRESH_BATCH
+        txid = await repository.mark_cache_pending(conn, self.name, subjects)
+        rows = await repository.read_subjects(conn, subjects)
+        answers = redis_answers(rows, subjects, self._catalog, self._prefix)
+        return EntitlementsBatch(answers, tuple(misses), levels, frozenset(subjects), txid, pending_left)
 
     def _fold(
         self, events: Sequence[PaymentEnvelope], state: State
@@ -146,10 +171,15 @@ class EntitlementsProjection:
         _report(result)
         if self._redis is None or ctx.replay or not result.answers:
             return
+        self._written = None  # the marks this batch's transaction cleared are gone
         try:
             async with asyncio.timeout(REDIS_TIMEOUT_S):
                 await self._write(self._redis, result.answers, changes_channel(self._prefix))
+            if result.pending_txid is not None:
+                self._written = (result.subjects, result.pending_txid)
+            self._pending_left = result.pending_left
         except Exception as exc:  # a cache: Postgres already holds the truth
+            self._pending_left = True  # this batch's marks stay; a later batch rewrites them
             REDIS_PROJECTION_FAILURES.inc()
             log.warning(
                 "could not write entitlements to Redis; readers fall back to Postgres",
@@ -180,6 +210,56 @@ class EntitlementsProjection:
                     await pipe.execute()
         except Exception:  # best effort: the TTL bounds how long a stale answer lives
             log.debug("could not delete stale entitlement keys", exc_info=True)
+
+
+async def refresh_pending(
+    conn: AsyncConnection[Any],
+    redis: Redis,
+    catalog: Catalog,
+    prefix: str = "",
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Rewrite the Redis answer of every marked subject from Postgres; how many.
+
+    Each chunk is one transaction that locks its marks (SKIP LOCKED: a running batch
+    keeps its own), reads the rows, writes Redis and clears the marks. A failed Redis
+    write rolls the chunk back and raises: the marks stay.
+    """
+    consumer = EntitlementsProjection.name
+    done = 0
+    while True:
+        async with conn.transaction():
+            subjects = await repository.take_cache_pending(conn, consumer, REFRESH_BATCH)
+            if not subjects:
+                return done
+            rows = await repository.read_subjects(conn, subjects)
+            async with asyncio.timeout(REDIS_TIMEOUT_S):
+                await EntitlementsProjection._write(
+                    redis, redis_answers(rows, subjects, catalog, prefix), changes_channel(prefix)
+                )
+            await repository.drop_cache_pending(conn, consumer, subjects)
+        done += len(subjects)
+        if progress:
+            progress(done)
+
+
+async def mark_cached_subjects(conn: AsyncConnection[Any], redis: Redis, prefix: str = "") -> int:
+    """Mark every subject that has an answer in Redis (rows or not); how many keys."""
+    consumer = EntitlementsProjection.name
+    head = f"{prefix}ent:"
+    keys = 0
+    chunk: list[SubjectKey] = []
+    async for raw in redis.scan_iter(match=f"{head}*", count=1000):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        subject_type, _, subject_id = key.removeprefix(head).partition(":")
+        if subject_id:
+            chunk.append((subject_type, subject_id))
+            keys += 1
+        if len(chunk) >= REFRESH_BATCH:
+            await repository.mark_cache_pending(conn, consumer, chunk)
+            chunk = []
+    await repository.mark_cache_pending(conn, consumer, chunk)
+    return keys
 
 
 def _report(result: EntitlementsBatch) -> None:

@@ -684,3 +684,54 @@ def _subject_row(row: Row) -> SubjectRow:
         subscription_status,
         _ts_or_none(status_since),
     )
+
+
+# ---------------------------------------------------------------- Redis answers pending
+
+
+def _subject_params(subjects: Collection[SubjectKey]) -> dict[str, list[str]]:
+    ordered = sorted(subjects)
+    return {"subject_types": [s[0] for s in ordered], "subject_ids": [s[1] for s in ordered]}
+
+
+async def mark_cache_pending(conn: AsyncConnection[Any], consumer: str, subjects: Collection[SubjectKey]) -> int | None:
+    """Mark `subjects` as possibly stale in Redis, in the caller's transaction; its txid."""
+    if not subjects:
+        return None
+    cursor = await conn.execute(_queries()["mark_cache_pending"], {"consumer": consumer, **_subject_params(subjects)})
+    row = await cursor.fetchone()
+    return int(row[0]) if row else None
+
+
+async def clear_cache_pending(
+    conn: AsyncConnection[Any], consumer: str, subjects: Collection[SubjectKey], batch_txid: int
+) -> None:
+    """Clear the marks that transaction `batch_txid` set on `subjects` (their answer is in Redis)."""
+    if subjects:
+        params = {"consumer": consumer, "batch_txid": batch_txid, **_subject_params(subjects)}
+        await conn.execute(_queries()["clear_cache_pending"], params)
+
+
+async def take_cache_pending(conn: AsyncConnection[Any], consumer: str, limit: int) -> list[SubjectKey]:
+    """Up to `limit` marked subjects that no running batch holds, locked by the caller's transaction."""
+    cursor = await conn.execute(_queries()["take_cache_pending"], {"consumer": consumer, "limit": limit})
+    return [(str(r[0]), str(r[1])) for r in await cursor.fetchall()]
+
+
+async def mark_all_cache_pending(conn: AsyncConnection[Any], consumer: str, subject: SubjectKey | None) -> None:
+    """Mark every subject with entitlement rows (or only `subject`) for a rewrite of its answer."""
+    subject_type, subject_id = subject if subject else (None, None)
+    params = {"consumer": consumer, "subject_type": subject_type, "subject_id": subject_id}
+    await conn.execute(_queries()["mark_all_cache_pending"], params)
+
+
+async def drop_cache_pending(conn: AsyncConnection[Any], consumer: str, subjects: Collection[SubjectKey]) -> None:
+    """Clear the marks of `subjects`, whoever set them (the caller holds their locks)."""
+    if subjects:
+        await conn.execute(_queries()["drop_cache_pending"], {"consumer": consumer, **_subject_params(subjects)})
+
+
+async def count_cache_pending(conn: AsyncConnection[Any], consumer: str) -> int:
+    cursor = await conn.execute(_queries()["count_cache_pending"], {"consumer": consumer})
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0

@@ -49,8 +49,8 @@ from shared.config import DEFAULT_CATALOG_PATH, Topics
 from shared.consumer import log_end_offsets
 from shared.devbroker import DevBroker, ensure_topics, free_port
 from shared.migrate import migrate_up
-from tests.chaos.stack import ROOT, PrivateRedis, Service
 from tests.support.private_postgres import PrivatePostgres
+from tests.support.processes import ROOT, PrivateRedis, Service
 
 CUSTOMERS = int(os.environ.get("CHAOS_CUSTOMERS", "2000"))
 SEED = int(os.environ.get("CHAOS_SEED", str(secrets.randbits(32))))

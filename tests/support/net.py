@@ -52,3 +52,59 @@ async def counting_http(status: int = 503) -> AsyncIterator[CountingHttp]:
         yield stub
     finally:
         await runner.cleanup()
+
+
+class BlackholeProxy:
+    """A TCP proxy to 127.0.0.1:`upstream` that can swallow what clients send.
+
+    With `blackhole` set, bytes from clients are read and dropped, never delivered:
+    a write the client believes it sent never reaches the server (unlike a frozen
+    server, whose kernel still buffers the bytes and delivers them on SIGCONT).
+    Threads, so that tests may block while it runs.
+    """
+
+    def __init__(self, upstream: int) -> None:
+        import threading
+
+        self.upstream = upstream
+        self.blackhole = False
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            self._sockets += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if not (from_client and self.blackhole):
+                    sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.close()

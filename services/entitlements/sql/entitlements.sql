@@ -261,3 +261,48 @@ LEFT JOIN subscriptions s
        ON e.source_type = 'subscription' AND s.subscription_id = e.source_id
 WHERE (e.subject_type, e.subject_id) IN (
     SELECT * FROM unnest(%(subject_types)s::text[], %(subject_ids)s::text[]));
+
+-- name: mark_cache_pending
+-- The batch's subjects may have a stale Redis answer until after_commit writes it.
+-- Sorted input, so concurrent batches lock the rows in one order.
+INSERT INTO cache_refresh_pending (consumer, subject_type, subject_id, batch_txid)
+SELECT %(consumer)s, t, i, txid_current()
+FROM unnest(%(subject_types)s::text[], %(subject_ids)s::text[]) AS d(t, i)
+ORDER BY t, i
+ON CONFLICT (consumer, subject_type, subject_id)
+DO UPDATE SET batch_txid = EXCLUDED.batch_txid, marked_at = now()
+RETURNING batch_txid;
+
+-- name: clear_cache_pending
+-- Marks of subjects whose answer is now in Redis; only the marks that transaction set.
+DELETE FROM cache_refresh_pending p
+USING unnest(%(subject_types)s::text[], %(subject_ids)s::text[]) AS d(t, i)
+WHERE p.consumer = %(consumer)s AND p.subject_type = d.t AND p.subject_id = d.i
+  AND p.batch_txid = %(batch_txid)s;
+
+-- name: take_cache_pending
+-- Marked subjects no running batch holds, locked until the caller commits.
+SELECT subject_type, subject_id
+FROM cache_refresh_pending
+WHERE consumer = %(consumer)s
+ORDER BY subject_type, subject_id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: mark_all_cache_pending
+-- Every subject with an entitlement row (for rebuild-cache), or one subject.
+INSERT INTO cache_refresh_pending (consumer, subject_type, subject_id, batch_txid)
+SELECT DISTINCT %(consumer)s, subject_type, subject_id, txid_current()
+FROM entitlements
+WHERE %(subject_type)s::text IS NULL OR (subject_type, subject_id) = (%(subject_type)s::text, %(subject_id)s::text)
+ON CONFLICT (consumer, subject_type, subject_id)
+DO UPDATE SET batch_txid = EXCLUDED.batch_txid, marked_at = now();
+
+-- name: drop_cache_pending
+-- Marks the caller holds locked (take_cache_pending) and has just rewritten.
+DELETE FROM cache_refresh_pending p
+USING unnest(%(subject_types)s::text[], %(subject_ids)s::text[]) AS d(t, i)
+WHERE p.consumer = %(consumer)s AND p.subject_type = d.t AND p.subject_id = d.i;
+
+-- name: count_cache_pending
+SELECT count(*) FROM cache_refresh_pending WHERE consumer = %(consumer)s;
