@@ -26,6 +26,12 @@ WEBHOOKS_UNPROJECTED = Counter(
     "Verified events of a type we do not project: archived on stripe-raw-events only.",
     ["event_type"],
 )
+WEBHOOKS_UNNORMALIZED = Counter(
+    "paymentsvc_webhooks_unnormalized_total",
+    "Verified events we could not normalize, by reason (malformed_event, malformed_json, "
+    "not_an_event): archived, dead-lettered to payment-events.dlq and answered 200.",
+    ["event_type", "reason"],
+)
 WEBHOOKS_UNAVAILABLE = Counter(
     "paymentsvc_webhooks_unavailable_total",
     "Webhook requests answered 503 because the broker did not acknowledge in time.",

@@ -1,11 +1,13 @@
 """The HTTP edge: POST /webhooks/stripe. Translates HTTP to the handler and back.
 
 Answers:
-- 200 once every message of the event is acknowledged by the broker (acks=all);
-- 400 for a missing, bad or stale signature, a non-UTF-8 or malformed body, or a
-  verified event we cannot normalize (archived and dead-lettered first);
-- 413 for a body over the limit, 415 for a content type other than JSON or a
-  malformed one (`malformed_content_type`), 405 for
+- 200 once every message of the event is acknowledged by the broker (acks=all),
+  including a verified body we cannot normalize: it is archived on
+  `stripe-raw-events`, dead-lettered to `payment-events.dlq` with the reason, and
+  answered `archived_unnormalized` (Stripe retries any 4xx for three days and then
+  disables the endpoint; `paymentsvc renormalize` recovers the event after a fix);
+- 400 for a missing, bad or stale signature, or a body that is not UTF-8;
+- 413 for a body over the limit, 415 for a content type other than JSON, 405 for
   another method;
 - 503 with Retry-After when the broker does not acknowledge within the timeout,
   so Stripe retries. Never a 2xx for an event that is not on the bus.
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from services.ingest_webhooks.handlers import Delivery, plan_delivery
+from services.ingest_webhooks.handlers import Delivery, parse, plan_delivery
 from services.ingest_webhooks.publisher import Publisher
 from services.ingest_webhooks.verify import SignatureVerifier, WebhookRejected
 from shared import tracing
@@ -30,6 +32,7 @@ from shared.metrics import (
     WEBHOOKS_RECEIVED,
     WEBHOOKS_REJECTED,
     WEBHOOKS_UNAVAILABLE,
+    WEBHOOKS_UNNORMALIZED,
     WEBHOOKS_UNPROJECTED,
     WEBHOOKS_VERIFIED,
 )
@@ -74,12 +77,8 @@ async def _accept(request: web.Request, verifier: SignatureVerifier, config: Ing
     _check_content_type(request)
     verifier.verify(body, request.headers.get("Stripe-Signature"))
     WEBHOOKS_VERIFIED.inc()
-    try:
-        event = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise WebhookRejected(400, "malformed_json", "the body is not valid JSON") from exc
     traceparent = tracing.child_traceparent(request.headers.get("traceparent"))
-    return plan_delivery(event, body, config.topics, traceparent)
+    return plan_delivery(parse(body), body, config.topics, traceparent)
 
 
 def make_webhook_handler(verifier: SignatureVerifier, publisher: Publisher, config: IngestConfig):  # type: ignore[no-untyped-def]
@@ -103,13 +102,22 @@ def make_webhook_handler(verifier: SignatureVerifier, publisher: Publisher, conf
                 {"Retry-After": RETRY_AFTER_S},
             )
 
-        if delivery.outcome == "dead_lettered":
-            WEBHOOKS_REJECTED.labels("malformed_event").inc()
+        if delivery.outcome == "archived_unnormalized":
+            WEBHOOKS_UNNORMALIZED.labels(delivery.event_type, delivery.reason).inc()
+            # Logged here, once the raw event is durable: a Stripe retry of a 503 is
+            # not yet a verified, archived event.
             log.warning(
                 "verified event could not be normalized; archived and dead-lettered",
-                extra={"event_id": delivery.event_id, "event_type": delivery.event_type, "error": delivery.error},
+                extra={
+                    "event_id": delivery.event_id,
+                    "event_type": delivery.event_type,
+                    "reason": delivery.reason,
+                    "error": delivery.error,
+                },
             )
-            return _answer({"error": "malformed_event", "message": delivery.error}, 400)
+            return _answer(
+                {"status": delivery.outcome, "event_id": delivery.event_id, "reason": delivery.reason}
+            )
         if delivery.outcome == "archived":
             WEBHOOKS_UNPROJECTED.labels(delivery.event_type).inc()
         return _answer({"status": delivery.outcome, "event_id": delivery.event_id})

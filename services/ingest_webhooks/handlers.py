@@ -1,32 +1,38 @@
-"""What to publish for one verified Stripe event: a pure function, no I/O.
+"""What to publish for one verified Stripe body: a pure function, no I/O.
 
-- A projected type: the raw event to `stripe-raw-events` and the normalized
-  `PaymentEvent` to `payment-events`.
-- A type we do not project: the raw event only (archived, counted, 200).
-- A projected type we cannot normalize: the raw event, plus the raw event on
-  `payment-events.dlq` with the error, and the request is answered 400 so that
-  Stripe retries; after a parser fix a retry or a re-normalization of
-  `stripe-raw-events` recovers it. Nothing is lost either way.
+Once the signature holds, the body is Stripe's, so it is never refused:
+
+- a projected type: the raw event to `stripe-raw-events` and the normalized
+  `PaymentEvent` to `payment-events`;
+- a type we do not project: the raw event only (archived, counted, 200);
+- anything we cannot normalize (a projected event our parser rejects, a body that is
+  not JSON or not an event): the raw body to `stripe-raw-events` and to
+  `payment-events.dlq` with the reason, answered 200 `archived_unnormalized`. Stripe
+  would retry a 4xx for three days and then disable the endpoint, which would stop
+  every event; after a parser fix `paymentsvc renormalize` publishes it instead.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
+
+from payment.v1 import events_pb2
 from services.ingest_webhooks.normalize import (
     PROJECTED_TYPES,
     MalformedEvent,
     normalize,
     partition_key,
 )
-from services.ingest_webhooks.verify import WebhookRejected
 from shared.config import Topics
 from shared.kafka import OutgoingMessage, event_headers
 
 JSON_CONTENT_TYPE = b"application/json"
 
-Outcome = Literal["published", "archived", "dead_lettered"]
+Outcome = Literal["published", "archived", "archived_unnormalized"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,56 +44,99 @@ class Delivery:
     outcome: Outcome
     messages: tuple[OutgoingMessage, ...]
     error: str = ""
+    reason: str = ""  # why it could not be normalized: a short, bounded label
+
+
+@dataclass(frozen=True, slots=True)
+class _Unnormalizable(Exception):
+    reason: str
+    message: str
+
+
+def parse(raw_body: bytes) -> Any:
+    """The JSON of a verified body; `_UNPARSED` when it is not JSON (still archived)."""
+    try:
+        return orjson.loads(raw_body)
+    except orjson.JSONDecodeError:
+        return _UNPARSED
+
+
+_UNPARSED = object()
 
 
 def _envelope(event: Any) -> tuple[str, str]:
+    if event is _UNPARSED:
+        raise _Unnormalizable("malformed_json", "the body is not valid JSON")
     if not isinstance(event, dict):
-        raise WebhookRejected(400, "malformed_event", "the body is not a JSON object")
+        raise _Unnormalizable("not_an_event", "the body is not a JSON object")
     event_id, event_type = event.get("id"), event.get("type")
     if not isinstance(event_id, str) or not event_id:
-        raise WebhookRejected(400, "malformed_event", "the event has no id")
+        raise _Unnormalizable("not_an_event", "the event has no id")
     if not isinstance(event_type, str) or not event_type:
-        raise WebhookRejected(400, "malformed_event", "the event has no type")
+        raise _Unnormalizable("not_an_event", "the event has no type")
     return event_id, event_type
 
 
 def plan_delivery(event: Any, raw_body: bytes, topics: Topics, traceparent: str = "") -> Delivery:
-    """Decide the messages for a verified event. Raises WebhookRejected for a non-event."""
-    event_id, event_type = _envelope(event)
-    trace = (("traceparent", traceparent.encode()),) if traceparent else ()
-    base_headers = (("event-id", event_id.encode()), ("event-type", event_type.encode()))
-    raw = OutgoingMessage(
-        topic=topics.stripe_raw_events,
-        key=event_id.encode(),
-        value=raw_body,
-        headers=base_headers
-        + (("content-type", JSON_CONTENT_TYPE), ("api-version", str(event.get("api_version") or "").encode()))
-        + trace,
-        event_type=event_type,
-    )
+    """Decide the messages for a verified body (`event` is `parse(raw_body)`). Never raises
+    for the body's content: whatever it is, it is archived."""
+    try:
+        event_id, event_type = _envelope(event)
+    except _Unnormalizable as exc:
+        # No id to key it by: the body's digest keeps one body on one partition.
+        key = "sha256:" + hashlib.sha256(raw_body).hexdigest()
+        raw = _raw_message(key, "", "", raw_body, topics, traceparent)
+        return _unnormalized(raw, "", "unknown", exc.reason, exc.message, topics)
+    raw = _raw_message(event_id, event_type, str(event.get("api_version") or ""), raw_body, topics, traceparent)
     if event_type not in PROJECTED_TYPES:
         return Delivery(event_id, event_type, "archived", (raw,))
     try:
         normalized = normalize(event)
     except MalformedEvent as exc:
-        return Delivery(event_id, event_type, "dead_lettered", (raw, _dead_letter(raw, str(exc), topics)), str(exc))
+        return _unnormalized(raw, event_id, event_type, "malformed_event", str(exc), topics)
     assert normalized is not None  # a projected type always normalizes or raises
-    published = OutgoingMessage(
+    return Delivery(event_id, event_type, "published", (raw, payment_event_message(normalized, topics, traceparent)))
+
+
+def payment_event_message(normalized: events_pb2.PaymentEvent, topics: Topics, traceparent: str = "") -> OutgoingMessage:
+    """The `payment-events` message of a normalized event, as the ingester publishes it
+    (and `paymentsvc renormalize` re-publishes it: same key, same event id)."""
+    return OutgoingMessage(
         topic=topics.payment_events,
         key=partition_key(normalized).encode(),
         value=normalized.SerializeToString(),
-        headers=tuple(event_headers(event_id, event_type, "PaymentEvent", traceparent)),
-        event_type=event_type,
+        headers=tuple(event_headers(normalized.event_id, normalized.event_type, "PaymentEvent", traceparent)),
+        event_type=normalized.event_type,
     )
-    return Delivery(event_id, event_type, "published", (raw, published))
 
 
-def _dead_letter(raw: OutgoingMessage, error: str, topics: Topics) -> OutgoingMessage:
+def _raw_message(
+    key: str, event_type: str, api_version: str, raw_body: bytes, topics: Topics, traceparent: str
+) -> OutgoingMessage:
+    trace = (("traceparent", traceparent.encode()),) if traceparent else ()
+    ids = (("event-id", key.encode()), ("event-type", event_type.encode())) if event_type else ()
     return OutgoingMessage(
+        topic=topics.stripe_raw_events,
+        key=key.encode(),
+        value=raw_body,
+        headers=ids + (("content-type", JSON_CONTENT_TYPE), ("api-version", api_version.encode())) + trace,
+        event_type=event_type or "unknown",
+    )
+
+
+def _unnormalized(
+    raw: OutgoingMessage, event_id: str, event_type: str, reason: str, error: str, topics: Topics
+) -> Delivery:
+    dead = OutgoingMessage(
         topic=topics.dlq(topics.payment_events),
         key=raw.key,
         value=raw.value,
         headers=raw.headers
-        + (("error", error.encode()[:1000]), ("error-class", b"MalformedEvent"), ("failed-in", b"ingest_webhooks")),
+        + (
+            ("error", error.encode()[:1000]),
+            ("error-class", reason.encode()),
+            ("failed-in", b"ingest_webhooks"),
+        ),
         event_type=raw.event_type,
     )
+    return Delivery(event_id, event_type, "archived_unnormalized", (raw, dead), error, reason)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
+from prometheus_client import REGISTRY
 
 from payment.v1 import events_pb2
 from services.ingest_webhooks.app import IngestConfig, make_app
@@ -145,18 +146,43 @@ async def test_a_type_we_do_not_project_is_archived_but_not_put_on_payment_event
     assert await read_topic(ingester.bootstrap, ingester.topics.payment_events, expect=0) == []
 
 
-async def test_a_verified_event_missing_its_customer_is_refused_but_archived_and_dead_lettered(
+def unnormalized_count(event_type: str, reason: str) -> float:
+    return REGISTRY.get_sample_value(
+        "paymentsvc_webhooks_unnormalized_total", {"event_type": event_type, "reason": reason}
+    ) or 0.0
+
+
+async def test_a_verified_event_we_cannot_normalize_is_answered_200_archived_and_dead_lettered(
     ingester: Ingester,
 ) -> None:
     event = sample_event("invoice.payment_failed")
-    del event["data"]["object"]["customer"]
+    del event["data"]["object"]["customer"]  # an invoice always has one: our parser refuses it
+    before = unnormalized_count("invoice.payment_failed", "malformed_event")
     status, answer = await ingester.post_event(event)
-    assert status == 400 and answer["error"] == "malformed_event"
-    assert "customer" in answer["message"]
+    assert (status, answer["status"], answer["event_id"]) == (200, "archived_unnormalized", event["id"])
+    assert unnormalized_count("invoice.payment_failed", "malformed_event") == before + 1
     dlq = await read_topic(ingester.bootstrap, Topics.dlq(ingester.topics.payment_events), expect=1)
-    assert headers_of(dlq[0])["event-id"] == event["id"] and "customer" in headers_of(dlq[0])["error"]
+    dead = headers_of(dlq[0])
+    assert dead["event-id"] == event["id"] and "customer" in dead["error"]
+    assert dead["failed-in"] == "ingest_webhooks"
     assert len(await read_topic(ingester.bootstrap, ingester.topics.stripe_raw_events, expect=1)) == 1
     assert await read_topic(ingester.bootstrap, ingester.topics.payment_events, expect=0) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"), [(b'{"id": "evt_1", ', "malformed_json"), (b"[1, 2]", "not_an_event")]
+)
+async def test_a_verified_body_that_is_no_event_is_archived_and_dead_lettered_not_refused(
+    ingester: Ingester, body: bytes, reason: str
+) -> None:
+    before = unnormalized_count("unknown", reason)
+    status, answer = await ingester.post(body, signed_headers(body))
+    assert (status, answer["status"], answer["reason"]) == (200, "archived_unnormalized", reason)
+    assert unnormalized_count("unknown", reason) == before + 1
+    raw = await read_topic(ingester.bootstrap, ingester.topics.stripe_raw_events, expect=1)
+    assert [r.value for r in raw] == [body]
+    dlq = await read_topic(ingester.bootstrap, Topics.dlq(ingester.topics.payment_events), expect=1)
+    assert dlq[0].value == body and headers_of(dlq[0])["error-class"] == reason
 
 
 def _bad_requests() -> dict[str, tuple[int, str, bytes, dict[str, str]]]:
@@ -172,8 +198,6 @@ def _bad_requests() -> dict[str, tuple[int, str, bytes, dict[str, str]]]:
         "stale timestamp": (400, "stale_timestamp", body, signed_headers(body, timestamp=now - 301)),
         "future timestamp": (400, "future_timestamp", body, signed_headers(body, timestamp=now + 900)),
         "tampered body": (400, "bad_signature", tampered, signed_headers(body)),
-        "malformed json": (400, "malformed_json", b'{"id": "evt_1", ', signed_headers(b'{"id": "evt_1", ')),
-        "json that is not an event": (400, "malformed_event", b"[1, 2]", signed_headers(b"[1, 2]")),
         "not utf-8": (400, "not_utf8", b'{"id": "\xff"}', {"Content-Type": "application/json", "Stripe-Signature": "t=1,v1=00"}),
         "huge body": (413, "body_too_large", huge, signed_headers(huge)),
         "wrong content type": (415, "wrong_content_type", body, {**signed_headers(body), "Content-Type": "text/plain"}),
