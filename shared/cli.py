@@ -226,6 +226,44 @@ def replay(
         raise typer.Exit(1)
 
 
+@app.command()
+def renormalize(
+    event_id: Annotated[list[str] | None, typer.Option("--event-id", help="A Stripe event id to re-normalize (repeatable).")] = None,
+    since: Annotated[str | None, typer.Option(help="Archived at or after this ISO-8601 time (UTC unless given).")] = None,
+    until: Annotated[str | None, typer.Option(help="Archived before this ISO-8601 time.")] = None,
+    from_dlq: Annotated[bool, typer.Option("--from-dlq", help="Everything the ingester dead-lettered to payment-events.dlq.")] = False,
+    apply: Annotated[bool, typer.Option("--apply", help="Publish; without it, only report what would be published.")] = False,
+) -> None:
+    """Normalize archived Stripe events again (after a parser fix) and publish them with their own event ids."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from services.ingest_webhooks.renormalize import Selection, parse_time
+    from services.ingest_webhooks.renormalize import renormalize as run
+
+    selection = Selection(
+        event_ids=frozenset(event_id or ()),
+        since=parse_time(since, "--since") if since else None,
+        until=parse_time(until, "--until") if until else None,
+        from_dlq=from_dlq,
+    )
+    settings = _settings()
+    bootstrap = _require_bootstrap(settings)
+    # The bar goes to stderr, so stdout is the report; its total is known before it starts.
+    with Progress(
+        TextColumn("reading the archive"), BarColumn(), MofNCompleteColumn(),
+        console=Console(stderr=True), transient=True,
+    ) as bar:
+        task = bar.add_task("read", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        found = asyncio.run(run(bootstrap, settings.topics, selection, apply=apply, progress=progress))
+    for line in found.lines(apply, settings.topics.payment_events):
+        typer.echo(line)
+
+
 @app.command("send-webhook")
 def send_webhook(
     event_type: Annotated[str, typer.Argument(help="A Stripe event type, e.g. invoice.paid")],
