@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -31,7 +32,12 @@ from aiokafka.structs import OffsetAndMetadata
 from psycopg_pool import AsyncConnectionPool
 
 from shared.kafka import OutgoingMessage, publish_all
-from shared.metrics import WORKER_LAG, WORKER_PAUSED, WORKER_TRANSIENT_FAILURES
+from shared.metrics import (
+    WORKER_LAG,
+    WORKER_PAUSED,
+    WORKER_STALLED_SECONDS,
+    WORKER_TRANSIENT_FAILURES,
+)
 from shared.worker import QUERIES, BatchProcessor, DeadLetter, LoopPolicy, RawMessage
 
 log = logging.getLogger("worker")
@@ -111,27 +117,69 @@ class Backoff:
         return delay
 
 
+@dataclass
+class BatchHealth:
+    """Whether the worker's current batch keeps failing; its `probe` makes /health/ready say so."""
+
+    error: str | None = None
+    since: float | None = None
+    clock: Callable[[], float] = time.monotonic
+
+    def failed(self, exc: BaseException) -> None:
+        self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        if self.since is None:
+            self.since = self.clock()
+
+    def succeeded(self) -> None:
+        self.error = self.since = None
+
+    def stalled_s(self) -> float:
+        return 0.0 if self.since is None else self.clock() - self.since
+
+    async def probe(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the current batch has failed for {self.stalled_s():.0f} s: {self.error}")
+
+
 async def process_until_done(
     processor: BatchProcessor[Any],
     messages: list[RawMessage],
     policy: LoopPolicy,
     stop: asyncio.Event,
     keep_alive: Callable[[float], Awaitable[None]],
+    health: BatchHealth | None = None,
 ) -> bool:
-    """Process one batch, retrying transient failures with backoff. False if stopped first."""
+    """Process one batch, retrying every failure with backoff. False if stopped first.
+
+    Poison (undecodable, or a `PoisonEvent` the projection raised) is dead-lettered
+    inside `process`. Anything else that escapes is a dependency down or a bug; both
+    stop the line here: the batch is retried, never dead-lettered, while the worker
+    stays in the group, its readiness fails with the error, and the stalled-seconds
+    gauge grows until an alert fires. The first failure of a batch logs its traceback.
+    """
     backoff = Backoff(policy)
+    health = health or BatchHealth()
+    name = processor.consumer
     while not stop.is_set():
         try:
             await processor.process(messages)
-            WORKER_PAUSED.labels(processor.consumer).set(0)
+            health.succeeded()
+            WORKER_PAUSED.labels(name).set(0)
+            WORKER_STALLED_SECONDS.labels(name).set(0)
             return True
-        except Exception as exc:  # transient by definition here: poison is handled inside
-            WORKER_TRANSIENT_FAILURES.labels(processor.consumer).inc()
-            WORKER_PAUSED.labels(processor.consumer).set(1)
+        except Exception as exc:
+            first = health.since is None
+            health.failed(exc)
+            WORKER_TRANSIENT_FAILURES.labels(name, type(exc).__name__).inc()
+            WORKER_PAUSED.labels(name).set(1)
+            WORKER_STALLED_SECONDS.labels(name).set(health.stalled_s())
             delay = backoff.next()
-            log.warning(
-                "batch failed; retrying",
-                extra={"consumer": processor.consumer, "error": f"{type(exc).__name__}: {str(exc)[:200]}", "retry_in_s": delay},
+            log.log(
+                logging.ERROR if first else logging.WARNING,
+                "batch failed; retrying it, nothing is dead-lettered",
+                exc_info=first,
+                extra={"consumer": name, "error": health.error, "retry_in_s": delay,
+                       "stalled_s": round(health.stalled_s(), 1)},
             )
             await keep_alive(delay)
     return False
@@ -146,6 +194,7 @@ async def run_live(
     stop: asyncio.Event,
     policy: LoopPolicy = DEFAULT_POLICY,
     session_timeout_ms: int = 10_000,
+    health: BatchHealth | None = None,
 ) -> None:
     """Consume `topic` as a member of `group_id` until `stop` is set."""
     consumer = AIOKafkaConsumer(
@@ -177,7 +226,7 @@ async def run_live(
             messages = _raw(records)
             if not messages:
                 continue
-            if not await process_until_done(processor, messages, policy, stop, keep_alive):
+            if not await process_until_done(processor, messages, policy, stop, keep_alive, health):
                 break
             await _commit(consumer, messages, processor.consumer)
             await _report_lag(consumer, processor.consumer)

@@ -72,7 +72,12 @@ WORKER_BATCH_SECONDS = Histogram(
 )
 WORKER_TRANSIENT_FAILURES = Counter(
     "paymentsvc_worker_transient_failures_total",
-    "Batches that failed for a transient reason (database down, ...) and were retried.",
+    "Failed attempts of a batch, retried: a dependency down, or a bug (never dead-lettered), by exception class.",
+    ["consumer", "error"],
+)
+WORKER_STALLED_SECONDS = Gauge(
+    "paymentsvc_worker_stalled_seconds",
+    "How long the current batch has been failing (0 while batches succeed); alert when it stays above a minute.",
     ["consumer"],
 )
 WORKER_LAG = Gauge(

@@ -14,9 +14,12 @@ crash at any point loses nothing and applies nothing twice:
 4. run the projection's after-commit work (e.g. Redis);
 5. only then may the caller commit the Kafka offsets (`BatchResult.next_offsets`).
 
-Any other exception propagates: the caller treats it as transient, backs off,
-and processes the same batch again. Nothing was committed, and the inbox makes
-the retry safe even if a commit did succeed before the connection broke.
+Only poison is dead-lettered: a message that cannot be decoded, or an event the
+projection positively rejects by raising `PoisonEvent` (invalid by the contract).
+Any other exception, a dependency down or a bug of ours, propagates: the caller
+stops the line on that batch (backs off, retries it, is not ready, alerts; see
+shared/consumer.py). Nothing was committed, and the inbox makes the retry safe
+even if a commit did succeed before the connection broke.
 """
 
 from __future__ import annotations

@@ -86,8 +86,10 @@ class DunningProjection:
     def _outcome(self, envelope: PaymentEnvelope, state: State) -> Outcome:
         try:
             return handlers.apply(envelope.message, state, self._catalog)
-        except Exception as exc:
-            # The handlers are pure: whatever they raise, they would raise on every retry.
+        except handlers.InvalidEvent as exc:
+            # The event breaks the contract: it would fail on every retry. Poison.
+            # Any other exception is a bug of ours: it propagates and stops the line
+            # (shared/consumer.py) instead of draining events of that type to the DLQ.
             raise PoisonEvent(envelope.event_id, f"{type(exc).__name__}: {exc}") from exc
 
     async def after_commit(self, result: DunningBatch | None, ctx: ApplyContext) -> None:

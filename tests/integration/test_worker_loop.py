@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
+from prometheus_client import REGISTRY
 
 from shared.config import Topics
+from shared.consumer import BatchHealth, log_end_offsets
 from shared.db import make_pool
 from shared.migrate import migrate_up
 from shared.worker import BatchProcessor, RawMessage
@@ -109,6 +111,45 @@ async def test_a_poison_message_goes_to_the_dlq_and_the_next_good_message_is_app
     letters = await read_topic(broker, Topics.dlq(topic), expect=2)
     assert sorted(headers_of(r)["error-class"] for r in letters) == ["JSONDecodeError", "PoisonEvent"]
     assert all(headers_of(r)["original-topic"] == topic for r in letters)
+
+
+async def test_a_bug_stops_the_line_instead_of_dead_lettering_and_the_fix_resumes_it(
+    broker: str, topics: Topics, counting_db: str, producer: AIOKafkaProducer
+) -> None:
+    """A handler that raises anything but PoisonEvent is a bug: the batch is retried, the
+    worker is not ready and says why, the stalled gauge grows, nothing reaches the DLQ."""
+    topic = topics.payment_events
+    health = BatchHealth()
+    stop = asyncio.Event()
+    CountingProjection.bug_active = True
+    try:
+        await produce(producer, topic, range(0, 1), bug=True)
+        await produce(producer, topic, range(1, 3))
+        task = asyncio.create_task(run_worker(broker, topic, counting_db, stop, health=health))
+        try:
+            await wait_for(lambda: health.error is not None and health.stalled_s() > 0.5, timeout=40,
+                           what="the batch to keep failing")
+            with pytest.raises(RuntimeError, match="KeyError: 'a bug on purpose'"):
+                await health.probe()
+            assert sample("paymentsvc_worker_paused", consumer="test-counter") == 1
+            assert sample("paymentsvc_worker_stalled_seconds", consumer="test-counter") > 0
+            assert sample("paymentsvc_worker_transient_failures_total", consumer="test-counter", error="KeyError") >= 2
+            assert "e0" not in counts(counting_db)
+
+            CountingProjection.bug_active = False  # the fix is deployed
+            await all_applied_once(counting_db, 3)
+            await health.probe()  # ready again
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    finally:
+        CountingProjection.bug_active = False
+    dlq = Topics.dlq(topic)
+    assert await log_end_offsets(broker, [TopicPartition(dlq, p) for p in range(3)]) == {0: 0, 1: 0, 2: 0}
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 async def test_postgres_down_for_a_while_makes_the_worker_wait_then_catch_up(

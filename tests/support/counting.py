@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from shared.consumer import KafkaDeadLetters, LoopPolicy, run_live
+from shared.consumer import BatchHealth, KafkaDeadLetters, LoopPolicy, run_live
 from shared.db import make_pool
 from shared.kafka import make_producer
 from shared.projection import ApplyContext, Envelope, PoisonEvent
@@ -27,6 +27,8 @@ SCHEMA = "CREATE TABLE IF NOT EXISTS applied (event_id text PRIMARY KEY, times i
 
 class CountingProjection:
     name = "test-counter"
+    # While set, an event with "bug": true raises a plain exception: a bug of ours, not poison.
+    bug_active = False
 
     def decode(self, value: bytes, headers: dict[str, bytes]) -> tuple[str, str, dict[str, Any]]:
         body = json.loads(value)
@@ -38,6 +40,8 @@ class CountingProjection:
         for e in events:
             if e.message.get("poison"):
                 raise PoisonEvent(e.event_id, "poison on purpose")
+            if e.message.get("bug") and CountingProjection.bug_active:
+                raise KeyError("a bug on purpose")
         async with conn.cursor() as cur:
             await cur.executemany(
                 "INSERT INTO applied (event_id, times, pid) VALUES (%s, 1, %s) "
@@ -49,7 +53,10 @@ class CountingProjection:
         return None
 
 
-async def run_worker(bootstrap: str, topic: str, database_url: str, stop: asyncio.Event, session_timeout_ms: int = 6000) -> None:
+async def run_worker(
+    bootstrap: str, topic: str, database_url: str, stop: asyncio.Event, session_timeout_ms: int = 6000,
+    health: BatchHealth | None = None,
+) -> None:
     pool = make_pool(database_url, max_size=2)
     await pool.open(wait=True)
     producer = make_producer(bootstrap)
@@ -57,7 +64,7 @@ async def run_worker(bootstrap: str, topic: str, database_url: str, stop: asynci
     try:
         processor = BatchProcessor(CountingProjection(), pool, KafkaDeadLetters(producer))
         policy = LoopPolicy(max_batch=100, backoff_initial_s=0.2, backoff_max_s=1.0)
-        await run_live(processor, pool, bootstrap, topic, "test-counter-group", stop, policy, session_timeout_ms)
+        await run_live(processor, pool, bootstrap, topic, "test-counter-group", stop, policy, session_timeout_ms, health)
     finally:
         await producer.stop()
         await pool.close()
