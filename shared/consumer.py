@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -34,6 +34,7 @@ from psycopg_pool import AsyncConnectionPool
 from shared.kafka import OutgoingMessage, publish_all
 from shared.metrics import (
     WORKER_LAG,
+    WORKER_LOG_MISMATCH,
     WORKER_PAUSED,
     WORKER_STALLED_SECONDS,
     WORKER_TRANSIENT_FAILURES,
@@ -92,18 +93,79 @@ async def database_offsets(pool: AsyncConnectionPool, consumer: str, topic: str)
         return {int(p): int(o) for p, o in await cursor.fetchall()}
 
 
+def mark_mismatch(mark: int, start: int, end: int) -> str | None:
+    """Why a projection's high-water mark does not fit the partition's log, or None.
+
+    A mark beyond the end: the log was recreated or reset (a new cluster, a deleted
+    topic, a dev broker that forgot everything); consuming would wait at the mark
+    and skip every new event below it. A log start beyond the mark: events the
+    projection never applied were deleted (retention); consuming would skip them.
+    """
+    if mark > end:
+        return f"the projection's mark {mark} is beyond the log's end {end} (the log was recreated or reset)"
+    if start > mark:
+        return f"the log starts at {start}, after the projection's mark {mark} (unapplied events were deleted)"
+    return None
+
+
+@dataclass
+class LogCheck:
+    """Partitions whose marks do not fit the log; they are not consumed. A readiness probe."""
+
+    consumer: str
+    mismatches: dict[int, str] = field(default_factory=dict)
+
+    async def probe(self) -> None:
+        if self.mismatches:
+            first = min(self.mismatches)
+            raise RuntimeError(f"{len(self.mismatches)} partition(s) not consumed; {first}: {self.mismatches[first]}")
+
+
 class _SeekToDatabase(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, consumer: AIOKafkaConsumer, pool: AsyncConnectionPool, name: str, topic: str) -> None:
+    def __init__(
+        self, consumer: AIOKafkaConsumer, pool: AsyncConnectionPool, name: str, topic: str, bootstrap: str,
+        check: LogCheck,
+    ) -> None:
         self._consumer, self._pool, self._name, self._topic = consumer, pool, name, topic
+        self._bootstrap, self._check = bootstrap, check
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         pass  # offsets are committed after every batch
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        offsets = await database_offsets(self._pool, self._name, self._topic)
+        # Nothing is fetched until each partition is checked and sought: getmany runs
+        # while this listener awaits the database and the broker.
+        self._consumer.pause(*assigned)
+        try:
+            offsets = await database_offsets(self._pool, self._name, self._topic)
+            marked = [tp for tp in assigned if tp.partition in offsets]
+            starts = await self._consumer.beginning_offsets(marked) if marked else {}
+            ends = await log_end_offsets(self._bootstrap, marked) if marked else {}
+        except Exception:
+            # Kafka's committed offsets then (at most a redelivery, which the inbox absorbs).
+            log.exception("could not check the marks against the log", extra={"consumer": self._name})
+            self._consumer.resume(*assigned)
+            return
+        self._check.mismatches.clear()
         for tp in assigned:
-            if tp.partition in offsets:
-                self._consumer.seek(tp, offsets[tp.partition])
+            WORKER_LOG_MISMATCH.labels(self._name, tp.topic, str(tp.partition)).set(0)
+            if tp not in marked:
+                continue
+            mark, start, end = offsets[tp.partition], starts.get(tp, 0), ends.get(tp.partition, 0)
+            reason = mark_mismatch(mark, start, end)
+            if reason is None:
+                self._consumer.seek(tp, mark)
+                continue
+            self._check.mismatches[tp.partition] = reason
+            WORKER_LOG_MISMATCH.labels(self._name, tp.topic, str(tp.partition)).set(1)
+            log.error(
+                "%s partition %d is not consumed: %s. Rebuild the projection from this log: "
+                "paymentsvc replay %s --into rebuild_1 --swap",
+                tp.topic, tp.partition, reason, self._name,
+                extra={"consumer": self._name, "topic": tp.topic, "partition": tp.partition,
+                       "mark": mark, "log_start": start, "log_end": end},
+            )
+        self._consumer.resume(*[tp for tp in assigned if tp.partition not in self._check.mismatches])
         log.info("partitions assigned", extra={"consumer": self._name, "partitions": sorted(tp.partition for tp in assigned)})
 
 
@@ -195,8 +257,13 @@ async def run_live(
     policy: LoopPolicy = DEFAULT_POLICY,
     session_timeout_ms: int = 10_000,
     health: BatchHealth | None = None,
+    log_check: LogCheck | None = None,
 ) -> None:
-    """Consume `topic` as a member of `group_id` until `stop` is set."""
+    """Consume `topic` as a member of `group_id` until `stop` is set.
+
+    Partitions whose database marks do not fit the log (see `mark_mismatch`) stay
+    paused and are reported through `log_check` until an operator rebuilds."""
+    check = log_check or LogCheck(processor.consumer)
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group_id,
@@ -208,7 +275,7 @@ async def run_live(
         max_poll_records=policy.max_batch,
         client_id=f"paymentsvc-{processor.consumer}",
     )
-    consumer.subscribe([topic], listener=_SeekToDatabase(consumer, pool, processor.consumer, topic))
+    consumer.subscribe([topic], listener=_SeekToDatabase(consumer, pool, processor.consumer, topic, bootstrap, check))
     await consumer.start()
 
     async def keep_alive(seconds: float) -> None:
@@ -218,12 +285,14 @@ async def run_live(
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not stop.is_set():
             await consumer.getmany(timeout_ms=int(min(0.5, max(0.0, deadline - time.monotonic())) * 1000))
-        consumer.resume(*assigned)
+        consumer.resume(*[tp for tp in assigned if tp.partition not in check.mismatches])
 
     try:
         while not stop.is_set():
             records = await consumer.getmany(timeout_ms=policy.max_wait_ms, max_records=policy.max_batch)
-            messages = _raw(records)
+            # A partition whose marks do not fit its log is paused; records fetched
+            # before the pause took effect are dropped too (never committed).
+            messages = [m for m in _raw(records) if m.partition not in check.mismatches]
             if not messages:
                 continue
             if not await process_until_done(processor, messages, policy, stop, keep_alive, health):

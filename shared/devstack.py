@@ -49,6 +49,41 @@ async def check_redis(url: str) -> None:
         await client.aclose()
 
 
+# Written by operators and migrations, not projected from the log: kept across runs.
+KEPT_TABLES = ("plans", "pricing_zones", "plan_prices", "plan_features")
+DEV_REDIS_PATTERNS = ("ent:*", "usage:*")
+
+
+async def reset_projections(database_url: str, redis_url: str) -> tuple[int, int]:
+    """Clear everything built from the log (tables, inbox, marks, Redis answers); (tables, keys).
+
+    Only `paymentsvc dev` with its embedded broker calls this: that broker's log
+    starts empty on every run, and projections (and their high-water marks) left by
+    an earlier log would make the workers wait at marks beyond the new log's end.
+    """
+    from psycopg import sql
+
+    with db.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema() "
+            "AND table_type = 'BASE TABLE' AND table_name NOT LIKE %s AND NOT (table_name = ANY(%s))",
+            ("%yoyo%", list(KEPT_TABLES)),
+        ).fetchall()
+        tables = sorted(str(r[0]) for r in rows)
+        if tables:
+            conn.execute(sql.SQL("TRUNCATE {}").format(sql.SQL(", ").join(map(sql.Identifier, tables))))
+    client = Redis.from_url(redis_url, socket_connect_timeout=3)
+    deleted = 0
+    try:
+        for pattern in DEV_REDIS_PATTERNS:
+            keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
+            for i in range(0, len(keys), 1000):
+                deleted += await client.delete(*keys[i : i + 1000])
+    finally:
+        await client.aclose()
+    return len(tables), deleted
+
+
 def dev_environment(env: dict[str, str]) -> dict[str, str]:
     """The environment with dev defaults for what a newcomer has not set."""
     env = dict(env)
@@ -98,6 +133,13 @@ async def run_dev(log_dir: Path) -> None:
     with db.connect(database_url) as conn:
         counts = apply_catalog(conn, catalog)
     console.print(f"postgres {db.describe(database_url)}: {applied} migration(s) applied, catalog {counts}")
+    fresh = not settings.kafka_bootstrap_servers  # the embedded broker starts with an empty log
+    if fresh:
+        tables, keys = await reset_projections(database_url, settings.redis_url.get_secret_value())
+        console.print(
+            f"projections start fresh: the embedded broker forgets its log, so {tables} table(s) "
+            f"and {keys} Redis key(s) from an earlier run were cleared"
+        )
 
     log_dir.mkdir(parents=True, exist_ok=True)
     stripe: LocalStripe | None = None
@@ -109,14 +151,14 @@ async def run_dev(log_dir: Path) -> None:
     try:
         async with broker_for(settings, log_dir=log_dir) as bootstrap:
             env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
-            await _run_services(settings, env, stripe, log_dir)
+            await _run_services(settings, env, stripe, log_dir, fresh)
     finally:
         if stripe:
             stripe.stop()
 
 
 async def _run_services(
-    settings: Settings, env: dict[str, str], stripe: LocalStripe | None, log_dir: Path
+    settings: Settings, env: dict[str, str], stripe: LocalStripe | None, log_dir: Path, fresh: bool
 ) -> None:
     children: dict[str, subprocess.Popen[bytes]] = {}
     names = list(SERVICE_PORTS)
@@ -145,7 +187,9 @@ async def _run_services(
             table.add_row(name, listens, "yes" if ready else "NO", str(log_dir / f"{name}.log"))
             if not ready:
                 raise DependencyUnavailable(name, f"127.0.0.1:{port}", f"not ready; see {log_dir / (name + '.log')}")
-        table.add_row("kafka", env["KAFKA_BOOTSTRAP_SERVERS"], "yes", "")
+        table.add_row("kafka", env["KAFKA_BOOTSTRAP_SERVERS"], "yes", "embedded: its log starts empty" if fresh else "")
+        if fresh:
+            table.add_row("projections", "postgres + redis", "fresh", "cleared at start: built from this run's log only")
         if stripe:
             table.add_row("localstripe", stripe.api_base, "yes", str(stripe.log_path))
             if "ingest_webhooks" in names:

@@ -85,6 +85,11 @@ WORKER_LAG = Gauge(
     "Messages between a partition's end and the worker's position.",
     ["consumer", "topic", "partition"],
 )
+WORKER_LOG_MISMATCH = Gauge(
+    "paymentsvc_worker_log_mismatch",
+    "1 while a partition is not consumed because the projection's mark does not fit its log (see the ERROR log).",
+    ["consumer", "topic", "partition"],
+)
 WORKER_PAUSED = Gauge(
     "paymentsvc_worker_paused",
     "1 while a worker is backing off after a transient failure.",

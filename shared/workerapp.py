@@ -16,7 +16,7 @@ from aiohttp import web
 
 from shared import db
 from shared.config import Settings
-from shared.consumer import BatchHealth, KafkaDeadLetters, LoopPolicy, run_live
+from shared.consumer import BatchHealth, KafkaDeadLetters, LogCheck, LoopPolicy, run_live
 from shared.devbroker import wait_for_broker
 from shared.health import Probe, add_health_routes, postgres_probe, start_site
 from shared.kafka import kafka_probe, make_producer
@@ -44,9 +44,10 @@ async def serve_projection(
     await producer.start()
     runner = None
     try:
-        health = BatchHealth()
+        health, log_check = BatchHealth(), LogCheck(projection.name)
         probes: dict[str, Probe] = {
             "postgres": postgres_probe(pool), "kafka": kafka_probe(producer), "batches": health.probe,
+            "log": log_check.probe,
         }
         probes.update(extra_probes or {})
         app = web.Application()
@@ -56,7 +57,7 @@ async def serve_projection(
         log.info("consuming", extra={"topic": topic, "consumer": projection.name, "health": f"http://{settings.bind_host}:{port}"})
         await run_live(
             processor, pool, settings.kafka_bootstrap_servers, topic, f"paymentsvc-{projection.name}", stop,
-            policy or LoopPolicy(), health=health,
+            policy or LoopPolicy(), health=health, log_check=log_check,
         )
     finally:
         if runner is not None:

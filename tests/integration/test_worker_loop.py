@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from prometheus_client import REGISTRY
 
 from shared.config import Topics
-from shared.consumer import BatchHealth, log_end_offsets
+from shared.consumer import BatchHealth, LogCheck, log_end_offsets, mark_mismatch
 from shared.db import make_pool
 from shared.migrate import migrate_up
 from shared.worker import BatchProcessor, RawMessage
@@ -146,6 +146,47 @@ async def test_a_bug_stops_the_line_instead_of_dead_lettering_and_the_fix_resume
         CountingProjection.bug_active = False
     dlq = Topics.dlq(topic)
     assert await log_end_offsets(broker, [TopicPartition(dlq, p) for p in range(3)]) == {0: 0, 1: 0, 2: 0}
+
+
+async def test_a_mark_beyond_the_log_end_stops_that_partition_and_says_how_to_rebuild(
+    broker: str, topics: Topics, counting_db: str, producer: AIOKafkaProducer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A topic recreated under the projection's marks (as every `make dev` did): the
+    partition whose mark is beyond the new log's end is not consumed, and says so."""
+    topic = topics.payment_events
+    with psycopg.connect(counting_db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO consumer_offsets (consumer, topic, kafka_partition, next_offset) VALUES (%s, %s, 0, 29)",
+            ("test-counter", topic),
+        )
+    for partition in range(3):
+        acks = [await producer.send(topic, json.dumps({"id": f"p{partition}-{i}"}).encode(), partition=partition)
+                for i in range(3)]
+        await asyncio.gather(*acks)
+    check = LogCheck("test-counter")
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(broker, topic, counting_db, stop, log_check=check))
+    try:
+        await wait_for(lambda: len(counts(counting_db)) >= 6, timeout=40, what="partitions 1 and 2 applied")
+        assert sorted(counts(counting_db)) == [f"p{p}-{i}" for p in (1, 2) for i in range(3)]
+        assert list(check.mismatches) == [0]
+        assert "mark 29 is beyond the log's end 3" in check.mismatches[0]
+        with pytest.raises(RuntimeError, match="partition"):
+            await check.probe()
+        assert sample("paymentsvc_worker_log_mismatch", consumer="test-counter", topic=topic, partition="0") == 1
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and "not consumed" in r.getMessage()]
+        assert errors and f"{topic} partition 0" in errors[0]
+        assert "paymentsvc replay test-counter --into rebuild_1 --swap" in errors[0]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert not any(k.startswith("p0-") for k in counts(counting_db))
+
+
+def test_marks_are_checked_against_both_ends_of_the_log() -> None:
+    assert mark_mismatch(5, 0, 5) is None and mark_mismatch(0, 0, 0) is None
+    assert "beyond the log's end 5" in (mark_mismatch(6, 0, 5) or "")
+    assert "unapplied events were deleted" in (mark_mismatch(3, 4, 10) or "")
 
 
 def sample(name: str, **labels: str) -> float:

@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from shared.consumer import BatchHealth, KafkaDeadLetters, LoopPolicy, run_live
+from shared.consumer import BatchHealth, KafkaDeadLetters, LogCheck, LoopPolicy, run_live
 from shared.db import make_pool
 from shared.kafka import make_producer
 from shared.projection import ApplyContext, Envelope, PoisonEvent
@@ -55,7 +55,7 @@ class CountingProjection:
 
 async def run_worker(
     bootstrap: str, topic: str, database_url: str, stop: asyncio.Event, session_timeout_ms: int = 6000,
-    health: BatchHealth | None = None,
+    health: BatchHealth | None = None, log_check: LogCheck | None = None,
 ) -> None:
     pool = make_pool(database_url, max_size=2)
     await pool.open(wait=True)
@@ -64,7 +64,7 @@ async def run_worker(
     try:
         processor = BatchProcessor(CountingProjection(), pool, KafkaDeadLetters(producer))
         policy = LoopPolicy(max_batch=100, backoff_initial_s=0.2, backoff_max_s=1.0)
-        await run_live(processor, pool, bootstrap, topic, "test-counter-group", stop, policy, session_timeout_ms, health)
+        await run_live(processor, pool, bootstrap, topic, "test-counter-group", stop, policy, session_timeout_ms, health, log_check)
     finally:
         await producer.stop()
         await pool.close()
