@@ -106,6 +106,11 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(default=10.0, gt=0)
     dunning_interval_s: float = Field(default=30.0, gt=0, description="how often the dunning scheduler looks for due cases")
     startup_timeout_s: float = Field(default=30.0, gt=0, description="wait this long for dependencies")
+    inbox_retention_days: float = Field(
+        default=35.0, gt=3.0,
+        description="how long a worker remembers an applied event id (longer than Stripe's 3-day retries and the topics' retention)",
+    )
+    inbox_prune_interval_s: float = Field(default=300.0, gt=0, description="how often a worker prunes its inbox")
 
     # API.
     # `key=scope+scope,...`; kept as secrets so that no key shows in a repr or log.

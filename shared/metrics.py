@@ -90,6 +90,11 @@ WORKER_LOG_MISMATCH = Gauge(
     "1 while a partition is not consumed because the projection's mark does not fit its log (see the ERROR log).",
     ["consumer", "topic", "partition"],
 )
+INBOX_PRUNED = Counter(
+    "paymentsvc_inbox_pruned_total",
+    "Inbox rows (processed_events) older than INBOX_RETENTION_DAYS deleted by the pruner.",
+    ["consumer"],
+)
 WORKER_PAUSED = Gauge(
     "paymentsvc_worker_paused",
     "1 while a worker is backing off after a transient failure.",

@@ -8,6 +8,7 @@ A service's bootstrap builds its projection and calls it; nothing else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from shared.config import Settings
 from shared.consumer import BatchHealth, KafkaDeadLetters, LogCheck, LoopPolicy, run_live
 from shared.devbroker import wait_for_broker
 from shared.health import Probe, add_health_routes, postgres_probe, start_site
+from shared.inbox import DAY_S, InboxPruner
 from shared.kafka import kafka_probe, make_producer
 from shared.projection import Projection
 from shared.worker import BatchProcessor
@@ -55,10 +57,17 @@ async def serve_projection(
         runner = await start_site(app, settings.bind_host, port)
         processor = BatchProcessor(projection, pool, KafkaDeadLetters(producer, settings.publish_timeout_s))
         log.info("consuming", extra={"topic": topic, "consumer": projection.name, "health": f"http://{settings.bind_host}:{port}"})
-        await run_live(
-            processor, pool, settings.kafka_bootstrap_servers, topic, f"paymentsvc-{projection.name}", stop,
-            policy or LoopPolicy(), health=health, log_check=log_check,
-        )
+        pruner = InboxPruner(pool, projection.name, retention_s=settings.inbox_retention_days * DAY_S)
+        pruning = asyncio.create_task(pruner.run(stop, settings.inbox_prune_interval_s))
+        try:
+            await run_live(
+                processor, pool, settings.kafka_bootstrap_servers, topic, f"paymentsvc-{projection.name}", stop,
+                policy or LoopPolicy(), health=health, log_check=log_check,
+            )
+        finally:
+            pruning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruning
     finally:
         if runner is not None:
             await runner.cleanup()

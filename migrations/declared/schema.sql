@@ -350,7 +350,7 @@ CREATE TABLE outbox (
 );
 CREATE INDEX outbox_consumer ON outbox (consumer, id);
 
--- ---------------------------------------------------------------- 0006: cache_refresh_pending
+-- ---------------------------------------------------------------- 0007: cache_refresh_pending
 -- Subjects whose Redis answer may be older than Postgres (set in the batch's
 -- transaction, cleared once Redis holds the new answer).
 CREATE TABLE cache_refresh_pending (
@@ -361,3 +361,6 @@ CREATE TABLE cache_refresh_pending (
     marked_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (consumer, subject_type, subject_id)
 );
+
+-- ---------------------------------------------------------------- 0008: inbox age
+CREATE INDEX processed_events_age ON processed_events (consumer, processed_at);

@@ -53,3 +53,14 @@ FROM pg_stat_user_tables s
 JOIN pg_class c ON c.oid = s.relid
 WHERE s.schemaname = current_schema()
   AND s.n_mod_since_analyze > 50 + 0.1 * greatest(c.reltuples, 0);
+
+-- name: prune_inbox
+-- At most %(batch)s of the consumer's inbox rows older than the cutoff (Unix seconds),
+-- oldest first through processed_events_age; rows a batch holds are skipped.
+DELETE FROM processed_events
+WHERE (consumer, event_id) IN (
+    SELECT consumer, event_id FROM processed_events
+    WHERE consumer = %(consumer)s AND processed_at < to_timestamp(%(cutoff)s)
+    ORDER BY processed_at
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED);
