@@ -28,6 +28,19 @@ class ApiKey:
     name: str
     secret: SecretStr
     scopes: frozenset[str]
+    rate_limit: tuple[float, float] | None = None  # (per second, burst); None: API_RATE_LIMIT
+
+
+def parse_rate_limit(text: str, what: str) -> tuple[float, float]:
+    """`rate/burst` (e.g. `1000/2000`), both positive."""
+    rate, sep, burst = text.partition("/")
+    try:
+        parsed = (float(rate), float(burst))
+    except ValueError:
+        parsed = (0.0, 0.0)
+    if not sep or parsed[0] <= 0 or parsed[1] < 1:
+        raise ValueError(f"{what} must look like rate/burst with rate > 0 and burst >= 1, e.g. 1000/2000; got {text!r}")
+    return parsed
 
 
 @dataclass(frozen=True)
@@ -68,10 +81,12 @@ def _split_commas(value: Any) -> Any:
 
 
 def parse_api_keys(entries: list[str]) -> tuple[ApiKey, ...]:
-    """Parse `key=scope+scope` entries. The label in logs is `key-<n>`, never the key."""
+    """Parse `key=scope+scope[:rate/burst]` entries. The label in logs is `key-<n>`, never the key."""
     keys = []
     for n, entry in enumerate(entries, start=1):
-        secret, sep, scope_text = entry.partition("=")
+        secret, sep, rest = entry.partition("=")
+        scope_text, _, limit_text = rest.partition(":")
+        limit = parse_rate_limit(limit_text, f"API_KEYS entry {n}'s rate limit") if limit_text else None
         if not sep or not secret:
             raise ValueError(f"API_KEYS entry {n} must look like key=read+write")
         scopes = frozenset(s.strip() for s in scope_text.split("+") if s.strip())
@@ -81,7 +96,7 @@ def parse_api_keys(entries: list[str]) -> tuple[ApiKey, ...]:
                 f"API_KEYS entry {n} has unknown or no scopes {sorted(unknown)}; "
                 f"allowed: {sorted(SCOPES)}"
             )
-        keys.append(ApiKey(name=f"key-{n}", secret=SecretStr(secret), scopes=scopes))
+        keys.append(ApiKey(name=f"key-{n}", secret=SecretStr(secret), scopes=scopes, rate_limit=limit))
     return tuple(keys)
 
 
@@ -115,6 +130,9 @@ class Settings(BaseSettings):
     # API.
     # `key=scope+scope,...`; kept as secrets so that no key shows in a repr or log.
     api_keys_raw: Annotated[list[SecretStr], NoDecode] = Field(default=[], alias="API_KEYS")
+    api_rate_limit: str = Field(default="1000/2000", description="default per-key limit, calls/s and burst")
+    # Page and consistency tokens are HMAC-signed with these; several while rotating.
+    token_signing_keys: Annotated[list[SecretStr], NoDecode] = []
 
     # Ports.
     grpc_port: int = 8080
@@ -131,7 +149,7 @@ class Settings(BaseSettings):
     catalog_path: Path = DEFAULT_CATALOG_PATH
     service_version: str = "0.1.0"
 
-    @field_validator("stripe_webhook_secrets", "api_keys_raw", mode="before")
+    @field_validator("stripe_webhook_secrets", "api_keys_raw", "token_signing_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return _split_commas(value)
@@ -140,6 +158,20 @@ class Settings(BaseSettings):
     @classmethod
     def _valid_api_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
         parse_api_keys([v.get_secret_value() for v in value])
+        return value
+
+    @field_validator("api_rate_limit")
+    @classmethod
+    def _valid_rate_limit(cls, value: str) -> str:
+        parse_rate_limit(value, "API_RATE_LIMIT")
+        return value
+
+    @field_validator("token_signing_keys")
+    @classmethod
+    def _long_enough(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for n, key in enumerate(value, start=1):
+            if len(key.get_secret_value()) < 32:
+                raise ValueError(f"TOKEN_SIGNING_KEYS entry {n} is shorter than 32 characters")
         return value
 
     @field_validator("log_level")

@@ -33,6 +33,7 @@ from shared.errors import DependencyUnavailable
 # Stated in the README. Only `paymentsvc dev` uses them, and only when unset.
 DEV_WEBHOOK_SECRET = "whsec_paymentsvc_dev"
 DEV_API_KEY = "dev-key"
+DEV_TOKEN_SIGNING_KEY = "paymentsvc-dev-token-signing-key-not-secret"
 READY_TIMEOUT_S = 60.0
 
 console = Console(stderr=True)
@@ -89,6 +90,7 @@ def dev_environment(env: dict[str, str]) -> dict[str, str]:
     env = dict(env)
     env.setdefault("STRIPE_WEBHOOK_SECRETS", DEV_WEBHOOK_SECRET)
     env.setdefault("API_KEYS", f"{DEV_API_KEY}=read+write+admin")
+    env.setdefault("TOKEN_SIGNING_KEYS", DEV_TOKEN_SIGNING_KEY)
     return env
 
 

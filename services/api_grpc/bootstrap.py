@@ -8,7 +8,6 @@ and closes everything in reverse order.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 
 from aiohttp import web
@@ -25,9 +24,10 @@ from services.api_grpc.usage import KafkaUsageBus, UsageApi, UsageStore
 from services.usage.counters import Counters
 from shared.breaker import Breaker
 from shared.catalog import load_catalog
-from shared.config import Settings
+from shared.config import Settings, parse_rate_limit
 from shared.db import open_pool
 from shared.devbroker import wait_for_broker
+from shared.errors import ConfigurationError
 from shared.health import add_health_routes, postgres_probe, redis_probe, start_site
 from shared.kafka import kafka_probe, make_producer
 
@@ -43,10 +43,21 @@ def stripe_breaker(threshold: int = 5, reset_after_s: float = 30.0) -> Breaker:
     return Breaker("stripe", stripe_gateway.is_transient, threshold=threshold, reset_after_s=reset_after_s)
 
 
-def token_key(settings: Settings) -> bytes:
-    """Every replica derives the same page-token key from the shared configuration."""
-    material = settings.database_url.get_secret_value()
-    return page_tokens.derive_key(hashlib.sha256(material.encode()).hexdigest())
+def rate_limits(settings: Settings) -> RateLimitConfig:
+    """API_RATE_LIMIT for every key, and each API_KEYS entry's own `:rate/burst`."""
+    rate, burst = parse_rate_limit(settings.api_rate_limit, "API_RATE_LIMIT")
+    per_key = tuple((k.name, *k.rate_limit) for k in settings.api_keys if k.rate_limit)
+    return RateLimitConfig(rate=rate, burst=burst, per_key=per_key)
+
+
+def token_keys(settings: Settings) -> list[bytes]:
+    """The page and consistency token keys: TOKEN_SIGNING_KEYS, the first signs."""
+    if not settings.token_signing_keys:
+        raise ConfigurationError(
+            "TOKEN_SIGNING_KEYS is not set: the API signs page and consistency tokens with it "
+            "(comma-separated, at least 32 characters each, the first signs; `paymentsvc dev` sets one)"
+        )
+    return [page_tokens.derive_key(k.get_secret_value()) for k in settings.token_signing_keys]
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -77,7 +88,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         entitlements,
         KafkaEventBus(producer, settings.topics.payment_events),
         gateway,
-        page_tokens.PageTokens(token_key(settings)),
+        page_tokens.PageTokens(*token_keys(settings)),
     )
     usage = UsageApi(
         api.facts, api, UsageStore(pool), Counters(redis),
@@ -85,7 +96,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     )
     server = build_server(
         api, settings.api_keys, host=settings.bind_host, port=settings.grpc_port,
-        redis=redis, redis_breaker=breaker, rate_limit=RateLimitConfig(), usage=usage,
+        redis=redis, redis_breaker=breaker, rate_limit=rate_limits(settings), usage=usage,
     )
     app = web.Application()
     probes = {"postgres": postgres_probe(pool), "redis": redis_probe(redis), "kafka": kafka_probe(producer)}

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -306,14 +306,16 @@ class RateLimit(UnaryInterceptor):
         timeout_s: float = 0.2,
         lease_s: float = 0.05,
         max_lease: int = 100,
+        per_key: Mapping[str, tuple[float, float]] | None = None,
     ) -> None:
         self._script = client.register_script(_TOKEN_BUCKET)
         self._breaker = breaker
         self._rate, self._burst = rate, burst
+        self._per_key = dict(per_key or {})  # caller name -> (rate, burst), overriding the default
         self._prefix = prefix
         self._timeout_s = timeout_s
         self._lease_s = lease_s
-        self._lease_size = max(1, min(max_lease, int(min(burst, rate * lease_s))))
+        self._max_lease = max_lease
         self._leases: dict[str, list[float]] = {}  # caller -> [tokens left, valid until]
         self._refills: dict[str, asyncio.Future[tuple[bool, float]]] = {}
 
@@ -326,10 +328,17 @@ class RateLimit(UnaryInterceptor):
             allowed, wait = await self._admit(caller)
             if not allowed:
                 API_RATE_LIMITED.labels(caller).inc()
-                raise RateLimited(f"rate limit of {self._rate:g}/s exceeded for this API key", wait)
+                raise RateLimited(f"rate limit of {self._limit(caller)[0]:g}/s exceeded for this API key", wait)
         else:
             lease[0] -= 1
         return await method(request, context)
+
+    def _limit(self, caller: str) -> tuple[float, float]:
+        return self._per_key.get(caller, (self._rate, self._burst))
+
+    def _lease_size(self, caller: str) -> int:
+        rate, burst = self._limit(caller)
+        return max(1, min(self._max_lease, int(min(burst, rate * self._lease_s))))
 
     async def _admit(self, caller: str) -> tuple[bool, float]:
         while True:
@@ -348,7 +357,7 @@ class RateLimit(UnaryInterceptor):
 
     async def _refill(self, caller: str) -> tuple[bool, float]:
         try:
-            granted, wait = await self._take(caller, self._lease_size)
+            granted, wait = await self._take(caller, self._lease_size(caller))
             if granted < 0:
                 self._leases.pop(caller, None)
                 return True, 0.0
@@ -365,7 +374,7 @@ class RateLimit(UnaryInterceptor):
         async def run() -> Any:
             async with asyncio.timeout(self._timeout_s):
                 return await self._script(
-                    keys=[f"{self._prefix}rl:{caller}"], args=[self._rate, self._burst, want]
+                    keys=[f"{self._prefix}rl:{caller}"], args=[*self._limit(caller), want]
                 )
 
         try:

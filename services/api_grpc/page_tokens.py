@@ -3,8 +3,11 @@
 A token is base64url(JSON payload) + "." + base64url(HMAC-SHA256). The payload holds
 the keyset cursor (the sort key of the last row returned) and a fingerprint of the
 query (method and filters), so a token cannot be replayed against another query. The
-key is derived from configuration shared by every replica (not random per process), so
-a token made by one replica is accepted by the others.
+keys come from `TOKEN_SIGNING_KEYS`, shared by every replica, so a token made by one
+replica is accepted by the others. The first key signs and every key verifies, so a
+key is rotated by putting a new one first and dropping the old one once the tokens it
+signed have expired from clients (a page token lives as long as a listing; a
+consistency token a few seconds).
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ def query_fingerprint(method: str, filters: dict[str, Any]) -> str:
 
 
 class PageTokens:
-    def __init__(self, key: bytes) -> None:
-        self._key = key
+    def __init__(self, *keys: bytes) -> None:
+        if not keys:
+            raise ValueError("PageTokens needs at least one key")
+        self._keys = keys
 
-    def _sign(self, payload: bytes) -> str:
-        return _b64(hmac.new(self._key, payload, hashlib.sha256).digest())
+    def _sign(self, payload: bytes, key: bytes | None = None) -> str:
+        return _b64(hmac.new(key or self._keys[0], payload, hashlib.sha256).digest())
 
     def encode(self, fingerprint: str, cursor: list[Any]) -> str:
         payload = orjson.dumps({"q": fingerprint, "c": cursor})
@@ -62,10 +67,10 @@ class PageTokens:
         body, sep, signature = token.partition(".")
         try:
             payload = _unb64(body)
-            expected = self._sign(payload)
+            expected = [self._sign(payload, key) for key in self._keys]
         except (ValueError, TypeError):
             raise InvalidArgument("page_token is malformed") from None
-        if not sep or not hmac.compare_digest(expected, signature):
+        if not sep or not any(hmac.compare_digest(e, signature) for e in expected):
             raise InvalidArgument("page_token is malformed or was altered")
         data = orjson.loads(payload)
         if data.get("q") != fingerprint:

@@ -26,6 +26,7 @@ class RateLimitConfig:
     rate: float = 1000.0
     burst: float = 2000.0
     prefix: str = ""
+    per_key: tuple[tuple[str, float, float], ...] = ()  # (key name, rate, burst) overrides
 
 
 @dataclass
@@ -72,7 +73,8 @@ def build_server(
     if rate_limit is not None and redis is not None and redis_breaker is not None:
         chain.append(
             interceptors.RateLimit(
-                redis, redis_breaker, rate=rate_limit.rate, burst=rate_limit.burst, prefix=rate_limit.prefix
+                redis, redis_breaker, rate=rate_limit.rate, burst=rate_limit.burst, prefix=rate_limit.prefix,
+                per_key={name: (rate, burst) for name, rate, burst in rate_limit.per_key},
             )
         )
     chain.append(interceptors.Deadline())

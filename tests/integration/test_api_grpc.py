@@ -629,3 +629,18 @@ async def test_a_client_over_its_rate_is_resource_exhausted_with_retry_after(sta
         assert int(trailers["retry-after"]) >= 1
         # Another key has its own bucket.
         await stub.CheckEntitlement(request, metadata=auth(WRITE))
+
+
+async def test_a_key_with_its_own_limit_is_held_to_it_while_the_others_keep_the_default(stack: Stack) -> None:
+    prefix = f"{stack.prefix}rl{secrets.token_hex(3)}:"
+    async with api_server(
+        stack.database_url, stack.redis_url, stack.prefix, stack.broker, stack.topics.payment_events,
+        rate=RateLimitConfig(rate=10_000, burst=10_000, prefix=prefix, per_key=(("reader", 1, 2),)),
+    ) as (_, stub, _api):
+        request = service_pb2.CheckEntitlementRequest(subject=subject(stack.live), feature_code="seats")
+        for _ in range(2):
+            await stub.CheckEntitlement(request, metadata=auth(READ))
+        error = await expect_code(stub.CheckEntitlement(request, metadata=auth(READ)), Code.RESOURCE_EXHAUSTED, "1/s")
+        assert int(dict(error.trailing_metadata() or ())["retry-after"]) >= 1
+        for _ in range(10):  # the default is far away for the other keys
+            await stub.CheckEntitlement(request, metadata=auth(WRITE))
