@@ -311,7 +311,7 @@ async def replay(
     await asyncio.to_thread(prepare_schema, database_url, schema)  # migrations: not timed
     started = time.perf_counter()
     try:
-        figures = await asyncio.wait_for(rebuild(database_url, bootstrap, spec, schema, show_progress=False, prepare=False), limit_s)
+        figures = await asyncio.wait_for(rebuild(database_url, bootstrap, spec, schema, progress="never", prepare=False), limit_s)
         done, seconds, eps = int(figures["offsets"]), figures["seconds"], figures["events_per_s"]
     except TimeoutError:
         done = clocked[-1].marks[-1][1] if clocked and clocked[-1].marks else 0

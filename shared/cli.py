@@ -102,6 +102,7 @@ def usage_rebuild_cache(
     from redis.asyncio import Redis
 
     from services.usage.bootstrap import rebuild_cache
+    from shared.progress import phase_spinner
 
     settings = _settings()
     _require_bootstrap(settings)
@@ -109,7 +110,11 @@ def usage_rebuild_cache(
     async def run() -> None:
         redis = Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10)
         try:
-            figures = await rebuild_cache(settings, redis, settle_s=settle)
+            with phase_spinner(settings.progress_output) as bar:
+                task = bar.add_task("usage rebuild-cache", total=None)
+                figures = await rebuild_cache(
+                    settings, redis, settle_s=settle, on_phase=lambda text: bar.update(task, description=text)
+                )
         finally:
             await redis.aclose()
         typer.echo(
@@ -209,7 +214,7 @@ def replay(
     database_url = settings.database_url.get_secret_value()
     if not verify:
         bootstrap = _require_bootstrap(settings)
-        figures = asyncio.run(replays.rebuild(database_url, bootstrap, spec, into))
+        figures = asyncio.run(replays.rebuild(database_url, bootstrap, spec, into, progress=settings.progress_output))
         typer.echo(
             f"rebuilt {projection} into {into}: {figures['offsets']:.0f} events in {figures['seconds']:.1f} s "
             f"({figures['events_per_s']:.0f} events/s, {figures['poison']:.0f} poison skipped)"
@@ -220,7 +225,7 @@ def replay(
     if not differences:
         typer.echo(f"{into} equals the live {projection} projection ({len(spec.tables)} tables)")
     if swap:
-        copied = asyncio.run(replays.swap(database_url, _require_bootstrap(settings), spec, into))
+        copied = asyncio.run(replays.swap(database_url, _require_bootstrap(settings), spec, into, progress=settings.progress_output))
         typer.echo("swapped in: " + ", ".join(f"{t} {n}" for t, n in copied.items()))
     elif verify and differences:
         raise typer.Exit(1)

@@ -148,6 +148,10 @@ class Settings(BaseSettings):
     log_format: str = Field(default="console", pattern="^(console|json)$")
     catalog_path: Path = DEFAULT_CATALOG_PATH
     service_version: str = "0.1.0"
+    progress_output: str = Field(
+        default="auto", pattern="^(auto|always|never)$",
+        description="progress bars of operator commands: auto (on a terminal), always, never",
+    )
 
     @field_validator("stripe_webhook_secrets", "api_keys_raw", "token_signing_keys", mode="before")
     @classmethod

@@ -352,6 +352,8 @@ async def run_replay(
             consumer.seek(tp, starts.get(tp.partition, 0))
         done = {p: starts.get(p, 0) for p in partitions}
         total = 0
+        if progress:
+            progress(total, done, ends)
 
         async def keep_alive(seconds: float) -> None:
             await asyncio.sleep(seconds)

@@ -21,20 +21,12 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from rich.progress import (
-    BarColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from shared import db
 from shared.consumer import database_offsets, run_replay
+from shared.errors import ConfigurationError
 from shared.migrate import migrate_up
+from shared.progress import event_bar
 from shared.projection import Projection
 from shared.worker import QUERIES, BatchProcessor, DeadLetter
 
@@ -53,6 +45,10 @@ class ProjectionSpec:
     make: Callable[[], Projection[Any]]  # a projection with side effects off
 
 
+class ReplayTargetError(ConfigurationError):
+    """The schema named by --into cannot be used so (exists already, missing, reserved)."""
+
+
 class _NoDeadLetters:
     """During a rebuild a poison message is only counted: the live worker dead-lettered it already."""
 
@@ -65,7 +61,7 @@ class _NoDeadLetters:
 
 def _check_schema_name(schema: str) -> None:
     if not schema.isidentifier() or schema.lower() in {"public", "pg_catalog", "information_schema"}:
-        raise ValueError(f"{schema!r} cannot be a rebuild target: pick a new lower-case identifier")
+        raise ReplayTargetError(f"{schema!r} cannot be a rebuild target: pick a new lower-case identifier")
 
 
 def prepare_schema(database_url: str, schema: str) -> None:
@@ -74,7 +70,7 @@ def prepare_schema(database_url: str, schema: str) -> None:
     with db.connect(database_url) as conn:
         exists = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
         if exists:
-            raise ValueError(f"schema {schema} already exists; rebuild into a new one")
+            raise ReplayTargetError(f"schema {schema} already exists; rebuild into a new one")
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
     migrate_up(database_url, schema=schema, create_database=False)
     with db.connect(database_url) as conn, conn.transaction():
@@ -87,7 +83,7 @@ def prepare_schema(database_url: str, schema: str) -> None:
 
 
 async def rebuild(
-    database_url: str, bootstrap: str, spec: ProjectionSpec, schema: str, *, show_progress: bool = True,
+    database_url: str, bootstrap: str, spec: ProjectionSpec, schema: str, *, progress: str = "auto",
     until: dict[int, int] | None = None, prepare: bool = True,
 ) -> dict[str, float]:
     """Apply `spec.topic` from its start (or the schema's marks) into `schema`. Returns figures."""
@@ -99,42 +95,21 @@ async def rebuild(
     started = time.perf_counter()
     try:
         processor = BatchProcessor(spec.make(), pool, letters, replay=True)
-        with _progress(show_progress) as bar:
-            task = bar.add_task(f"replay {spec.name} into {schema}", total=None, rate=0.0, lag=0.0)
+        with event_bar(progress) as bar:
+            # The total stays unknown (None) until the first batch has read the log's end.
+            task = bar.add_task(f"replay {spec.name} into {schema}", total=None)
 
-            def progress(total: int, done: dict[int, int], ends: dict[int, int]) -> None:
+            def report(total: int, done: dict[int, int], ends: dict[int, int]) -> None:
                 reached, end = sum(done.values()), sum(ends.values())
                 rate = total / max(time.perf_counter() - started, 1e-6)
                 bar.update(task, completed=reached, total=end, rate=rate, lag=end - reached)
 
-            done = await run_replay(processor, pool, bootstrap, spec.topic, asyncio.Event(), until=until, progress=progress)
+            done = await run_replay(processor, pool, bootstrap, spec.topic, asyncio.Event(), until=until, progress=report)
     finally:
         await pool.close()
     elapsed = time.perf_counter() - started
     applied = float(sum(done.values()))
     return {"seconds": elapsed, "offsets": applied, "events_per_s": applied / elapsed if elapsed else 0.0, "poison": letters.count}
-
-
-class _EventsColumn(ProgressColumn):
-    """done/total events, rate and lag; the total reads "?" until the log's end is known."""
-
-    def render(self, task: Task) -> Text:
-        total = "?" if task.total is None else f"{task.total:.0f}"
-        return Text(
-            f"{task.completed:.0f}/{total} events, {task.fields['rate']:.0f} ev/s, lag {task.fields['lag']:.0f}"
-        )
-
-
-def _progress(enabled: bool) -> Progress:
-    """events done/total, events/s, what is left (the lag) and the ETA."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        _EventsColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 def table_fingerprints(conn: psycopg.Connection[Any], schema: str, tables: Sequence[str]) -> dict[str, tuple[int, str]]:
@@ -166,6 +141,8 @@ def table_fingerprints(conn: psycopg.Connection[Any], schema: str, tables: Seque
 def verify(database_url: str, spec: ProjectionSpec, schema: str, live_schema: str = "public") -> list[str]:
     """The differences between the rebuilt and the live projection; empty when equal."""
     with db.connect(database_url) as conn:
+        if not conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone():
+            raise ReplayTargetError(f"no schema {schema} to verify: rebuild it first (paymentsvc replay {spec.name} --into {schema})")
         rebuilt = table_fingerprints(conn, schema, spec.tables)
         live = table_fingerprints(conn, live_schema, spec.tables)
     return [
@@ -175,14 +152,14 @@ def verify(database_url: str, spec: ProjectionSpec, schema: str, live_schema: st
     ]
 
 
-async def swap(database_url: str, bootstrap: str, spec: ProjectionSpec, schema: str, *, show_progress: bool = True) -> dict[str, int]:
+async def swap(database_url: str, bootstrap: str, spec: ProjectionSpec, schema: str, *, progress: str = "auto") -> dict[str, int]:
     """Catch `schema` up to the live worker and copy it over the live tables, atomically."""
     live_pool = db.make_pool(database_url, max_size=1, name=f"swap-{spec.name}")
     await live_pool.open(wait=True)
     try:
         for _ in range(5):  # catch up while the live worker keeps going; then finish under the lock
             live_marks = await database_offsets(live_pool, spec.name, spec.topic)
-            await rebuild(database_url, bootstrap, spec, schema, show_progress=show_progress, until=live_marks, prepare=False)
+            await rebuild(database_url, bootstrap, spec, schema, progress=progress, until=live_marks, prepare=False)
     finally:
         await live_pool.close()
     async with await psycopg.AsyncConnection.connect(database_url) as conn, conn.transaction():
@@ -190,7 +167,7 @@ async def swap(database_url: str, bootstrap: str, spec: ProjectionSpec, schema: 
         cursor = await conn.execute(QUERIES["committed_offsets"], {"consumer": spec.name, "topic": spec.topic})
         final_marks = {int(p): int(o) for p, o in await cursor.fetchall()}
         # The live worker is blocked now; apply the last few events on a separate connection.
-        await rebuild(database_url, bootstrap, spec, schema, show_progress=False, until=final_marks, prepare=False)
+        await rebuild(database_url, bootstrap, spec, schema, progress="never", until=final_marks, prepare=False)
         return await _copy_over(conn, spec, schema)
 
 

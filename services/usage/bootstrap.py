@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from psycopg import AsyncConnection
@@ -45,7 +45,9 @@ def connector(settings: Settings) -> Any:
     return connect
 
 
-async def rebuild_cache(settings: Settings, redis: Redis, *, settle_s: float | None = None) -> rebuild.Figures:
+async def rebuild_cache(
+    settings: Settings, redis: Redis, *, settle_s: float | None = None, on_phase: Callable[[str], None] | None = None
+) -> rebuild.Figures:
     """`paymentsvc usage rebuild-cache`: see services/usage/rebuild.py."""
     catalog = load_catalog(settings.catalog_path)
     connect = connector(settings)
@@ -54,6 +56,7 @@ async def rebuild_cache(settings: Settings, redis: Redis, *, settle_s: float | N
         return await rebuild.rebuild(
             conn, redis, catalog, caught_up=caught_up,
             settle_s=settings.publish_timeout_s + 2.0 if settle_s is None else settle_s,
+            on_phase=on_phase,
         )
 
 

@@ -93,19 +93,24 @@ async def rebuild(
     settle_s: float = 12.0,
     catch_up_timeout_s: float = 300.0,
     clock: Callable[[], float] = time.time,
+    on_phase: Callable[[str], None] | None = None,
 ) -> Figures:
     """Rebuild the counters (see the module docstring). Raises TimeoutError if the worker
     does not catch up in time; `usage:ready` then stays unset (increments stay refused)."""
     keys = Keys(prefix)
+    phase = on_phase or (lambda _: None)
     try:
         await redis.delete(keys.ready)
+        phase(f"increments refused; letting publishes in flight settle ({settle_s:.0f} s)")
         await asyncio.sleep(settle_s)
         if caught_up is not None:
+            phase("waiting for the usage worker to apply usage-events")
             deadline = time.monotonic() + catch_up_timeout_s
             while not await caught_up():
                 if time.monotonic() > deadline:
                     raise TimeoutError("the usage worker did not catch up with usage-events")
                 await asyncio.sleep(0.5)
+        phase("writing the counters from Postgres")
         figures = await _restore(conn, redis, catalog, keys, clock())
     except BaseException:
         USAGE_CACHE_REBUILDS.labels("failed").inc()

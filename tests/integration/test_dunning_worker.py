@@ -87,7 +87,7 @@ async def test_replay_rebuilds_the_live_cases_without_calling_stripe_or_emitting
             calls_live = sum(stripe_fake.calls.values())
             notices_live = len(await read_topic(broker, topics.dunning_events, expect=1))
             spec = replay.ProjectionSpec("dunning", topics.payment_events, TABLES, lambda: DunningProjection(CATALOG, None))
-            await replay.rebuild(database_url, broker, spec, "dunning_rebuild", show_progress=False)
+            await replay.rebuild(database_url, broker, spec, "dunning_rebuild", progress="never")
             assert replay.verify(database_url, spec, "dunning_rebuild") == []
             assert sum(stripe_fake.calls.values()) == calls_live
             assert len(await read_topic(broker, topics.dunning_events, expect=notices_live)) == notices_live

@@ -181,7 +181,7 @@ async def test_a_replay_into_a_fresh_schema_equals_the_live_projection(
     async with entitlements_worker(broker, topics.payment_events, live_db):
         await publish(producer, topics.payment_events, events)
         await until_processed(live_db, len(events))
-    figures = await replay.rebuild(live_db, broker, spec(topics.payment_events), "rebuild_a", show_progress=False)
+    figures = await replay.rebuild(live_db, broker, spec(topics.payment_events), "rebuild_a", progress="never")
     assert figures["offsets"] == len(events)
     assert replay.verify(live_db, spec(topics.payment_events), "rebuild_a") == []
     # And the check can fail: a live row changed by hand shows up.
@@ -205,11 +205,11 @@ async def test_a_swap_during_live_traffic_loses_no_event_and_applies_none_twice(
                 await progress.until_finished(len(first) + i + 10)
 
         sender = asyncio.create_task(trickle())
-        await replay.rebuild(live_db, broker, spec(topics.payment_events), "rebuild_b", show_progress=False)
-        await replay.swap(live_db, broker, spec(topics.payment_events), "rebuild_b", show_progress=False)
+        await replay.rebuild(live_db, broker, spec(topics.payment_events), "rebuild_b", progress="never")
+        await replay.swap(live_db, broker, spec(topics.payment_events), "rebuild_b", progress="never")
         await sender
         await until_processed(live_db, len(first) + len(second))
-    await replay.rebuild(live_db, broker, spec(topics.payment_events), "rebuild_check", show_progress=False)
+    await replay.rebuild(live_db, broker, spec(topics.payment_events), "rebuild_check", progress="never")
     assert replay.verify(live_db, spec(topics.payment_events), "rebuild_check") == []
     assert processed(live_db) == len(first) + len(second)
 
@@ -240,8 +240,8 @@ async def test_a_price_the_catalog_lacks_grants_nothing_until_the_catalog_gains_
     with psycopg.connect(live_db, autocommit=True) as conn:
         apply_catalog(conn, grown)
     grown_spec = replay.ProjectionSpec("entitlements", topics.payment_events, TABLES, lambda: EntitlementsProjection(grown, None))
-    await replay.rebuild(live_db, broker, grown_spec, "rebuild_promo", show_progress=False)
-    await replay.swap(live_db, broker, grown_spec, "rebuild_promo", show_progress=False)
+    await replay.rebuild(live_db, broker, grown_spec, "rebuild_promo", progress="never")
+    await replay.swap(live_db, broker, grown_spec, "rebuild_promo", progress="never")
     with psycopg.connect(live_db) as conn:
         assert conn.execute("SELECT plan_id FROM subscriptions").fetchall() == [("basic",)]
         granted = conn.execute("SELECT count(*) FROM entitlements WHERE subject_id = %s AND status = 'active'", (ids.user,)).fetchone()

@@ -445,7 +445,7 @@ async def test_a_replay_of_usage_events_rebuilds_the_postgres_side(served: Serve
     await until_recorded(stack.database_url, user, "api_calls", 7)
     spec = replay.ProjectionSpec(name="usage", topic=stack.topics.usage_events, tables=TABLES, make=UsageProjection)
     schema = f"rebuild_{secrets.token_hex(3)}"
-    await replay.rebuild(stack.database_url, stack.broker, spec, schema, show_progress=False)
+    await replay.rebuild(stack.database_url, stack.broker, spec, schema, progress="never")
     with psycopg.connect(stack.database_url) as conn:
         live = replay.table_fingerprints(conn, "public", TABLES)
         rebuilt = replay.table_fingerprints(conn, schema, TABLES)
