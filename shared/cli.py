@@ -164,10 +164,10 @@ def entitlements_rebuild_cache(
 
 
 def _progress_console() -> Any:
-    """Progress on stderr, so the last line of stdout is the result."""
-    from rich.console import Console
+    """Progress on stderr, so the last line of stdout is the result; PROGRESS_OUTPUT decides when."""
+    from shared.progress import console
 
-    return Console(stderr=True)
+    return console(_settings().progress_output)
 
 
 @app.command()
@@ -240,7 +240,6 @@ def renormalize(
     apply: Annotated[bool, typer.Option("--apply", help="Publish; without it, only report what would be published.")] = False,
 ) -> None:
     """Normalize archived Stripe events again (after a parser fix) and publish them with their own event ids."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from services.ingest_webhooks.renormalize import Selection, parse_time
@@ -257,7 +256,7 @@ def renormalize(
     # The bar goes to stderr, so stdout is the report; its total is known before it starts.
     with Progress(
         TextColumn("reading the archive"), BarColumn(), MofNCompleteColumn(),
-        console=Console(stderr=True), transient=True,
+        console=_progress_console(), transient=True,
     ) as bar:
         task = bar.add_task("read", total=None)
 

@@ -130,6 +130,14 @@ CASES = [
         r"error: 'public' cannot be a rebuild target.*", code=2,
     ),
     Case(
+        "entitlements-rebuild-cache", ("entitlements", "rebuild-cache"), a_live_entitlements_projection,
+        r"rewrote the Redis answers of [1-9]\d* subject\(s\) from Postgres", progress="subjects",
+    ),
+    Case(
+        "renormalize-dry-run", ("renormalize", "--since", "2020-01-01T00:00:00"), nothing,
+        r"would publish 0 event\(s\) to .*payment-events with their original event ids \(dry run: .*\)",
+    ),
+    Case(
         "usage-rebuild-cache", ("usage", "rebuild-cache", "--settle", "0"), nothing,
         r"rebuilt 0 counter\(s\), 0 member counter\(s\), 0 idempotency record\(s\)", progress="writing the counters",
     ),
