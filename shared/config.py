@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     log_format: str = Field(default="console", pattern="^(console|json)$")
     catalog_path: Path = DEFAULT_CATALOG_PATH
     service_version: str = "0.1.0"
+    db_statement_timeout_ms: int = Field(
+        default=30_000, ge=0, description="statement_timeout of every pooled Postgres connection; 0: none"
+    )
     progress_output: str = Field(
         default="auto", pattern="^(auto|always|never)$",
         description="progress bars of operator commands: auto (on a terminal), always, never",

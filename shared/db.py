@@ -12,6 +12,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from shared.errors import DependencyUnavailable
 
+# DB_STATEMENT_TIMEOUT_MS's default: far above any query of ours, well below "forever".
+DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
+
 
 def describe(url: str) -> str:
     """host:port/dbname of a URL, without user or password, for messages."""
@@ -86,14 +89,19 @@ def make_pool(
     max_size: int = 10,
     schema: str | None = None,
     name: str = "paymentsvc",
+    statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
 ) -> AsyncConnectionPool:
     """An unopened pool in autocommit mode; open it with `await pool.open(wait=True)`.
 
-    `schema` puts that schema first on the search_path (used by replay).
+    `schema` puts that schema first on the search_path (used by replay). Every
+    connection has `statement_timeout` (0: none), so a stuck query fails with
+    QueryCanceled instead of holding a connection and a batch forever.
     """
     kwargs: dict[str, object] = {"connect_timeout": 5, "application_name": name}
+    options = [f"-c statement_timeout={int(statement_timeout_ms)}"]
     if schema:
-        kwargs["options"] = f"-c search_path={schema},public"
+        options.append(f"-c search_path={schema},public")
+    kwargs["options"] = " ".join(options)
     return AsyncConnectionPool(
         url,
         min_size=min_size,

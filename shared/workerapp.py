@@ -41,7 +41,8 @@ async def serve_projection(
     """Run `projection` on `topic` as the consumer group `paymentsvc-<name>` until `stop`."""
     database_url = settings.database_url.get_secret_value()
     await wait_for_broker(settings.kafka_bootstrap_servers, timeout=settings.startup_timeout_s)
-    pool = await db.open_pool(database_url, max_size=4, name=f"paymentsvc-{projection.name}")
+    pool = await db.open_pool(database_url, max_size=4, name=f"paymentsvc-{projection.name}",
+                              statement_timeout_ms=settings.db_statement_timeout_ms)
     producer = make_producer(settings.kafka_bootstrap_servers)
     await producer.start()
     runner = None

@@ -64,7 +64,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     """Serve gRPC on grpc_port and health/metrics on grpc_http_port until `stop`."""
     catalog = load_catalog(settings.catalog_path)
     await wait_for_broker(settings.kafka_bootstrap_servers, timeout=settings.startup_timeout_s)
-    pool = await open_pool(settings.database_url.get_secret_value(), max_size=10, name="api_grpc")
+    pool = await open_pool(settings.database_url.get_secret_value(), max_size=10, name="api_grpc",
+                           statement_timeout_ms=settings.db_statement_timeout_ms)
     redis = Redis.from_url(
         settings.redis_url.get_secret_value(), socket_timeout=2.0, socket_connect_timeout=1.0
     )

@@ -45,7 +45,8 @@ async def serve(
     await wait_for_broker(settings.kafka_bootstrap_servers, timeout=settings.startup_timeout_s)
     producer = make_producer(settings.kafka_bootstrap_servers)
     await producer.start()
-    pool = await db.open_pool(settings.database_url.get_secret_value(), max_size=2, name="paymentsvc-dunning-scheduler")
+    pool = await db.open_pool(settings.database_url.get_secret_value(), max_size=2, name="paymentsvc-dunning-scheduler",
+                               statement_timeout_ms=settings.db_statement_timeout_ms)
     try:
         publisher = KafkaPublisher(producer, settings.topics, settings.publish_timeout_s)
         payer = StripeInvoices(settings.stripe_secret_key.get_secret_value(), settings.stripe_api_base)
