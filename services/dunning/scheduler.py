@@ -137,6 +137,7 @@ class TickReport:
     restorations: list[str] = field(default_factory=list)
     skipped_unavailable: list[str] = field(default_factory=list)
     publish_failed: list[str] = field(default_factory=list)
+    released_on_stop: int = 0  # claimed, not taken: the service was stopping
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +191,7 @@ class Scheduler:
         and retried next time: nothing it claimed is lost (claims expire)."""
         while not stop.is_set():
             try:
-                await self.tick()
+                await self.tick(stop)
             except Exception as exc:
                 log.warning(
                     "dunning tick failed; retrying next interval",
@@ -201,12 +202,22 @@ class Scheduler:
             except TimeoutError:
                 pass
 
-    async def tick(self) -> TickReport:
-        """Claim the due steps, then take them one by one. Returns what was done."""
+    async def tick(self, stop: asyncio.Event | None = None) -> TickReport:
+        """Claim the due steps, then take them one by one. Returns what was done.
+
+        `stop` is checked before each Stripe call: once set, the steps not taken yet
+        are released (another replica, or the next start, takes them at once) and the
+        tick returns, so a shutdown waits for one call at most, not a whole batch.
+        """
         now = int(self._clock())
         report = TickReport()
         claimed = await self._claim(now)
-        for case, step in claimed:
+        for n, (case, step) in enumerate(claimed):
+            if stop is not None and stop.is_set():
+                for left_case, left_step in claimed[n:]:
+                    await self._release(left_case, left_step)
+                report.released_on_stop = len(claimed) - n
+                break
             await self._take(case, step, now, report)
         return report
 

@@ -238,3 +238,25 @@ async def test_notices_survive_a_broker_outage_through_the_outbox(pool: Any, dat
     await OutboxRelay(pool, "dunning", notice_sender(publisher)).flush()
     assert [events_pb2.DunningEvent.Kind.Name(n.kind) for n in publisher.dunning] == ["CASE_OPENED", "RETRY_SCHEDULED"]
     assert rows(database_url, "SELECT count(*) FROM outbox")[0][0] == 0
+
+
+async def test_a_stop_during_a_tick_waits_for_one_stripe_call_and_releases_the_rest(
+    pool: Any, database_url: str, stripe_fake: FakeStripe
+) -> None:
+    stop = asyncio.Event()
+
+    class StopsAfterTheFirst(RecordingPublisher):
+        async def decision(self, event: events_pb2.PaymentEvent) -> None:
+            await super().decision(event)
+            stop.set()  # SIGTERM arrives while the first attempt is being taken
+
+    clock = Clock(T0 + DAY)
+    publisher = StopsAfterTheFirst()
+    await Applier(pool, CATALOG, RecordingPublisher())([failure(f"in_stop{i}_{random_id()}", T0) for i in range(5)])
+    s = scheduler(pool, stripe_fake, publisher, clock)
+    report = await s.tick(stop)
+    assert len(report.attempts) == 1 and report.released_on_stop == 4
+    assert sum(stripe_fake.calls.values()) == 1
+    # The released steps are claimable at once (no claim to expire): the next tick takes them.
+    report = await s.tick()
+    assert len(report.attempts) == 4 and sum(stripe_fake.calls.values()) == 5
