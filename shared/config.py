@@ -101,7 +101,8 @@ def parse_api_keys(entries: list[str]) -> tuple[ApiKey, ...]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True)
+    # hide_input_in_errors: a rejected value (a short signing key, an API key) never appears in an error.
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     # Storage and bus.
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/paymentsvc")

@@ -70,3 +70,10 @@ def test_a_malformed_rate_limit_is_a_configuration_error(monkeypatch: pytest.Mon
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match="rate/burst"):
         Settings()
+
+
+def test_a_rejected_secret_is_not_repeated_in_the_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOKEN_SIGNING_KEYS", "tooshort-but-secret")
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    assert "tooshort-but-secret" not in str(raised.value)
