@@ -11,7 +11,7 @@ ifeq ($(CI),true)
 export HYPOTHESIS_PROFILE ?= ci
 endif
 
-.PHONY: dev test test.unit test.integration test.e2e test.chaos lint preflight install \
+.PHONY: dev test test.unit test.integration test.e2e test.chaos test.soak lint preflight install \
         build.proto check.proto migrate.create migrate.local.up migrate.local.down \
         migrate.proxy.up bench clean
 
@@ -44,6 +44,10 @@ test.integration: preflight
 
 test.e2e: preflight
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+## The whole suite 5 times in a row with one core busy (flaky tests show here): .ci/soak [RUNS]
+test.soak: preflight
+	bash .ci/soak $(or $(RUNS),5)
 
 test.chaos: preflight
 	$(BIN)/python -m pytest tests/chaos -s $(PYTEST_ARGS)
