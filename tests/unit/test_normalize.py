@@ -25,6 +25,7 @@ from services.ingest_webhooks.samples import (
     is_new_shape,
     sample_event,
 )
+from tests.support import stripe_fixtures
 
 VERSIONS = [OLD_API_VERSION, NEW_API_VERSION]
 CREATED = 1_767_225_600  # 2026-01-01T00:00:00Z
@@ -933,6 +934,134 @@ def test_a_sample_with_any_field_replaced_gives_an_event_or_malformed_event_only
     data: st.DataObject, event_type: str, api_version: str
 ) -> None:
     event = built(event_type, api_version, expand_customer=data.draw(st.booleans()))
+    for _ in range(data.draw(st.integers(min_value=1, max_value=3))):
+        path = data.draw(st.sampled_from(_paths(event)))
+        parent = event
+        for key in path[:-1]:
+            parent = parent[key]
+        if data.draw(st.booleans()):
+            parent[path[-1]] = data.draw(_json)
+        elif isinstance(parent, dict):
+            del parent[path[-1]]
+    _normalizes_or_refuses(event)
+
+
+# --- real Stripe payloads (tests/fixtures/stripe) -----------------------------------
+# The generic tests above, run over payloads Stripe generated (not our sample builder).
+
+REAL = stripe_fixtures.names()
+REAL_PROJECTED = stripe_fixtures.of_types(PROJECTED_TYPES)
+_AMOUNT_FIELD = {"charge": "amount", "payment_intent": "amount", "checkout.session": "amount_total"}
+
+
+def test_the_real_payloads_cover_every_payment_kind() -> None:
+    kinds = {stripe_fixtures.event(name)["data"]["object"]["object"] for name in REAL}
+    assert {"charge", "payment_intent", "checkout.session", "dispute"} <= kinds
+    assert any(stripe_fixtures.event(n)["data"]["object"].get("customer") is None for n in REAL_PROJECTED)
+
+
+@pytest.mark.parametrize("name", REAL_PROJECTED)
+def test_a_real_payload_normalizes_to_what_it_says(name: str) -> None:
+    event = stripe_fixtures.event(name)
+    o = obj(event)
+    result = normalized(stripe_fixtures.event(name))
+    customer = o.get("customer") or ""
+    assert (result.event_id, result.event_type, result.created) == (event["id"], event["type"], event["created"])
+    assert (result.object_id, result.customer_id, result.api_version) == (o["id"], customer, event.get("api_version") or "")
+    assert (result.amount, result.currency) == (o[_AMOUNT_FIELD[o["object"]]], o["currency"])
+    assert result.status == (o.get("status") or "")
+    if o["object"] == "charge":
+        assert (result.charge_id, result.payment_intent_id) == (o["id"], o.get("payment_intent") or "")
+        assert result.amount_refunded == o["amount_refunded"]
+    if o["object"] == "payment_intent":
+        assert result.payment_intent_id == o["id"]
+        error = o.get("last_payment_error") or {}
+        assert result.failure_code == (error.get("code") or "")
+    if o["object"] == "checkout.session":
+        assert (result.mode, result.payment_intent_id) == (o["mode"], o.get("payment_intent") or "")
+        assert result.user_id == (o.get("client_reference_id") or "")
+    expected_key = customer or o.get("payment_intent") or o["id"]
+    if o["object"] == "payment_intent":
+        expected_key = customer or o["id"]
+    assert partition_key(result) == expected_key
+
+
+@pytest.mark.parametrize("name", [n for n in REAL if n not in REAL_PROJECTED])
+def test_a_real_payload_of_an_unprojected_type_gives_none(name: str) -> None:
+    assert normalize(stripe_fixtures.event(name)) is None
+
+
+@pytest.mark.parametrize(
+    ("path", "named"),
+    [
+        (("id",), "id"),
+        (("type",), "type"),
+        (("created",), "created"),
+        (("data",), "data"),
+        (("data", "object"), "data.object"),
+        (("data", "object", "id"), "data.object.id"),
+    ],
+)
+@pytest.mark.parametrize("name", REAL_PROJECTED)
+def test_a_real_payload_missing_a_needed_field_is_malformed_and_named(
+    name: str, path: tuple[str, ...], named: str
+) -> None:
+    event = stripe_fixtures.event(name)
+    _delete(event, path)
+    with pytest.raises(MalformedEvent, match=rf"(^|\W){named}\W"):
+        normalize(event)
+
+
+@pytest.mark.parametrize("name", REAL_PROJECTED)
+def test_a_real_payload_with_a_non_dict_object_or_the_wrong_kind_is_malformed(name: str) -> None:
+    event = stripe_fixtures.event(name)
+    event["data"]["object"] = [obj(event)["id"]]
+    with pytest.raises(MalformedEvent, match="data.object"):
+        normalize(event)
+    event = stripe_fixtures.event(name)
+    obj(event)["object"] = "invoiceitem"
+    with pytest.raises(MalformedEvent, match="data.object.object"):
+        normalize(event)
+
+
+@pytest.mark.parametrize("bad", [10.5, "999", True, [999], 2**63])
+@pytest.mark.parametrize("name", REAL_PROJECTED)
+def test_a_real_payload_with_a_bad_amount_is_malformed_and_never_echoed(name: str, bad: Any) -> None:
+    event = stripe_fixtures.event(name)
+    field_name = _AMOUNT_FIELD[obj(event)["object"]]
+    obj(event)[field_name] = bad
+    with pytest.raises(MalformedEvent, match=f"data.object.{field_name}") as caught:
+        normalize(event)
+    assert repr(bad) not in str(caught.value) and caught.value.__cause__ is None
+
+
+@pytest.mark.parametrize("name", REAL_PROJECTED)
+def test_a_real_payload_with_a_non_integer_created_or_invalid_unicode_is_malformed(name: str) -> None:
+    with pytest.raises(MalformedEvent, match="created"):
+        normalize({**stripe_fixtures.event(name), "created": str(stripe_fixtures.event(name)["created"])})
+    event = stripe_fixtures.event(name)
+    obj(event)["currency"] = "lone \ud800 surrogate"
+    with pytest.raises(MalformedEvent):
+        normalize(event)
+
+
+@pytest.mark.parametrize("name", REAL_PROJECTED)
+def test_a_real_payload_with_extra_fields_or_no_api_version_normalizes_the_same(name: str) -> None:
+    expected = normalized(stripe_fixtures.event(name))
+    event = stripe_fixtures.event(name)
+    event["brand_new_envelope_field"] = {"nested": [1, 2]}
+    obj(event)["brand_new_object_field"] = None
+    assert normalized(event) == expected
+    event["api_version"] = None
+    assert normalized(event).api_version == ""
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), name=st.sampled_from(REAL))
+def test_a_real_payload_with_any_field_replaced_gives_an_event_or_malformed_event_only(
+    data: st.DataObject, name: str
+) -> None:
+    event = stripe_fixtures.event(name)
     for _ in range(data.draw(st.integers(min_value=1, max_value=3))):
         path = data.draw(st.sampled_from(_paths(event)))
         parent = event
