@@ -641,10 +641,8 @@ async def read_subjects(
     """Every entitlement row of `subjects`, in one query."""
     if not subjects:
         return []
-    ordered = sorted(subjects)
-    params = {"subject_types": [s[0] for s in ordered], "subject_ids": [s[1] for s in ordered]}
     async with conn.cursor(row_factory=tuple_row) as cursor:
-        await cursor.execute(_queries()["subject_entitlements"], params)
+        await cursor.execute(_queries()["subject_entitlements"], _subject_params(subjects))
         return [_subject_row(row) for row in await cursor.fetchall()]
 
 

@@ -265,13 +265,16 @@ WHERE (e.subject_type, e.subject_id) IN (
 -- name: mark_cache_pending
 -- The batch's subjects may have a stale Redis answer until after_commit writes it.
 -- Sorted input, so concurrent batches lock the rows in one order.
-INSERT INTO cache_refresh_pending (consumer, subject_type, subject_id, batch_txid)
-SELECT %(consumer)s, t, i, txid_current()
-FROM unnest(%(subject_types)s::text[], %(subject_ids)s::text[]) AS d(t, i)
-ORDER BY t, i
-ON CONFLICT (consumer, subject_type, subject_id)
-DO UPDATE SET batch_txid = EXCLUDED.batch_txid, marked_at = now()
-RETURNING batch_txid;
+-- One row back, the transaction's id, however many subjects.
+WITH marked AS (
+    INSERT INTO cache_refresh_pending (consumer, subject_type, subject_id, batch_txid)
+    SELECT %(consumer)s, t, i, txid_current()
+    FROM unnest(%(subject_types)s::text[], %(subject_ids)s::text[]) AS d(t, i)
+    ORDER BY t, i
+    ON CONFLICT (consumer, subject_type, subject_id)
+    DO UPDATE SET batch_txid = EXCLUDED.batch_txid, marked_at = now()
+)
+SELECT txid_current();
 
 -- name: clear_cache_pending
 -- Marks of subjects whose answer is now in Redis; only the marks that transaction set.
