@@ -61,7 +61,7 @@ from payment.v1 import events_pb2  # noqa: E402
 from services.entitlements.bootstrap import TABLES  # noqa: E402
 from services.entitlements.projection import EntitlementsProjection  # noqa: E402
 from services.ingest_webhooks.normalize import normalize  # noqa: E402
-from services.ingest_webhooks.samples import new_id, sample_event  # noqa: E402
+from services.ingest_webhooks.samples import LIFECYCLE_STEPS, customer_lifecycle  # noqa: E402
 from shared import db  # noqa: E402
 from shared.catalog import Catalog, apply_catalog, load_catalog  # noqa: E402
 from shared.config import DEFAULT_CATALOG_PATH, Topics  # noqa: E402
@@ -80,7 +80,7 @@ ADMIN_URL = os.environ.get("BENCH_ADMIN_DATABASE_URL", "postgresql://postgres@12
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 DAY = 86_400
 MONTH = 30 * DAY
-EVENTS_PER_CUSTOMER = 10
+EVENTS_PER_CUSTOMER = LIFECYCLE_STEPS
 PRICE_ID = "price_basic_monthly"
 SEND_CHUNK = 5_000
 WORKER_GOAL = 3_000.0  # events/s per worker process
@@ -93,44 +93,13 @@ Marks = list[tuple[float, int]]  # (perf_counter, events done), from (start, 0)
 # ---------------------------------------------------------------- events
 
 
-def lifecycle(start: int) -> list[tuple[int, dict[str, Any]]]:
-    """(created, Stripe event) of one customer, from checkout to cancellation."""
-    customer, user, sub = new_id("cus_"), new_id("user_"), new_id("sub_")
-    ids = {"customer_id": customer, "user_id": user, "subscription_id": sub}
-    first = (start, start + MONTH)
-    renewal = (start + MONTH, start + 2 * MONTH)
-    invoice, intent, charge = new_id("in_"), new_id("pi_"), new_id("ch_")
-    recovered = renewal[0] + 2 * DAY
-    plan = {"price_id": PRICE_ID}
-
-    def period(p: tuple[int, int]) -> dict[str, int]:
-        return {"period_start": p[0], "period_end": p[1]}
-
-    steps: list[tuple[str, int, dict[str, Any]]] = [
-        ("checkout.session.completed", start, {"mode": "subscription", "client_reference_id": user}),
-        ("customer.subscription.created", start + 1, {"status": "active", **plan, **period(first)}),
-        ("invoice.paid", start + 2, {"billing_reason": "subscription_create", **plan, **period(first)}),
-        ("customer.subscription.updated", renewal[0] + 60, {"status": "past_due", **plan, **period(renewal)}),
-        ("invoice.payment_failed", renewal[0] + 61, {"invoice_id": invoice, **plan, **period(renewal)}),
-        ("customer.subscription.updated", recovered, {"status": "active", **plan, **period(renewal)}),
-        ("invoice.paid", recovered + 1, {"invoice_id": invoice, "attempt_count": 2, "payment_intent_id": intent,
-                                         "charge_id": charge, **plan, **period(renewal)}),
-        ("charge.succeeded", recovered + 2, {"invoice_id": invoice, "payment_intent_id": intent, "charge_id": charge}),
-        ("payment_intent.succeeded", recovered + 3, {"invoice_id": invoice, "payment_intent_id": intent,
-                                                     "charge_id": charge}),
-        ("customer.subscription.deleted", renewal[1], {**plan, **period(renewal)}),
-    ]
-    assert len(steps) == EVENTS_PER_CUSTOMER
-    return [(created, sample_event(kind, created=created, **ids, **extra)) for kind, created, extra in steps]
-
-
 def make_messages(customers: int) -> list[Message]:
     """Every customer's lifecycle, starts spread over 30 days, ordered by event time."""
     base = int(time.time()) - 120 * DAY  # the whole history lies in the past
     spacing = max(1, MONTH // customers)
     timeline: list[tuple[int, int, int, dict[str, Any]]] = []
     for c in range(customers):
-        for step, (created, event) in enumerate(lifecycle(base + c * spacing)):
+        for step, (created, event) in enumerate(customer_lifecycle(base + c * spacing, price_id=PRICE_ID)):
             timeline.append((created, c, step, event))
     timeline.sort(key=lambda t: t[:3])
     messages = []

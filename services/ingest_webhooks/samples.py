@@ -156,6 +156,41 @@ def sample_event(
     return _envelope(sample, _OBJECT_BUILDERS[event_type.rsplit(".", 1)[0]](sample))
 
 
+LIFECYCLE_STEPS = 10
+
+
+def customer_lifecycle(start: int, *, price_id: str = DEFAULT_PRICE_ID) -> list[tuple[int, dict[str, Any]]]:
+    """(created, event) of one new customer's life, in order, from checkout to cancellation:
+    checkout, subscription created, first invoice paid, renewal past due with a failed
+    invoice, recovered and paid (invoice, charge, payment intent), canceled. A prefix of
+    it is a customer who is still active, or past due."""
+    customer, user, sub = new_id("cus_"), new_id("user_"), new_id("sub_")
+    ids = {"customer_id": customer, "user_id": user, "subscription_id": sub}
+    plan = {"price_id": price_id}
+    first, renewal = (start, start + _MONTH), (start + _MONTH, start + 2 * _MONTH)
+    invoice, intent, charge = new_id("in_"), new_id("pi_"), new_id("ch_")
+    paid = {"invoice_id": invoice, "payment_intent_id": intent, "charge_id": charge}
+    recovered = renewal[0] + 2 * _DAY
+
+    def period(p: tuple[int, int]) -> dict[str, int]:
+        return {"period_start": p[0], "period_end": p[1]}
+
+    steps: list[tuple[str, int, dict[str, Any]]] = [
+        ("checkout.session.completed", start, {"mode": "subscription", "client_reference_id": user}),
+        ("customer.subscription.created", start + 1, {"status": "active", **plan, **period(first)}),
+        ("invoice.paid", start + 2, {"billing_reason": "subscription_create", **plan, **period(first)}),
+        ("customer.subscription.updated", renewal[0] + 60, {"status": "past_due", **plan, **period(renewal)}),
+        ("invoice.payment_failed", renewal[0] + 61, {"invoice_id": invoice, **plan, **period(renewal)}),
+        ("customer.subscription.updated", recovered, {"status": "active", **plan, **period(renewal)}),
+        ("invoice.paid", recovered + 1, {**paid, "attempt_count": 2, **plan, **period(renewal)}),
+        ("charge.succeeded", recovered + 2, paid),
+        ("payment_intent.succeeded", recovered + 3, paid),
+        ("customer.subscription.deleted", renewal[1], {**plan, **period(renewal)}),
+    ]
+    assert len(steps) == LIFECYCLE_STEPS
+    return [(created, sample_event(kind, created=created, **ids, **extra)) for kind, created, extra in steps]
+
+
 # --- resolved sample values -----------------------------------------------------------
 
 

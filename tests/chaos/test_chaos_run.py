@@ -42,7 +42,7 @@ from redis.asyncio import Redis
 from services.api_grpc.queries import _subject_rows
 from services.entitlements.projection import redis_answers
 from services.ingest_webhooks.devtools import encode_event, sign
-from services.ingest_webhooks.samples import new_id, sample_event
+from services.ingest_webhooks.samples import customer_lifecycle
 from shared import db
 from shared.catalog import apply_catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH, Topics
@@ -64,33 +64,11 @@ pytestmark = pytest.mark.timeout(900)
 
 
 def lifecycle(rng: random.Random, start: int) -> list[dict[str, Any]]:
-    """One customer's Stripe events, from checkout to a random point of their life."""
-    customer, user, sub = new_id("cus_"), new_id("user_"), new_id("sub_")
-    ids = {"customer_id": customer, "user_id": user, "subscription_id": sub}
-    plan = {"price_id": rng.choice(["price_basic_monthly", "price_pro_monthly"])}
-    first, renewal = (start, start + MONTH), (start + MONTH, start + 2 * MONTH)
-    invoice, intent, charge = new_id("in_"), new_id("pi_"), new_id("ch_")
-    recovered = renewal[0] + 2 * DAY
-
-    def period(p: tuple[int, int]) -> dict[str, int]:
-        return {"period_start": p[0], "period_end": p[1]}
-
-    steps: list[tuple[str, int, dict[str, Any]]] = [
-        ("checkout.session.completed", start, {"mode": "subscription", "client_reference_id": user}),
-        ("customer.subscription.created", start + 1, {"status": "active", **plan, **period(first)}),
-        ("invoice.paid", start + 2, {"billing_reason": "subscription_create", **plan, **period(first)}),
-        ("customer.subscription.updated", renewal[0] + 60, {"status": "past_due", **plan, **period(renewal)}),
-        ("invoice.payment_failed", renewal[0] + 61, {"invoice_id": invoice, **plan, **period(renewal)}),
-        ("customer.subscription.updated", recovered, {"status": "active", **plan, **period(renewal)}),
-        ("invoice.paid", recovered + 1, {"invoice_id": invoice, "attempt_count": 2, "payment_intent_id": intent,
-                                         "charge_id": charge, **plan, **period(renewal)}),
-        ("charge.succeeded", recovered + 2, {"invoice_id": invoice, "payment_intent_id": intent, "charge_id": charge}),
-        ("payment_intent.succeeded", recovered + 3, {"invoice_id": invoice, "payment_intent_id": intent,
-                                                     "charge_id": charge}),
-        ("customer.subscription.deleted", renewal[1], {**plan, **period(renewal)}),
-    ]
-    ending = rng.randint(2, len(steps))  # some stay active, some past due, some cancel
-    return [sample_event(kind, created=created, **ids, **extra) for kind, created, extra in steps[:ending]]
+    """One customer's Stripe events, from checkout to a random point of their life:
+    some stay active, some past due, some cancel."""
+    plan = rng.choice(["price_basic_monthly", "price_pro_monthly"])
+    events = customer_lifecycle(start, price_id=plan)
+    return [event for _, event in events[: rng.randint(2, len(events))]]
 
 
 @dataclass
@@ -327,7 +305,7 @@ async def test_chaos_run_loses_nothing_applies_nothing_twice_and_leaves_redis_tr
             figures = (
                 f"chaos: {len(events)} events posted for {CUSTOMERS} customers ({len(deliveries)} deliveries, "
                 f"{load.retries} retries after 5xx or refused connections), {faults} faults injected "
-                f"({', '.join(f'{n} x{k}' for k, n in sorted(chaos.injected.items()))}), {restarts} "
+                f"({', '.join(f'{k} x{n}' for k, n in sorted(chaos.injected.items()))}), {restarts} "
                 f"other restarts, events lost 0, applied twice 0, dead letters 0, replay equal, Redis: "
                 f"{compared - absent} of {compared} subjects cached and equal to Postgres, {absent} absent; "
                 f"{elapsed:.0f} s"

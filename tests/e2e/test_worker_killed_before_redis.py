@@ -34,6 +34,7 @@ from shared.kafka import event_headers
 from tests.conftest import random_id
 from tests.support.net import BlackholeProxy
 from tests.support.processes import ROOT, PrivateRedis, Service
+from tests.support.wait import eventually_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -48,24 +49,6 @@ def proxy(private_redis: PrivateRedis) -> Iterator[BlackholeProxy]:
         yield proxy
     finally:
         proxy.close()
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    server = PrivateRedis()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.destroy()
-
-
-def wait_for(what: str, condition: object, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 async def publish(producer: AIOKafkaProducer, topic: str, event_type: str, customer: str, user: str, **kw: object) -> str:
@@ -126,20 +109,20 @@ async def test_a_worker_killed_between_commit_and_redis_leaves_no_stale_answer_a
         api.wait_ready()
         await publish(producer, topics.payment_events, "customer.subscription.created", customer, user,
                       status="active", created=T0)
-        wait_for("the basic answer", lambda: api_plan(grpc_port, user) == "basic")
+        eventually_sync(lambda: api_plan(grpc_port, user) == "basic", timeout=60, what="the basic answer")
 
         # The worker's Redis writes vanish: it commits the upgrade, then waits on Redis; killed there.
         proxy.blackhole = True
         upgrade = await publish(producer, topics.payment_events, "customer.subscription.updated", customer,
                                 user, status="active", price_id="price_pro_monthly", created=T0 + 60)
-        wait_for("the upgrade's commit", lambda: applied(database_url, upgrade))
+        eventually_sync(lambda: applied(database_url, upgrade), timeout=60, what="the upgrade's commit")
         worker.kill()
         proxy.blackhole = False
         assert cached_plan(private_redis.url, user) == "basic", "the kill should have left Redis stale"
 
         worker.start()
         worker.wait_ready()
-        wait_for("the API to answer pro", lambda: api_plan(grpc_port, user) == "pro")
+        eventually_sync(lambda: api_plan(grpc_port, user) == "pro", timeout=60, what="the API to answer pro")
         assert cached_plan(private_redis.url, user) == "pro"
 
         # An operator's rebuild: a stale answer and an answer of a subject without rows.

@@ -5,8 +5,6 @@ replacing the pure handler function (there is no peer to fake here: the point is
 the projection does with an exception that is not `InvalidEvent`).
 """
 
-# ruff: noqa: F811 - the fixtures imported from test_entitlements_projection are parameters here
-
 from __future__ import annotations
 
 import time
@@ -21,15 +19,7 @@ from services.entitlements import handlers as entitlements_handlers
 from services.entitlements.projection import EntitlementsProjection
 from shared.catalog import Catalog
 from shared.projection import ApplyContext, PoisonEvent
-from tests.integration.test_entitlements_projection import (  # noqa: F401 - fixtures
-    T0,
-    Ids,
-    catalog,
-    db,
-    envelopes,
-    event,
-    sub_event,
-)
+from tests.integration.test_entitlements_projection import T0, Ids, envelopes, event, sub_event
 
 pytestmark = pytest.mark.integration
 

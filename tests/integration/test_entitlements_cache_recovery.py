@@ -5,8 +5,6 @@ Batches run as shared/worker.py runs them (`apply` in a transaction, then
 never runs, and a restart is a new projection object on the same database.
 """
 
-# ruff: noqa: F811 - the fixtures imported from test_entitlements_projection are parameters here
-
 from __future__ import annotations
 
 import time
@@ -25,16 +23,7 @@ from services.entitlements.projection import (
 )
 from shared.catalog import Catalog
 from shared.projection import ApplyContext
-from tests.integration.test_entitlements_projection import (  # noqa: F401 - fixtures
-    P1,
-    T0,
-    Ids,
-    catalog,
-    db,
-    envelopes,
-    redis,
-    sub_event,
-)
+from tests.integration.test_entitlements_projection import P1, T0, Ids, envelopes, sub_event
 from tests.support.net import refusing_port
 
 pytestmark = pytest.mark.integration

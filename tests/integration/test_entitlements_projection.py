@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -24,10 +24,10 @@ from services.entitlements.bootstrap import TABLES
 from services.entitlements.projection import EntitlementsProjection
 from services.ingest_webhooks.normalize import normalize
 from services.ingest_webhooks.samples import sample_event
-from shared.catalog import Catalog, apply_catalog, load_catalog
-from shared.config import DEFAULT_CATALOG_PATH
+from shared.catalog import Catalog
 from shared.projection import ApplyContext, Envelope, PoisonEvent
 from tests.conftest import random_id
+from tests.support.guests import guest_event
 
 pytestmark = pytest.mark.integration
 
@@ -35,30 +35,6 @@ DAY = 86_400
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
 P1 = T0 + 30 * DAY
 P2 = P1 + 30 * DAY
-
-
-@pytest.fixture(scope="module")
-def catalog() -> Catalog:
-    return load_catalog(DEFAULT_CATALOG_PATH)
-
-
-@pytest.fixture
-def db(database_url: str, catalog: Catalog) -> str:
-    with psycopg.connect(database_url) as conn:
-        apply_catalog(conn, catalog)
-    return database_url
-
-
-@pytest.fixture
-async def redis(redis_url: str, redis_prefix: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
 
 
 class Ids:
@@ -379,13 +355,7 @@ def test_decode_rejects_what_it_cannot_key(catalog: Catalog) -> None:
 
 def guest(ids: Ids, event_type: str, created: int, **kw: Any) -> events_pb2.PaymentEvent:
     """A payment made without a Stripe Customer (Payment Links, guest checkout)."""
-    kw.setdefault("event_id", random_id("evt_"))
-    kw.setdefault("user_id", None)
-    payload = sample_event(event_type, created=created, **kw)
-    payload["data"]["object"]["customer"] = None
-    normalized = normalize(payload)
-    assert normalized is not None and normalized.customer_id == ""
-    return normalized
+    return guest_event(event_type, created, event_id=kw.pop("event_id", random_id("evt_")), **kw)
 
 
 def guest_payment(url: str, payment_id: str) -> list[tuple[Any, ...]]:

@@ -13,7 +13,7 @@ from services.entitlements.projection import EntitlementsProjection
 from services.ingest_webhooks.normalize import PROJECTED_TYPES
 from shared.catalog import Catalog
 from shared.config import Topics
-from tests.integration.test_entitlements_projection import apply_batch, catalog, db, query  # noqa: F401
+from tests.integration.test_entitlements_projection import apply_batch, query
 from tests.integration.test_ingest_webhooks import Ingester, signed_headers, start_ingester
 from tests.kafka_helpers import headers_of, read_topic
 from tests.support import stripe_fixtures
@@ -40,7 +40,7 @@ async def ingester(broker: str, topics: Topics) -> AsyncIterator[Ingester]:
 
 
 async def test_every_real_payload_is_answered_200_and_each_payment_reaches_payments_with_its_status(
-    ingester: Ingester, db: str, catalog: Catalog  # noqa: F811
+    ingester: Ingester, db: str, catalog: Catalog
 ) -> None:
     answers = {}
     for name in stripe_fixtures.names():
@@ -69,7 +69,7 @@ async def test_every_real_payload_is_answered_200_and_each_payment_reaches_payme
 
 
 async def test_the_guest_refund_flow_of_real_shapes_shuffled_and_redelivered_ends_refunded(
-    ingester: Ingester, db: str, catalog: Catalog  # noqa: F811
+    ingester: Ingester, db: str, catalog: Catalog
 ) -> None:
     """charge.succeeded -> payment_intent.succeeded -> charge.refunded of one guest
     payment, made from the real payloads by giving them one payment's ids."""

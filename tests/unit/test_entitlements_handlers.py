@@ -21,6 +21,7 @@ from services.ingest_webhooks.normalize import normalize
 from services.ingest_webhooks.samples import SAMPLE_TYPES, sample_event
 from shared.catalog import Catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH
+from tests.support.guests import guest_event
 
 DAY = 86_400
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z
@@ -700,13 +701,7 @@ def test_the_rich_lifecycle_ends_where_it_should() -> None:
 
 def guest(event_type: str, created: int, **kw: Any) -> events_pb2.PaymentEvent:
     """A payment made without a Stripe Customer (Payment Links, guest checkout)."""
-    kw.setdefault("event_id", f"evt_guest_{event_type}_{created}")
-    kw.setdefault("user_id", None)
-    payload = sample_event(event_type, created=created, **kw)
-    payload["data"]["object"]["customer"] = None
-    normalized = normalize(payload)
-    assert normalized is not None and normalized.customer_id == ""
-    return normalized
+    return guest_event(event_type, created, event_id=kw.pop("event_id", f"evt_guest_{event_type}_{created}"), **kw)
 
 
 GUEST_IDS = {"payment_intent_id": "pi_Guest", "charge_id": "ch_Guest", "amount": 1000}
