@@ -112,6 +112,16 @@ def apply(event: Event, state: State, catalog: Catalog) -> Changes:
     return mapping.then(handler(event, state, customer, catalog))
 
 
+DISPUTE_TYPES = frozenset(
+    {
+        "charge.dispute.created",
+        "charge.dispute.updated",
+        "charge.dispute.closed",
+        "charge.dispute.funds_withdrawn",
+        "charge.dispute.funds_reinstated",
+    }
+)
+
 # Payments Stripe lets happen without a customer (Payment Links, guest checkout), and our
 # own commands about them. Any other event without a customer cannot be applied.
 GUEST_TYPES = frozenset(
@@ -123,6 +133,7 @@ GUEST_TYPES = frozenset(
         "payment_intent.payment_failed",
         "payment.created",
         "payment.status_updated",
+        *DISPUTE_TYPES,
     }
 )
 
@@ -666,6 +677,37 @@ def on_charge_refunded(
     return _record_payment(event, state, customer, "refunded" if full else "partially_refunded")
 
 
+# A dispute's status (Stripe's) -> the payment's. Open and lost disputes make the payment
+# `disputed`; one closed in the merchant's favour gives the payment back its own status.
+# Any status Stripe adds later counts as open: the cautious answer.
+_DISPUTE_ENDED_FOR_MERCHANT = frozenset({"won", "warning_closed", "prevented"})
+
+
+def on_charge_dispute(
+    event: Event, state: State, customer: Customer | None, catalog: Catalog
+) -> Changes:
+    """charge.dispute.*: the payment is `disputed` while the dispute is open or once it is
+    lost; won (or an inquiry closed) gives back succeeded / (partially_)refunded. The
+    reason names the dispute, its status and Stripe's reason."""
+    reason = f"dispute {event.dispute_id or event.object_id} {event.status or 'open'}"
+    if event.reason:
+        reason += f": {event.reason}"
+    if event.status == "charge_refunded":  # pre-2019 API versions: refunded to close it
+        return _record_payment(event, state, customer, "refunded", reason=reason)
+    ended = event.status in _DISPUTE_ENDED_FOR_MERCHANT
+    return _record_payment(
+        event, state, customer, "succeeded" if ended else "disputed", reason=reason,
+        own_status=ended,
+    )
+
+
+def _own_status(payment: Payment) -> str:
+    """What a captured payment is by its refunds alone."""
+    if payment.amount > 0 and payment.amount_refunded >= payment.amount:
+        return "refunded"
+    return "partially_refunded" if payment.amount_refunded > 0 else "succeeded"
+
+
 def on_payment_created(
     event: Event, state: State, customer: Customer | None, catalog: Catalog
 ) -> Changes:
@@ -683,17 +725,25 @@ def on_payment_status_updated(
 
 
 def _record_payment(
-    event: Event, state: State, customer: Customer | None, status: str, reason: str | None = None
+    event: Event,
+    state: State,
+    customer: Customer | None,
+    status: str,
+    reason: str | None = None,
+    own_status: bool = False,
 ) -> Changes:
     """Merge what the event says about a payment with every stored view of it.
 
     A payment first stored under its charge id is re-keyed to its payment intent id
-    as soon as an event names both; the charge-keyed row is deleted.
+    as soon as an event names both; the charge-keyed row is deleted. With `own_status`,
+    the status (if this event is the newest view) is what the merged refunds make it.
     """
     merged = seen = _payment_seen(event, customer, status, reason)
     stored = _stored_views(seen, state)
     for row in stored:
         merged = merged.merge(row)
+    if own_status and merged.version == seen.version:
+        merged = replace(merged, status=_own_status(merged))
     if merged.amount_refunded > merged.amount:
         raise InvalidEvent(f"refunded {merged.amount_refunded} of a payment of {merged.amount}")
     gone = tuple(row.payment_id for row in stored if row.payment_id != merged.payment_id)
@@ -793,6 +843,7 @@ HANDLERS: dict[str, Handler] = {
     "charge.succeeded": on_charge_succeeded,
     "charge.failed": on_charge_failed,
     "charge.refunded": on_charge_refunded,
+    **dict.fromkeys(DISPUTE_TYPES, on_charge_dispute),
     "payment_intent.succeeded": on_payment_intent,
     "payment_intent.payment_failed": on_payment_intent,
     "payment.created": on_payment_created,

@@ -78,14 +78,17 @@ class BatchKeys:
 
 async def load_state(conn: AsyncConnection[Any], keys: BatchKeys) -> State:
     """Every row the batch's customers own (and its payments), in two pipelined phases:
-    the owned subscriptions and grants first, then their entitlements and access changes."""
+    the owned subscriptions and grants first, then their entitlements and access changes.
+    The first phase begins by locking the batch's ids (`lock_batch_keys`): it must run
+    inside the transaction that writes the batch."""
     params = {
         "customer_ids": keys.customer_ids,
         "subscription_ids": keys.subscription_ids,
         "payment_ids": keys.payment_ids,
         "charge_ids": keys.charge_ids,
+        "lock_ids": sorted({*keys.customer_ids, *keys.payment_ids, *keys.charge_ids}),
     }
-    first = await _fetch_all(conn, _FIRST_PHASE, params)
+    _locked, *first = await _fetch_all(conn, ("lock_batch_keys", *_FIRST_PHASE), params)
     state = _state(*first)
     sources = [("subscription", sub_id) for sub_id in state.subscriptions] + list(state.grants)
     params = {

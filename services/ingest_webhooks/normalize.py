@@ -12,7 +12,9 @@ Contract of :func:`normalize`:
 * Guest payments: a charge, a payment intent or a checkout session in payment mode may
   have no customer (Payment Links, guest checkout). ``customer_id`` is then empty and
   :func:`partition_key` gives the payment's own id, so all events of one payment share a
-  partition.
+  partition. A dispute (``charge.dispute.*``) names no customer unless its charge is
+  expanded; it carries its payment's ids, its own id (``dispute_id``), its status and
+  its reason, and no amount.
 * Nothing else raises: any other oddity in the payload is a ``MalformedEvent`` too.
 
 API versions. Both the 2024-06-20 shape and the 2025-03-31.basil-and-later shape are read.
@@ -67,6 +69,7 @@ from services.ingest_webhooks.stripe_models import (
     Charge,
     CheckoutSession,
     Customer,
+    Dispute,
     Invoice,
     InvoiceLine,
     InvoicePaymentDetails,
@@ -79,6 +82,17 @@ from services.ingest_webhooks.stripe_models import (
 )
 from shared.kafka import payment_event_key
 
+# A dispute's life: opened, changed (evidence, status), funds moved, closed (won or lost).
+DISPUTE_TYPES: frozenset[str] = frozenset(
+    {
+        "charge.dispute.created",
+        "charge.dispute.updated",
+        "charge.dispute.closed",
+        "charge.dispute.funds_withdrawn",
+        "charge.dispute.funds_reinstated",
+    }
+)
+
 PROJECTED_TYPES: frozenset[str] = frozenset(
     {
         "checkout.session.completed",
@@ -89,6 +103,7 @@ PROJECTED_TYPES: frozenset[str] = frozenset(
         "charge.succeeded",
         "charge.failed",
         "charge.refunded",
+        *DISPUTE_TYPES,
         "customer.subscription.created",
         "customer.subscription.updated",
         "customer.subscription.deleted",
@@ -517,6 +532,32 @@ def _project_payment_intent(event_type: str, data: dict[str, Any]) -> _Projectio
     )
 
 
+def _project_dispute(event_type: str, data: dict[str, Any]) -> _Projection:
+    """A dispute is news about its payment: keyed and merged by the payment intent (else
+    the charge) it names. Its amount is the disputed sum, not the payment's, so it is left
+    out; the dispute's own status and reason travel in `status` and `reason`."""
+    dispute = _parse(Dispute, data, prefix=("data", "object"))
+    charge = dispute.charge
+    if charge is None:
+        raise MalformedEvent("malformed Stripe event: data.object.charge: required on a dispute")
+    customer = charge.customer  # only when Stripe expanded the charge
+    return _Projection(
+        object_id=dispute.id,
+        customer=customer,
+        metadata={},
+        identity=[charge.metadata, _customer_metadata(customer)],
+        guest_allowed=True,
+        fields={
+            "dispute_id": dispute.id,
+            "charge_id": charge.id,
+            "payment_intent_id": _id(dispute.payment_intent) or _id(charge.payment_intent),
+            "currency": dispute.currency,
+            "status": dispute.status,
+            "reason": dispute.reason,
+        },
+    )
+
+
 # --- checkout sessions --------------------------------------------------------------
 
 
@@ -565,6 +606,7 @@ _SUBSCRIPTION = _Kind("subscription", _project_subscription)
 _CHARGE = _Kind("charge", _project_charge)
 _PAYMENT_INTENT = _Kind("payment_intent", _project_payment_intent)
 _CHECKOUT_SESSION = _Kind("checkout.session", _project_checkout_session)
+_DISPUTE = _Kind("dispute", _project_dispute)
 
 _KINDS: dict[str, _Kind] = {
     "checkout.session.completed": _CHECKOUT_SESSION,
@@ -575,6 +617,7 @@ _KINDS: dict[str, _Kind] = {
     "charge.succeeded": _CHARGE,
     "charge.failed": _CHARGE,
     "charge.refunded": _CHARGE,
+    **dict.fromkeys(DISPUTE_TYPES, _DISPUTE),
     "customer.subscription.created": _SUBSCRIPTION,
     "customer.subscription.updated": _SUBSCRIPTION,
     "customer.subscription.deleted": _SUBSCRIPTION,

@@ -22,11 +22,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from services.ingest_webhooks.normalize import PROJECTED_TYPES
+from services.ingest_webhooks.normalize import DISPUTE_TYPES, PROJECTED_TYPES
 
 OLD_API_VERSION = "2024-06-20"
 NEW_API_VERSION = "2025-03-31.basil"
-SAMPLE_TYPES: list[str] = sorted(PROJECTED_TYPES)
+# The types :func:`sample_event` builds: every projected type but disputes, which name no
+# customer and have a builder of their own (:func:`dispute_event`).
+SAMPLE_TYPES: list[str] = sorted(PROJECTED_TYPES - DISPUTE_TYPES)
 
 DEFAULT_PRICE_ID = "price_basic_monthly"
 DEFAULT_AMOUNT = 999
@@ -136,7 +138,7 @@ def sample_event(
     :data:`OVERRIDES`. Raises ``ValueError`` for an unknown event type and ``TypeError`` for
     an unknown override.
     """
-    if event_type not in PROJECTED_TYPES:
+    if event_type not in SAMPLE_TYPES:
         raise ValueError(f"unknown sample event type {event_type!r}; known: {SAMPLE_TYPES}")
     unknown = overrides.keys() - OVERRIDES.keys()
     if unknown:
@@ -154,6 +156,71 @@ def sample_event(
         overrides={key: value for key, value in overrides.items() if value is not None},
     )
     return _envelope(sample, _OBJECT_BUILDERS[event_type.rsplit(".", 1)[0]](sample))
+
+
+# A dispute's status in each event of its life, as Stripe reports it by default.
+_DISPUTE_STATUS = {
+    "charge.dispute.created": "needs_response",
+    "charge.dispute.updated": "under_review",
+    "charge.dispute.funds_withdrawn": "needs_response",
+    "charge.dispute.funds_reinstated": "won",
+    "charge.dispute.closed": "won",
+}
+
+
+def dispute_event(
+    event_type: str,
+    *,
+    charge_id: str,
+    payment_intent_id: str | None = None,
+    status: str | None = None,
+    reason: str = "fraudulent",
+    amount: int = DEFAULT_AMOUNT,
+    currency: str = DEFAULT_CURRENCY,
+    dispute_id: str | None = None,
+    event_id: str | None = None,
+    created: int | None = None,
+    api_version: str = NEW_API_VERSION,
+) -> dict[str, Any]:
+    """A ``charge.dispute.*`` event as Stripe sends it: the dispute names its charge and
+    payment intent by id, and no customer."""
+    if event_type not in DISPUTE_TYPES:
+        raise ValueError(f"not a dispute event type: {event_type!r}; known: {sorted(DISPUTE_TYPES)}")
+    created = created if created is not None else int(time.time())
+    dispute_id = dispute_id or new_id("dp_")
+    return {
+        "id": event_id or new_id("evt_"),
+        "object": "event",
+        "api_version": api_version,
+        "created": created,
+        "data": {
+            "object": {
+                "id": dispute_id,
+                "object": "dispute",
+                "amount": amount,
+                "balance_transactions": [],
+                "charge": charge_id,
+                "created": created,
+                "currency": currency,
+                "evidence_details": {
+                    "due_by": created + 7 * _DAY,
+                    "has_evidence": False,
+                    "past_due": False,
+                    "submission_count": 0,
+                },
+                "is_charge_refundable": False,
+                "livemode": False,
+                "metadata": {},
+                "payment_intent": payment_intent_id,
+                "reason": reason,
+                "status": status or _DISPUTE_STATUS[event_type],
+            }
+        },
+        "livemode": False,
+        "pending_webhooks": 1,
+        "request": {"id": None, "idempotency_key": None},
+        "type": event_type,
+    }
 
 
 LIFECYCLE_STEPS = 10

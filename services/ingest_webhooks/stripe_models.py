@@ -189,6 +189,19 @@ class Charge(StripeModel):
     metadata: Metadata = Field(default_factory=dict)
 
 
+class Dispute(StripeModel):
+    """A charge's dispute (chargeback). It names no customer; an expanded charge may."""
+
+    id: NonEmptyStr
+    object: str | None = None
+    charge: Annotated[Charge | None, Expand] = None
+    payment_intent: Annotated[ObjectRef | None, Expand] = None
+    amount: Int64 | None = None
+    currency: str | None = None
+    status: str | None = None
+    reason: str | None = None
+
+
 class Period(StripeModel):
     start: Int64 | None = None
     end: Int64 | None = None

@@ -15,9 +15,15 @@ from prometheus_client import REGISTRY
 from payment.v1 import events_pb2
 from services.ingest_webhooks.app import IngestConfig, make_app
 from services.ingest_webhooks.devtools import encode_event, sign
-from services.ingest_webhooks.normalize import PROJECTED_TYPES, normalize
+from services.ingest_webhooks.normalize import DISPUTE_TYPES, PROJECTED_TYPES, normalize
 from services.ingest_webhooks.publisher import KafkaPublisher
-from services.ingest_webhooks.samples import NEW_API_VERSION, OLD_API_VERSION, sample_event
+from services.ingest_webhooks.samples import (
+    NEW_API_VERSION,
+    OLD_API_VERSION,
+    dispute_event,
+    new_id,
+    sample_event,
+)
 from services.ingest_webhooks.verify import SignatureVerifier
 from shared.config import Topics
 from shared.devbroker import DevBroker, ensure_topics
@@ -85,7 +91,11 @@ async def test_every_projected_type_in_both_api_versions_is_published_as_the_exp
     sent: dict[str, tuple[dict, bytes]] = {}  # type: ignore[type-arg]
     for event_type in sorted(PROJECTED_TYPES):
         for version in (OLD_API_VERSION, NEW_API_VERSION):
-            event = sample_event(event_type, api_version=version)
+            event = (
+                dispute_event(event_type, api_version=version, charge_id=new_id("ch_"), payment_intent_id=new_id("pi_"))
+                if event_type in DISPUTE_TYPES
+                else sample_event(event_type, api_version=version)
+            )
             body = encode_event(event)
             status, answer = await ingester.post(body, signed_headers(body))
             assert (status, answer["status"]) == (200, "published"), (event_type, version, answer)
@@ -105,7 +115,10 @@ async def test_every_projected_type_in_both_api_versions_is_published_as_the_exp
             assert getattr(got, field.name) == getattr(expected, field.name), (event["type"], field.name)
         assert got.event_id == event["id"] and got.event_type == event["type"]
         assert got.created == event["created"]
-        assert record.key == got.customer_id.encode() and got.customer_id.startswith("cus_")
+        if got.event_type in DISPUTE_TYPES:  # no customer on a dispute: keyed by its payment
+            assert record.key == got.payment_intent_id.encode() and got.customer_id == ""
+        else:
+            assert record.key == got.customer_id.encode() and got.customer_id.startswith("cus_")
         assert headers["event-type"] == event["type"]
         assert headers["schema-version"] == "1"
         assert headers["content-type"].startswith("application/x-protobuf")

@@ -18,7 +18,7 @@ from payment.v1 import events_pb2
 from services.entitlements.handlers import HANDLERS, InvalidEvent, apply
 from services.entitlements.model import Entitlement, State
 from services.ingest_webhooks.normalize import normalize
-from services.ingest_webhooks.samples import SAMPLE_TYPES, sample_event
+from services.ingest_webhooks.samples import SAMPLE_TYPES, dispute_event, sample_event
 from shared.catalog import Catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH
 from tests.support.guests import guest_event
@@ -797,3 +797,87 @@ def test_a_non_payment_event_without_a_customer_is_invalid(event_type: str) -> N
     e.customer_id = ""
     with pytest.raises(InvalidEvent, match="without a customer"):
         apply(e, State(), catalog())
+
+
+# ---------------------------------------------------------------- disputes
+
+
+def dispute(event_type: str, created: int, **kw: Any) -> events_pb2.PaymentEvent:
+    """A charge.dispute.* event as Stripe sends it: no customer, the payment's ids."""
+    kw.setdefault("charge_id", "ch_Unit")
+    kw.setdefault("payment_intent_id", "pi_Unit")
+    normalized = normalize(
+        dispute_event(event_type, created=created, event_id=f"evt_{event_type}_{created}", **kw)
+    )
+    assert normalized is not None
+    return normalized
+
+
+PAID = {"payment_intent_id": "pi_Unit", "charge_id": "ch_Unit", "amount": 1000}
+
+
+@pytest.mark.parametrize(
+    ("closing", "status"),
+    [
+        ("won", "succeeded"),
+        ("warning_closed", "succeeded"),
+        ("lost", "disputed"),
+        ("charge_refunded", "refunded"),
+    ],
+)
+def test_a_dispute_makes_the_payment_disputed_until_it_is_closed(closing: str, status: str) -> None:
+    state = run([event("charge.succeeded", T0, user_id=USER, **PAID), dispute("charge.dispute.created", T0 + 1)])
+    payment = state.payments["pi_Unit"]
+    assert (payment.status, payment.customer_id, payment.amount) == ("disputed", CUSTOMER, 1000)
+    assert payment.status_reason is not None and payment.status_reason.endswith("needs_response: fraudulent")
+
+    state = run([dispute("charge.dispute.closed", T0 + 2, status=closing)], state)
+    payment = state.payments["pi_Unit"]
+    assert (payment.status, payment.amount, payment.user_id) == (status, 1000, USER)
+    assert payment.status_reason is not None and closing in payment.status_reason
+
+
+def test_a_won_dispute_gives_back_a_partially_refunded_status() -> None:
+    partial = event("charge.refunded", T0 + 1, amount_refunded=300, **PAID)
+    state = run(
+        [event("charge.succeeded", T0, **PAID), partial, dispute("charge.dispute.created", T0 + 2)]
+    )
+    assert state.payments["pi_Unit"].status == "disputed"
+    state = run([dispute("charge.dispute.funds_reinstated", T0 + 3)], state)
+    assert (state.payments["pi_Unit"].status, state.payments["pi_Unit"].amount_refunded) == (
+        "partially_refunded",
+        300,
+    )
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))))
+def test_a_dispute_flow_in_any_order_delivered_twice_ends_as_the_newest_event_says(
+    order: tuple[int, ...],
+) -> None:
+    """The dispute arrives on the payment's partition, the charge on the customer's: any
+    order is possible. Amount and customer come from the charge whatever the order."""
+    flow = [
+        event("charge.succeeded", T0, **PAID),
+        dispute("charge.dispute.created", T0 + 1),
+        dispute("charge.dispute.closed", T0 + 2, status="lost"),
+    ]
+    payment = run([flow[i] for i in order for _ in range(2)]).payments["pi_Unit"]
+    assert (payment.status, payment.amount, payment.customer_id, payment.currency) == (
+        "disputed",
+        1000,
+        CUSTOMER,
+        "usd",
+    )
+    assert payment.status_reason is not None and " lost: " in payment.status_reason
+
+
+def test_a_dispute_of_a_payment_never_seen_is_recorded_and_grants_nothing() -> None:
+    state = run([dispute("charge.dispute.created", T0, charge_id="ch_Alone", payment_intent_id=None)])
+    payment = state.payments["ch_Alone"]
+    assert (payment.status, payment.amount, payment.customer_id) == ("disputed", 0, None)
+    assert not state.entitlements
+
+
+def test_an_unknown_dispute_status_counts_as_open() -> None:
+    state = run([event("charge.succeeded", T0, **PAID), dispute("charge.dispute.updated", T0 + 1, status="brand_new")])
+    assert state.payments["pi_Unit"].status == "disputed"

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from payment.v1 import events_pb2
 from services.ingest_webhooks.normalize import (
+    DISPUTE_TYPES,
     PROJECTED_TYPES,
     MalformedEvent,
     normalize,
@@ -22,6 +23,7 @@ from services.ingest_webhooks.samples import (
     NEW_API_VERSION,
     OLD_API_VERSION,
     SAMPLE_TYPES,
+    dispute_event,
     is_new_shape,
     sample_event,
 )
@@ -228,8 +230,52 @@ def test_a_later_api_version_is_read_in_the_new_shape(event_type: str) -> None:
 
 
 def test_the_sample_types_are_exactly_the_projected_types() -> None:
-    assert SAMPLE_TYPES == sorted(PROJECTED_TYPES)
-    assert len(PROJECTED_TYPES) == 14
+    assert SAMPLE_TYPES == sorted(PROJECTED_TYPES - DISPUTE_TYPES)
+    assert (len(PROJECTED_TYPES), len(DISPUTE_TYPES)) == (19, 5)
+
+
+# --- disputes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event_type", sorted(DISPUTE_TYPES))
+def test_a_dispute_is_news_about_its_payment_keyed_by_the_payment(event_type: str) -> None:
+    event = dispute_event(
+        event_type, charge_id="ch_D", payment_intent_id="pi_D", dispute_id="dp_D", created=CREATED
+    )
+    result = normalized(event)
+    assert (result.event_type, result.object_type, result.object_id) == (event_type, "dispute", "dp_D")
+    assert (result.dispute_id, result.charge_id, result.payment_intent_id) == ("dp_D", "ch_D", "pi_D")
+    assert (result.status, result.reason) == (obj(event)["status"], "fraudulent")
+    assert (result.customer_id, result.amount, result.currency) == ("", 0, "usd")
+    assert partition_key(result) == "pi_D"
+
+
+def test_a_dispute_of_a_charge_without_an_intent_is_keyed_by_the_charge() -> None:
+    result = normalized(dispute_event("charge.dispute.created", charge_id="ch_Old", created=CREATED))
+    assert (result.payment_intent_id, partition_key(result)) == ("", "ch_Old")
+
+
+def test_a_dispute_with_its_charge_expanded_takes_the_customer_and_identity_from_it() -> None:
+    event = dispute_event("charge.dispute.closed", charge_id="ch_D", created=CREATED)
+    charge = obj(built("charge.succeeded", charge_id="ch_D", payment_intent_id="pi_D"))
+    obj(event)["charge"] = charge
+    result = normalized(event)
+    assert (result.customer_id, result.user_id, result.payment_intent_id) == ("cus_Test", "user_Test", "pi_D")
+    assert partition_key(result) == "cus_Test"
+
+
+def test_a_dispute_without_a_charge_is_malformed_and_named() -> None:
+    event = dispute_event("charge.dispute.created", charge_id="ch_D", created=CREATED)
+    obj(event)["charge"] = None
+    with pytest.raises(MalformedEvent, match=r"data\.object\.charge"):
+        normalize(event)
+
+
+def test_a_dispute_sample_of_another_type_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a dispute event type"):
+        dispute_event("charge.refunded", charge_id="ch_D")
+    with pytest.raises(ValueError, match="unknown sample event type"):
+        sample_event("charge.dispute.created")
 
 
 # --- unknown and malformed events ---------------------------------------------------
@@ -951,7 +997,12 @@ def test_a_sample_with_any_field_replaced_gives_an_event_or_malformed_event_only
 
 REAL = stripe_fixtures.names()
 REAL_PROJECTED = stripe_fixtures.of_types(PROJECTED_TYPES)
-_AMOUNT_FIELD = {"charge": "amount", "payment_intent": "amount", "checkout.session": "amount_total"}
+_AMOUNT_FIELD = {
+    "charge": "amount",
+    "payment_intent": "amount",
+    "checkout.session": "amount_total",
+    "dispute": "amount",  # read (and checked), but the disputed sum is not the payment's amount
+}
 
 
 def test_the_real_payloads_cover_every_payment_kind() -> None:
@@ -968,8 +1019,12 @@ def test_a_real_payload_normalizes_to_what_it_says(name: str) -> None:
     customer = o.get("customer") or ""
     assert (result.event_id, result.event_type, result.created) == (event["id"], event["type"], event["created"])
     assert (result.object_id, result.customer_id, result.api_version) == (o["id"], customer, event.get("api_version") or "")
-    assert (result.amount, result.currency) == (o[_AMOUNT_FIELD[o["object"]]], o["currency"])
+    amount = 0 if o["object"] == "dispute" else o[_AMOUNT_FIELD[o["object"]]]
+    assert (result.amount, result.currency) == (amount, o["currency"])
     assert result.status == (o.get("status") or "")
+    if o["object"] == "dispute":
+        assert (result.dispute_id, result.charge_id) == (o["id"], o["charge"])
+        assert (result.payment_intent_id, result.reason) == (o.get("payment_intent") or "", o["reason"])
     if o["object"] == "charge":
         assert (result.charge_id, result.payment_intent_id) == (o["id"], o.get("payment_intent") or "")
         assert result.amount_refunded == o["amount_refunded"]
@@ -983,12 +1038,24 @@ def test_a_real_payload_normalizes_to_what_it_says(name: str) -> None:
     expected_key = customer or o.get("payment_intent") or o["id"]
     if o["object"] == "payment_intent":
         expected_key = customer or o["id"]
+    if o["object"] == "dispute":
+        expected_key = o.get("payment_intent") or o["charge"]
     assert partition_key(result) == expected_key
 
 
-@pytest.mark.parametrize("name", [n for n in REAL if n not in REAL_PROJECTED])
+_UNPROJECTED = {
+    "charge": "charge.updated",
+    "payment_intent": "payment_intent.created",
+    "checkout.session": "checkout.session.expired",
+    "dispute": "charge.dispute.not_a_type",
+}
+
+
+@pytest.mark.parametrize("name", REAL)
 def test_a_real_payload_of_an_unprojected_type_gives_none(name: str) -> None:
-    assert normalize(stripe_fixtures.event(name)) is None
+    event = stripe_fixtures.event(name)
+    event["type"] = _UNPROJECTED[obj(event)["object"]]
+    assert normalize(event) is None
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ EVENT_SOURCE_API: EventSource
 EVENT_SOURCE_DUNNING: EventSource
 
 class PaymentEvent(_message.Message):
-    __slots__ = ("event_type", "user_id", "family_id", "feature_code", "plan_id", "subscription_id", "amount", "currency", "status", "expires_at", "metadata", "event_id", "created", "customer_id", "source", "api_version", "livemode", "object_type", "object_id", "invoice_id", "charge_id", "payment_intent_id", "checkout_session_id", "price_id", "product_id", "period_start", "period_end", "cancel_at_period_end", "cancel_at", "canceled_at", "trial_end", "amount_refunded", "failure_code", "failure_message", "attempt_count", "next_payment_attempt", "billing_reason", "mode", "customer_email", "description", "actor", "reason")
+    __slots__ = ("event_type", "user_id", "family_id", "feature_code", "plan_id", "subscription_id", "amount", "currency", "status", "expires_at", "metadata", "event_id", "created", "customer_id", "source", "api_version", "livemode", "object_type", "object_id", "invoice_id", "charge_id", "payment_intent_id", "checkout_session_id", "price_id", "product_id", "period_start", "period_end", "cancel_at_period_end", "cancel_at", "canceled_at", "trial_end", "amount_refunded", "failure_code", "failure_message", "attempt_count", "next_payment_attempt", "billing_reason", "mode", "customer_email", "description", "actor", "reason", "dispute_id")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class PaymentEvent(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DISPUTE_ID_FIELD_NUMBER: _ClassVar[int]
     event_type: str
     user_id: str
     family_id: str
@@ -111,7 +112,8 @@ class PaymentEvent(_message.Message):
     description: str
     actor: str
     reason: str
-    def __init__(self, event_type: _Optional[str] = ..., user_id: _Optional[str] = ..., family_id: _Optional[str] = ..., feature_code: _Optional[str] = ..., plan_id: _Optional[str] = ..., subscription_id: _Optional[str] = ..., amount: _Optional[int] = ..., currency: _Optional[str] = ..., status: _Optional[str] = ..., expires_at: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., event_id: _Optional[str] = ..., created: _Optional[int] = ..., customer_id: _Optional[str] = ..., source: _Optional[_Union[EventSource, str]] = ..., api_version: _Optional[str] = ..., livemode: _Optional[bool] = ..., object_type: _Optional[str] = ..., object_id: _Optional[str] = ..., invoice_id: _Optional[str] = ..., charge_id: _Optional[str] = ..., payment_intent_id: _Optional[str] = ..., checkout_session_id: _Optional[str] = ..., price_id: _Optional[str] = ..., product_id: _Optional[str] = ..., period_start: _Optional[int] = ..., period_end: _Optional[int] = ..., cancel_at_period_end: _Optional[bool] = ..., cancel_at: _Optional[int] = ..., canceled_at: _Optional[int] = ..., trial_end: _Optional[int] = ..., amount_refunded: _Optional[int] = ..., failure_code: _Optional[str] = ..., failure_message: _Optional[str] = ..., attempt_count: _Optional[int] = ..., next_payment_attempt: _Optional[int] = ..., billing_reason: _Optional[str] = ..., mode: _Optional[str] = ..., customer_email: _Optional[str] = ..., description: _Optional[str] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    dispute_id: str
+    def __init__(self, event_type: _Optional[str] = ..., user_id: _Optional[str] = ..., family_id: _Optional[str] = ..., feature_code: _Optional[str] = ..., plan_id: _Optional[str] = ..., subscription_id: _Optional[str] = ..., amount: _Optional[int] = ..., currency: _Optional[str] = ..., status: _Optional[str] = ..., expires_at: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., event_id: _Optional[str] = ..., created: _Optional[int] = ..., customer_id: _Optional[str] = ..., source: _Optional[_Union[EventSource, str]] = ..., api_version: _Optional[str] = ..., livemode: _Optional[bool] = ..., object_type: _Optional[str] = ..., object_id: _Optional[str] = ..., invoice_id: _Optional[str] = ..., charge_id: _Optional[str] = ..., payment_intent_id: _Optional[str] = ..., checkout_session_id: _Optional[str] = ..., price_id: _Optional[str] = ..., product_id: _Optional[str] = ..., period_start: _Optional[int] = ..., period_end: _Optional[int] = ..., cancel_at_period_end: _Optional[bool] = ..., cancel_at: _Optional[int] = ..., canceled_at: _Optional[int] = ..., trial_end: _Optional[int] = ..., amount_refunded: _Optional[int] = ..., failure_code: _Optional[str] = ..., failure_message: _Optional[str] = ..., attempt_count: _Optional[int] = ..., next_payment_attempt: _Optional[int] = ..., billing_reason: _Optional[str] = ..., mode: _Optional[str] = ..., customer_email: _Optional[str] = ..., description: _Optional[str] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., dispute_id: _Optional[str] = ...) -> None: ...
 
 class UsageEvent(_message.Message):
     __slots__ = ("event_id", "idempotency_key", "subject_type", "subject_id", "user_id", "family_id", "feature_code", "amount", "period_start", "period_end", "created_ms", "metadata", "used_after", "limit", "over_soft_limit")

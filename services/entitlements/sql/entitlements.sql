@@ -27,6 +27,20 @@ FROM subscription_history
 WHERE customer_id = ANY(%(customer_ids)s::text[])
    OR subscription_id = ANY(%(subscription_ids)s::text[]);
 
+-- name: lock_batch_keys
+-- Runs first, before any read. Events about one payment can arrive on two partitions (a
+-- dispute is keyed by its payment, the charge by its customer; a guest payment later
+-- attached to a customer), so two batches may touch one row at once. Each batch takes a
+-- transaction lock per id it touches (customers, payments, charges, objects), all in one
+-- order, so such batches run one after the other and the second reads what the first
+-- committed (READ COMMITTED: each statement sees the latest commits). Keyed by schema too:
+-- a replay into another schema never waits for the live worker.
+SELECT count(*)
+FROM (SELECT pg_advisory_xact_lock(lock_key)
+      FROM (SELECT DISTINCT hashtextextended(current_schema() || ':' || id, 0) AS lock_key
+            FROM unnest(%(lock_ids)s::text[]) AS id
+            ORDER BY lock_key) AS ordered) AS locked;
+
 -- name: load_paid_periods
 SELECT subscription_id, customer_id, paid_through, invoice_id, last_event_id, last_event_created
 FROM paid_periods
@@ -57,12 +71,16 @@ FROM access_changes
 WHERE subscription_id = ANY(%(subscription_ids)s::text[]);
 
 -- name: load_payments
+-- FOR UPDATE: a batch that reaches a payment by another of its ids (the charge, where the
+-- row is keyed by the intent) waits for a writer holding it and reads what it committed.
 SELECT payment_id, customer_id, user_id, family_id, amount, currency, status, amount_refunded,
        payment_intent_id, charge_id, invoice_id, description, failure_code, failure_message,
        status_reason, metadata, created_at, updated_at, last_event_id, last_event_created
 FROM payments
 WHERE payment_id = ANY(%(payment_ids)s::text[])
-   OR charge_id = ANY(%(charge_ids)s::text[]);
+   OR charge_id = ANY(%(charge_ids)s::text[])
+ORDER BY payment_id
+FOR UPDATE;
 
 -- name: upsert_customer
 INSERT INTO customers (customer_id, user_id, family_id, email, created_at,
