@@ -102,6 +102,7 @@ def usage_rebuild_cache(
     from redis.asyncio import Redis
 
     from services.usage.bootstrap import rebuild_cache
+    from services.usage.rebuild import LeaseLost, RebuildRunning
     from shared.progress import phase_spinner
 
     settings = _settings()
@@ -122,7 +123,11 @@ def usage_rebuild_cache(
             f"{figures.idempotency_records} idempotency record(s)"
         )
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except (RebuildRunning, LeaseLost) as exc:  # another rebuild runs, or took over this one
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @entitlements_app.command("rebuild-cache")

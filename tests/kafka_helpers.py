@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+
+from tests.support.wait import eventually  # re-exported: one way to wait for a condition
+
+__all__ = ["eventually", "headers_of", "read_topic"]
 
 
 async def read_topic(bootstrap: str, topic: str, *, expect: int, timeout: float = 15.0) -> list[ConsumerRecord]:
@@ -43,10 +46,3 @@ def headers_of(record: ConsumerRecord) -> dict[str, str]:
     return {k: v.decode() for k, v in record.headers}
 
 
-async def eventually(predicate, timeout: float = 15.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await predicate()
-        if result or time.monotonic() > deadline:
-            return result
-        await asyncio.sleep(interval)

@@ -94,6 +94,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     usage = UsageApi(
         api.facts, api, UsageStore(pool), Counters(redis),
         KafkaUsageBus(producer, settings.topics.usage_events, settings.publish_timeout_s), api.tokens,
+        publish_timeout_s=settings.publish_timeout_s,
     )
     server = build_server(
         api, settings.api_keys, host=settings.bind_host, port=settings.grpc_port,
@@ -111,6 +112,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             await stop.wait()
         finally:
             await server.stop(SHUTDOWN_GRACE_S)
+            # Increments whose callers were cancelled still settle (keep or roll back).
+            await usage.drain(settings.publish_timeout_s + 1.0)
             await runner.cleanup()
     finally:
         await entitlements.aclose()

@@ -17,6 +17,10 @@ IncrementUsage
        from the idempotency key. If the broker does not acknowledge, a second script
        rolls back the counters and the record (only if the record is still the one this
        call wrote) and the answer is UNAVAILABLE: nothing counted, nothing lost.
+       Publishing and its consequence (keep, or roll back) are one task, shielded from
+       the call: a call cancelled (the client left, the deadline passed, the server is
+       stopping) still settles, bounded by the producer's delivery timeout; the server
+       waits for unsettled increments before it exits (`UsageApi.drain`).
     A retry that finds a record whose publish is not known to be acknowledged (the first
     attempt is in flight, or its replica died) publishes the same event again (the
     worker's inbox drops a copy), then marks the record done and returns the first
@@ -170,6 +174,7 @@ class UsageApi:
         tokens: PageTokens,
         clock: Callable[[], float] = time.time,
         policy_ttl_s: float = POLICY_TTL_S,
+        publish_timeout_s: float = 10.0,
     ) -> None:
         self.facts = facts
         self.entitlements = entitlements
@@ -179,7 +184,10 @@ class UsageApi:
         self.tokens = tokens
         self.clock = clock
         self.policy_ttl_s = policy_ttl_s
+        # The producer's delivery bound: how long a publish may take to be answered.
+        self.publish_timeout_s = publish_timeout_s
         self._policies: dict[tuple[str, str, str], tuple[Policy, float]] = {}
+        self._settling: set[asyncio.Task[Outcome | None]] = set()
 
     # ------------------------------------------------------------ policy
 
@@ -281,12 +289,45 @@ class UsageApi:
         return step
 
     async def _publish(self, step: Step, deadline: float) -> Outcome | None:
-        """Publish the step's event if it needs one. None: a replayed record vanished."""
+        """Publish the step's event if it needs one. None: a replayed record vanished.
+
+        The publish and what follows from it run as their own task (`_settle`), which the
+        caller's cancellation or deadline never interrupts: the count is kept if the
+        event landed and rolled back if it did not, whether or not anyone still waits."""
         outcome = step.outcome
         if not model.needs_publish(outcome):
             return outcome
+        settling = asyncio.create_task(self._settle(step))
+        self._settling.add(settling)
+        settling.add_done_callback(self._settled)
         try:
-            await self.bus.publish(model.usage_event(outcome), max(0.05, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.05, deadline - time.monotonic())):
+                return await asyncio.shield(settling)
+        except TimeoutError:
+            raise Unavailable(
+                "the event bus has not answered within the deadline; the increment settles on "
+                "its own (kept if the event lands, else rolled back): retry with the same idempotency_key"
+            ) from None
+
+    def _settled(self, task: asyncio.Task[Outcome | None]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a caller that left has nobody to raise it to
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for increments still settling; the number left over."""
+        pending = set(self._settling)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=timeout_s)
+        if pending:
+            log.error("usage increments still unsettled at shutdown: their records stay pending "
+                      "and a retry with the same key publishes them again", extra={"unsettled": len(pending)})
+        return len(pending)
+
+    async def _settle(self, step: Step) -> Outcome | None:
+        outcome = step.outcome
+        try:
+            await self.bus.publish(model.usage_event(outcome), self.publish_timeout_s)
         except Unavailable:
             USAGE_PUBLISH_FAILURES.inc()
             if not step.replayed:

@@ -67,6 +67,8 @@ async def _watch(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
             if not await redis.exists(ready):
                 log.warning("usage counters missing in Redis: rebuilding them from Postgres")
                 await rebuild_cache(settings, redis)
+        except rebuild.RebuildRunning as exc:  # another replica (or the CLI) is at it
+            log.info("usage counters missing, but %s: waiting for it", exc)
         except Exception:  # retried at the next tick; increments stay refused meanwhile
             log.exception("usage counter rebuild failed")
         with contextlib.suppress(TimeoutError):

@@ -104,6 +104,11 @@ class Keys:
         Redis was emptied or restarted: increments are refused, quotas read Postgres."""
         return f"{self.prefix}usage:ready"
 
+    @property
+    def rebuild_lease(self) -> str:
+        """Held (a random token, with an expiry) by the one rebuild allowed to run."""
+        return f"{self.prefix}usage:rebuild:lease"
+
     def counter(self, pool_type: str, pool_id: str, feature_code: str, period_start: int) -> str:
         return f"{self.prefix}usage:c:{pool_type}:{pool_id}:{feature_code}:{period_start}"
 

@@ -14,12 +14,23 @@ Order, so that no increment is lost or counted twice:
 
 Run it after Redis was emptied or restarted; the usage worker also runs it by itself
 when it sees `usage:ready` missing.
+
+One rebuild at a time, across every replica and the CLI: a rebuild first takes the lease
+`usage:rebuild:lease` (SET NX with an expiry, LEASE_S) and renews it while it works. Every
+write it makes to Redis, from deleting `usage:ready` to setting it again, is fenced: a
+script checks that the lease still holds this rebuild's token and writes in the same
+atomic step. A rebuild that stalled past its lease (a paused process, a lost network) and
+was overtaken can therefore not delete or overwrite what the newer one wrote: its next
+write fails with LeaseLost and it stops. A rebuild that finds the lease taken raises
+RebuildRunning (the worker's watchdog waits for the next tick; the CLI says so).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +39,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from psycopg import AsyncConnection
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from services.usage import repository
 from services.usage.counters import IDEMPOTENCY_TTL_S
@@ -48,6 +60,101 @@ from shared.metrics import USAGE_CACHE_REBUILDS
 log = logging.getLogger("usage")
 CaughtUp = Callable[[], Awaitable[bool]]
 CHUNK = 1000
+LEASE_S = 30.0
+
+# KEYS[1] the lease, ARGV[1] the token. Then ARGV[2] "del": delete KEYS[2..]; or "set":
+# for each KEYS[i] (i >= 2) three ARGV: value, ttl in seconds (0: none), "1" for only-if-absent.
+_FENCED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('LEASE_LOST')
+end
+if ARGV[2] == 'del' then
+  for i = 2, #KEYS do redis.call('DEL', KEYS[i]) end
+  return #KEYS - 1
+end
+for i = 2, #KEYS do
+  local j = 3 + (i - 2) * 3
+  local ttl = tonumber(ARGV[j + 1])
+  local args = {'SET', KEYS[i], ARGV[j]}
+  if ttl > 0 then table.insert(args, 'EX'); table.insert(args, ttl) end
+  if ARGV[j + 2] == '1' then table.insert(args, 'NX') end
+  redis.call(unpack(args))
+end
+return #KEYS - 1
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RebuildRunning(RuntimeError):
+    """Another rebuild holds the lease."""
+
+
+class LeaseLost(RuntimeError):
+    """This rebuild's lease expired and another took it: it must not write again."""
+
+
+class Lease:
+    """The one-rebuild-at-a-time lease, and the fenced writes made under it."""
+
+    def __init__(self, redis: Redis, keys: Keys, lease_s: float = LEASE_S) -> None:
+        self.redis = redis
+        self._key = keys.rebuild_lease
+        self._lease_ms = int(lease_s * 1000)
+        self.token = secrets.token_hex(16)
+        self._fenced = redis.register_script(_FENCED)
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+        self._renewing: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Lease:
+        if not await self.redis.set(self._key, self.token, nx=True, px=self._lease_ms):
+            left = await self.redis.pttl(self._key)
+            raise RebuildRunning(
+                f"another usage counter rebuild holds the lease ({self._key}, {max(left, 0) / 1000:.0f} s left)"
+            )
+        self._renewing = asyncio.create_task(self._keep())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+        with contextlib.suppress(Exception):  # left to expire if Redis is gone
+            await self._release(keys=[self._key], args=[self.token])
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            with contextlib.suppress(Exception):  # a missed renewal: the fence still holds
+                if not await self._renew(keys=[self._key], args=[self.token, self._lease_ms]):
+                    log.error("usage rebuild lease lost to another rebuild: this one stops at its next write")
+                    return
+
+    async def delete(self, keys: list[str]) -> None:
+        await self._run([self._key, *keys], [self.token, "del"])
+
+    async def set(self, writes: list[tuple[str, Any, int, bool]]) -> None:
+        """(key, value, ttl in seconds or 0, only if absent) each, in one fenced step."""
+        args: list[Any] = [self.token, "set"]
+        for _, value, ttl, only_if_absent in writes:
+            args += [value, ttl, "1" if only_if_absent else "0"]
+        await self._run([self._key, *(w[0] for w in writes)], args)
+
+    async def _run(self, keys: list[Any], args: list[Any]) -> None:
+        try:
+            await self._fenced(keys=keys, args=args)
+        except ResponseError as exc:
+            if "LEASE_LOST" in str(exc):
+                raise LeaseLost("the rebuild lease was taken by another rebuild; this one stopped") from None
+            raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,34 +201,47 @@ async def rebuild(
     catch_up_timeout_s: float = 300.0,
     clock: Callable[[], float] = time.time,
     on_phase: Callable[[str], None] | None = None,
+    lease_s: float = LEASE_S,
 ) -> Figures:
     """Rebuild the counters (see the module docstring). Raises TimeoutError if the worker
-    does not catch up in time; `usage:ready` then stays unset (increments stay refused)."""
+    does not catch up in time; `usage:ready` then stays unset (increments stay refused).
+    Raises RebuildRunning if another rebuild holds the lease, LeaseLost if this one lost it."""
     keys = Keys(prefix)
     phase = on_phase or (lambda _: None)
     try:
-        await redis.delete(keys.ready)
-        phase(f"increments refused; letting publishes in flight settle ({settle_s:.0f} s)")
-        await asyncio.sleep(settle_s)
-        if caught_up is not None:
-            phase("waiting for the usage worker to apply usage-events")
-            deadline = time.monotonic() + catch_up_timeout_s
-            while not await caught_up():
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the usage worker did not catch up with usage-events")
-                await asyncio.sleep(0.5)
-        phase("writing the counters from Postgres")
-        figures = await _restore(conn, redis, catalog, keys, clock())
+        async with Lease(redis, keys, lease_s) as lease:
+            return await _rebuild(conn, lease, catalog, keys, caught_up, settle_s, catch_up_timeout_s, clock, phase)
+    except RebuildRunning:
+        raise
     except BaseException:
         USAGE_CACHE_REBUILDS.labels("failed").inc()
         raise
+
+
+async def _rebuild(
+    conn: AsyncConnection[Any], lease: Lease, catalog: Catalog, keys: Keys, caught_up: CaughtUp | None,
+    settle_s: float, catch_up_timeout_s: float, clock: Callable[[], float], phase: Callable[[str], None],
+) -> Figures:
+    await lease.delete([keys.ready])
+    phase(f"increments refused; letting publishes in flight settle ({settle_s:.0f} s)")
+    await asyncio.sleep(settle_s)
+    if caught_up is not None:
+        phase("waiting for the usage worker to apply usage-events")
+        deadline = time.monotonic() + catch_up_timeout_s
+        while not await caught_up():
+            if time.monotonic() > deadline:
+                raise TimeoutError("the usage worker did not catch up with usage-events")
+            await asyncio.sleep(0.5)
+    phase("writing the counters from Postgres")
+    figures = await _restore(conn, lease, catalog, keys, clock())
     USAGE_CACHE_REBUILDS.labels("done").inc()
     log.info("usage counters rebuilt", extra={"counters": figures.counters, "members": figures.members,
                                                "idempotency_records": figures.idempotency_records})
     return figures
 
 
-async def _restore(conn: AsyncConnection[Any], redis: Redis, catalog: Catalog, keys: Keys, now: float) -> Figures:
+async def _restore(conn: AsyncConnection[Any], lease: Lease, catalog: Catalog, keys: Keys, now: float) -> Figures:
+    redis = lease.redis
     q = repository.queries()
     pools = await (await conn.execute(q["running_aggregates"], {"now": now})).fetchall()
     members = await (await conn.execute(q["running_member_aggregates"], {"now": now})).fetchall()
@@ -131,10 +251,10 @@ async def _restore(conn: AsyncConnection[Any], redis: Redis, catalog: Catalog, k
         async for key in redis.scan_iter(match=pattern, count=1000):
             batch.append(key)
             if len(batch) >= CHUNK:
-                await redis.delete(*batch)
+                await lease.delete(batch)
                 batch = []
         if batch:
-            await redis.delete(*batch)
+            await lease.delete(batch)
     writes: list[tuple[str, Any, int, bool]] = []  # key, value, ttl (0: none), only if absent
     for st, sid, feature, start, end, used in pools:
         writes.append((keys.counter(st, sid, feature, int(start)), int(used), counter_ttl_s(Period(start, end), now), False))
@@ -143,11 +263,8 @@ async def _restore(conn: AsyncConnection[Any], redis: Redis, catalog: Catalog, k
     for row in records:
         writes.append((keys.idempotency(row[0]), _record(row, catalog, keys), IDEMPOTENCY_TTL_S, True))
     for i in range(0, len(writes), CHUNK):
-        async with redis.pipeline(transaction=False) as pipe:
-            for key, value, ttl, only_if_absent in writes[i:i + CHUNK]:
-                pipe.set(key, value, ex=ttl or None, nx=only_if_absent)
-            await pipe.execute()
-    await redis.set(keys.ready, str(int(now)))
+        await lease.set(writes[i:i + CHUNK])
+    await lease.set([(keys.ready, str(int(now)), 0, False)])
     return Figures(len(pools), len(members), len(records))
 
 

@@ -20,17 +20,19 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from payment.v1 import service_pb2, service_pb2_grpc
+from payment.v1 import events_pb2, service_pb2, service_pb2_grpc
 from services.api_grpc import cache, page_tokens
 from services.api_grpc.commands import KafkaEventBus
 from services.api_grpc.decisions import Facts
 from services.api_grpc.queries import Queries
 from services.api_grpc.server import RateLimitConfig, Server, build_server
 from services.api_grpc.service import PaymentApi
-from services.api_grpc.usage import KafkaUsageBus, UsageApi, UsageStore
+from services.api_grpc.usage import KafkaUsageBus, UsageApi, UsageBus, UsageStore
+from services.api_grpc.validation import SubjectIds
 from services.usage import rebuild
 from services.usage.bootstrap import connector
 from services.usage.counters import Counters
+from services.usage.model import Keys
 from services.usage.projection import UsageProjection
 from shared.breaker import Breaker
 from shared.catalog import apply_catalog
@@ -42,7 +44,7 @@ from shared.kafka import make_producer
 from shared.worker import BatchProcessor
 from tests.conftest import fresh_database, random_id
 from tests.integration.test_api_grpc import KEYS, READ, WRITE, auth, private_redis
-from tests.integration.test_entitlements_projection import Ids, event, sub_event
+from tests.integration.test_entitlements_projection import Ids, event, metric, sub_event
 from tests.integration.test_entitlements_worker import (
     CATALOG,
     entitlements_worker,
@@ -144,6 +146,7 @@ async def usage_server(
     usage = UsageApi(
         api.facts, api, UsageStore(pool, 1.0), Counters(redis, stack.prefix),
         KafkaUsageBus(producer, stack.topics.usage_events, publish_timeout), tokens, clock=clock,
+        publish_timeout_s=publish_timeout,
     )
     server: Server = build_server(api, KEYS, port=0, redis=redis, redis_breaker=breaker,
                                   rate_limit=RateLimitConfig(rate=100_000, burst=100_000, prefix=stack.prefix),
@@ -286,6 +289,65 @@ async def test_a_broker_outage_answers_unavailable_and_leaves_the_counter_unchan
     await until_recorded(stack.database_url, user, "api_calls", 5)
 
 
+class GatedBus:
+    """The replica's real Kafka bus, held at a gate: lets a test cancel the call while the
+    publish is in flight (a timing no real client can be made to hit reliably)."""
+
+    def __init__(self, inner: UsageBus) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+        self.reached = asyncio.Event()
+
+    async def publish(self, event: events_pb2.UsageEvent, timeout: float) -> None:
+        self.reached.set()
+        await self.gate.wait()
+        await self.inner.publish(event, timeout)
+
+
+async def cancelled_mid_publish(usage: UsageApi, user: str, amount: int) -> GatedBus:
+    """Start an increment, cancel its caller while the publish waits at the gate."""
+    bus = GatedBus(usage.bus)
+    usage.bus = bus
+    call = asyncio.create_task(
+        usage.increment(SubjectIds(user, ""), "api_calls", amount, random_id("idem_"), {}, timeout=30.0)
+    )
+    await asyncio.wait_for(bus.reached.wait(), 30)
+    call.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await call
+    assert call.cancelled()
+    return bus
+
+
+async def test_an_increment_cancelled_while_publishing_keeps_its_count_when_the_event_lands(stack: Stack) -> None:
+    user = random_id("user_")
+    async with usage_server(stack) as replica:
+        bus = await cancelled_mid_publish(replica.usage, user, 6)
+        assert (await quota(replica.stub, user)).used == 6  # counted, not yet settled
+        bus.gate.set()
+        assert await replica.usage.drain(30) == 0
+        assert (await quota(replica.stub, user)).used == 6
+    await until_recorded(stack.database_url, user, "api_calls", 6)  # the event landed
+
+
+async def test_an_increment_cancelled_while_publishing_is_rolled_back_when_the_event_does_not_land(
+    stack: Stack,
+) -> None:
+    user = random_id("user_")
+    failures = metric("paymentsvc_usage_publish_failures_total")
+    async with DevBroker() as own:
+        await ensure_topics(own.bootstrap_servers, [stack.topics.usage_events], partitions=1)
+        async with usage_server(stack, broker=own.bootstrap_servers, publish_timeout=1.0) as replica:
+            bus = await cancelled_mid_publish(replica.usage, user, 4)
+            assert (await quota(replica.stub, user)).used == 4
+            own.stop()
+            bus.gate.set()
+            assert await replica.usage.drain(30) == 0
+            assert (await quota(replica.stub, user)).used == 0  # rolled back: nothing landed
+    assert metric("paymentsvc_usage_publish_failures_total") == failures + 1
+    assert recorded(stack.database_url, user, "api_calls") == 0
+
+
 async def test_a_period_rollover_starts_at_zero_and_the_old_period_stays_listed(stack: Stack) -> None:
     t = [datetime(2031, 1, 31, 23, 59, tzinfo=UTC).timestamp()]
     user = random_id("user_")
@@ -418,6 +480,87 @@ async def test_after_flushdb_quotas_fall_back_to_postgres_and_a_rebuild_gives_th
     assert after == before
     assert (retried.allowed, retried.used, retried.limit, retried.period_start) == (True, 40, 1000, first.period_start)
     assert recorded(stack.database_url, user, "api_calls") == 40
+
+
+async def test_two_rebuilds_at_once_one_runs_and_the_other_is_refused(stack: Stack) -> None:
+    keys = Keys(stack.prefix)
+    redis = Redis.from_url(stack.redis_url)
+    gate = asyncio.Event()
+
+    async def caught_up() -> bool:  # holds the first rebuild inside its lease
+        await gate.wait()
+        return True
+
+    try:
+        async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn, \
+                await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as other:
+            first = asyncio.create_task(
+                rebuild.rebuild(conn, redis, CATALOG, prefix=stack.prefix, caught_up=caught_up, settle_s=0)
+            )
+            await eventually(lambda: redis.exists(keys.rebuild_lease), what="the first rebuild holds the lease")
+            with pytest.raises(rebuild.RebuildRunning, match="another usage counter rebuild holds the lease"):
+                await rebuild.rebuild(other, redis, CATALOG, prefix=stack.prefix, settle_s=0)
+            gate.set()
+            figures = await first
+        assert figures.counters >= 1
+        assert await redis.exists(keys.ready) and not await redis.exists(keys.rebuild_lease)
+    finally:
+        await redis.aclose()
+
+
+async def test_a_rebuild_overtaken_after_its_lease_expired_cannot_wipe_what_the_newer_one_wrote(stack: Stack) -> None:
+    """The rebuild stalls past its lease; another takes the lease, writes the counters
+    and sets usage:ready. The stalled one wakes: its next write is refused by the fence."""
+    keys = Keys(stack.prefix)
+    redis = Redis.from_url(stack.redis_url)
+    counter = keys.counter("user", random_id("user_"), "api_calls", 0)
+
+    async def overtaken() -> bool:
+        await redis.set(keys.rebuild_lease, "the-newer-rebuild")  # as if ours had expired
+        await redis.set(counter, 42)
+        await redis.set(keys.ready, "1")
+        return True
+
+    try:
+        async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn:
+            with pytest.raises(rebuild.LeaseLost):
+                await rebuild.rebuild(conn, redis, CATALOG, prefix=stack.prefix, caught_up=overtaken, settle_s=0)
+        assert await redis.get(counter) == b"42"
+        assert await redis.exists(keys.ready)
+        assert await redis.get(keys.rebuild_lease) == b"the-newer-rebuild"  # not released by the loser
+    finally:
+        await redis.delete(keys.rebuild_lease, counter)
+        await redis.aclose()
+
+
+async def test_a_long_rebuild_renews_its_lease(stack: Stack) -> None:
+    keys = Keys(stack.prefix)
+    redis = Redis.from_url(stack.redis_url)
+    gate = asyncio.Event()
+
+    async def caught_up() -> bool:
+        await gate.wait()
+        return True
+
+    try:
+        async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn:
+            running = asyncio.create_task(rebuild.rebuild(
+                conn, redis, CATALOG, prefix=stack.prefix, caught_up=caught_up, settle_s=0, lease_s=3.0
+            ))
+            await eventually(lambda: redis.exists(keys.rebuild_lease), what="the lease is taken")
+            lowest = [await redis.pttl(keys.rebuild_lease)]
+
+            async def renewed() -> bool:
+                left = await redis.pttl(keys.rebuild_lease)
+                assert left > 0, "the lease expired during the rebuild"
+                lowest[0] = min(lowest[0], left)
+                return left > lowest[0] + 200
+
+            await eventually(renewed, what="the lease's expiry moves forward")
+            gate.set()
+            await running
+    finally:
+        await redis.aclose()
 
 
 async def test_a_check_after_a_write_reads_it_even_from_a_lagging_postgres(served: Served, stack: Stack) -> None:

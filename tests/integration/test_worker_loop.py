@@ -138,7 +138,10 @@ async def test_a_bug_stops_the_line_instead_of_dead_lettering_and_the_fix_resume
 
             CountingProjection.bug_active = False  # the fix is deployed
             await all_applied_once(counting_db, 3)
-            await health.probe()  # ready again
+            # Ready again: the worker clears the error just after its commit, which the
+            # rows above may show first.
+            await wait_for(lambda: health.error is None, timeout=40, what="the worker to be ready again")
+            await health.probe()
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
