@@ -122,6 +122,14 @@ class Settings(BaseSettings):
     publish_timeout_s: float = Field(default=10.0, gt=0)
     dunning_interval_s: float = Field(default=30.0, gt=0, description="how often the dunning scheduler looks for due cases")
     startup_timeout_s: float = Field(default=30.0, gt=0, description="wait this long for dependencies")
+    shutdown_delay_s: float = Field(
+        default=0.0, ge=0,
+        description="after SIGTERM, keep serving this long while not ready, so load balancers stop sending first (Kubernetes: 5)",
+    )
+    shutdown_timeout_s: float = Field(
+        default=15.0, gt=0,
+        description="after SIGTERM: not ready at once, then this long to finish work in flight before exiting",
+    )
     inbox_retention_days: float = Field(
         default=35.0, gt=3.0,
         description="how long a worker remembers an applied event id (longer than Stripe's 3-day retries and the topics' retention)",

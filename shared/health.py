@@ -2,7 +2,8 @@
 
 - `/health`: every component with its status and probe latency (200, or 503 if any is down)
 - `/health/live`: the process and its event loop answer (always 200 while they do)
-- `/health/ready`: 200 only when every dependency answers, else 503
+- `/health/ready`: 200 only when every dependency answers, else 503; 503 `stopping` from
+  the moment shutdown begins (SIGTERM), so load balancers stop sending before we stop
 - `/metrics`: Prometheus text format
 - `/status`: service, version, uptime and the configuration without secrets
 
@@ -56,9 +57,14 @@ async def run_probes(probes: Mapping[str, Probe]) -> dict[str, dict[str, object]
 
 
 def add_health_routes(
-    app: web.Application, service: str, settings: Settings, probes: Mapping[str, Probe]
+    app: web.Application,
+    service: str,
+    settings: Settings,
+    probes: Mapping[str, Probe],
+    stopping: asyncio.Event | None = None,
 ) -> None:
-    """Mount the health, metrics and status endpoints on `app`."""
+    """Mount the health, metrics and status endpoints on `app`. Once `stopping` is set
+    (the service's stop event), readiness answers 503 without probing."""
     started = time.time()
     SERVICE_INFO.labels(service, settings.service_version).set(1)
 
@@ -71,6 +77,8 @@ def add_health_routes(
         return _json({"status": "up"})
 
     async def ready(_: web.Request) -> web.Response:
+        if stopping is not None and stopping.is_set():
+            return _json({"status": "stopping"}, 503)
         components = await run_probes(probes)
         down = sorted(name for name, c in components.items() if c["status"] != "up")
         if down:
@@ -114,9 +122,12 @@ def redis_probe(client: Redis) -> Probe:
     return probe
 
 
-async def start_site(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve `app` on host:port; returns the runner, to `cleanup()` on shutdown."""
-    runner = web.AppRunner(app, access_log=None)
+async def start_site(
+    app: web.Application, host: str, port: int, shutdown_timeout_s: float = 5.0
+) -> web.AppRunner:
+    """Serve `app` on host:port; returns the runner, to `cleanup()` on shutdown, which
+    stops listening and gives requests in flight up to `shutdown_timeout_s` to finish."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -54,17 +54,18 @@ async def serve_projection(
         }
         probes.update(extra_probes or {})
         app = web.Application()
-        add_health_routes(app, projection.name, settings, probes)
+        add_health_routes(app, projection.name, settings, probes, stop)
         runner = await start_site(app, settings.bind_host, port)
         processor = BatchProcessor(projection, pool, KafkaDeadLetters(producer, settings.publish_timeout_s))
         log.info("consuming", extra={"topic": topic, "consumer": projection.name, "health": f"http://{settings.bind_host}:{port}"})
         pruner = InboxPruner(pool, projection.name, retention_s=settings.inbox_retention_days * DAY_S)
         pruning = asyncio.create_task(pruner.run(stop, settings.inbox_prune_interval_s))
+        live = asyncio.create_task(run_live(
+            processor, pool, settings.kafka_bootstrap_servers, topic, f"paymentsvc-{projection.name}", stop,
+            policy or LoopPolicy(), health=health, log_check=log_check,
+        ))
         try:
-            await run_live(
-                processor, pool, settings.kafka_bootstrap_servers, topic, f"paymentsvc-{projection.name}", stop,
-                policy or LoopPolicy(), health=health, log_check=log_check,
-            )
+            await _drained(live, stop, settings.shutdown_timeout_s, projection.name)
         finally:
             pruning.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -74,3 +75,31 @@ async def serve_projection(
             await runner.cleanup()
         await producer.stop()
         await pool.close()
+
+
+async def _drained(live: asyncio.Task[None], stop: asyncio.Event, deadline_s: float, name: str) -> None:
+    """Run the live loop until `stop`; then give the batch in flight `deadline_s` to commit.
+
+    A batch still running at the deadline is cancelled: its transaction rolls back and
+    its events are delivered again after the restart (the inbox makes that harmless).
+    """
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({live, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not live.done():
+            log.info("stopping: not ready, finishing the batch in flight",
+                     extra={"consumer": name, "deadline_s": deadline_s})
+            await asyncio.wait({live}, timeout=deadline_s)
+    except BaseException:  # we were cancelled (a sibling task failed): so is the loop
+        live.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if not live.done():
+        log.warning("the batch in flight did not finish within the shutdown deadline: rolled back, "
+                    "it is delivered again after the restart", extra={"consumer": name, "deadline_s": deadline_s})
+        live.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await live
+        return
+    live.result()  # a failure of the loop is raised here

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -32,7 +33,6 @@ from shared.health import add_health_routes, postgres_probe, redis_probe, start_
 from shared.kafka import kafka_probe, make_producer
 
 log = logging.getLogger("api_grpc")
-SHUTDOWN_GRACE_S = 5.0
 
 
 def redis_breaker(threshold: int = 5, reset_after_s: float = 5.0) -> Breaker:
@@ -102,7 +102,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     )
     app = web.Application()
     probes = {"postgres": postgres_probe(pool), "redis": redis_probe(redis), "kafka": kafka_probe(producer)}
-    add_health_routes(app, "api_grpc", settings, probes)
+    add_health_routes(app, "api_grpc", settings, probes, stop)
     try:
         await server.start()
         entitlements.start()
@@ -111,9 +111,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         try:
             await stop.wait()
         finally:
-            await server.stop(SHUTDOWN_GRACE_S)
+            log.info("stopping: not ready and NOT_SERVING; still serving for SHUTDOWN_DELAY_S, then finishing the calls in flight",
+                     extra={"delay_s": settings.shutdown_delay_s, "deadline_s": settings.shutdown_timeout_s})
+            await server.health.enter_graceful_shutdown()
+            await asyncio.sleep(settings.shutdown_delay_s)
+            started = time.monotonic()
+            await server.stop(settings.shutdown_timeout_s)
             # Increments whose callers were cancelled still settle (keep or roll back).
-            await usage.drain(settings.publish_timeout_s + 1.0)
+            await usage.drain(max(1.0, settings.shutdown_timeout_s - (time.monotonic() - started)))
             await runner.cleanup()
     finally:
         await entitlements.aclose()

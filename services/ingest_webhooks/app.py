@@ -56,10 +56,16 @@ def _answer(body: dict[str, str], status: int = 200, headers: dict[str, str] | N
 async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise WebhookRejected(413, "body_too_large", f"the body is over {limit} bytes")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise WebhookRejected(413, "body_too_large", f"the body is over {limit} bytes")
-    return body
+    # The whole body, however many pieces it arrives in (`read(n)` returns the first
+    # piece only: a body split across TCP segments would fail its signature check).
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise WebhookRejected(413, "body_too_large", f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _check_content_type(request: web.Request) -> None:

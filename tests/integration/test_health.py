@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from aiohttp import web
@@ -16,9 +18,9 @@ from shared.health import add_health_routes, postgres_probe, redis_probe
 pytestmark = pytest.mark.integration
 
 
-async def serve(probes) -> TestServer:  # type: ignore[no-untyped-def]
+async def serve(probes, stopping: asyncio.Event | None = None) -> TestServer:  # type: ignore[no-untyped-def]
     app = web.Application()
-    add_health_routes(app, "test", Settings(STRIPE_SECRET_KEY="sk_test_hidden"), probes)  # type: ignore[call-arg]
+    add_health_routes(app, "test", Settings(STRIPE_SECRET_KEY="sk_test_hidden"), probes, stopping)  # type: ignore[call-arg]
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     return server
@@ -74,3 +76,17 @@ async def test_status_shows_the_version_and_config_but_no_secret() -> None:
         assert "sk_test_hidden" not in str(body)
     finally:
         await server.close()
+
+
+async def test_ready_turns_503_stopping_the_moment_shutdown_begins_while_live_stays_200(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    stopping = asyncio.Event()
+    server = await serve({"redis": redis_probe(redis)}, stopping)
+    try:
+        assert await get(server, "/health/ready") == (200, {"status": "ready"})
+        stopping.set()  # what SIGTERM does to every service
+        assert await get(server, "/health/ready") == (503, {"status": "stopping"})
+        assert (await get(server, "/health/live"))[0] == 200
+    finally:
+        await server.close()
+        await redis.aclose()

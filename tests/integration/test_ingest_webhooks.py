@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -128,6 +129,32 @@ async def test_every_projected_type_in_both_api_versions_is_published_as_the_exp
         event, body = sent[headers_of(record)["event-id"]]
         assert record.key == event["id"].encode()
         assert record.value == body, "the archive holds the exact bytes that were verified"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_that_arrives_in_pieces_is_read_whole(ingester: Ingester, chunked: bool) -> None:
+    """A real client's body can come in several TCP segments (or HTTP chunks): the
+    signature is checked over all of it, not over the first piece."""
+    body = encode_event(sample_event("invoice.paid"))
+    host, port = ingester.url.split("//")[1].split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = "".join(f"{k}: {v}\r\n" for k, v in signed_headers(body).items())
+    framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {len(body)}"
+    writer.write(f"POST /webhooks/stripe HTTP/1.1\r\nHost: {host}\r\n{framing}\r\n{head}\r\n".encode())
+    pieces = [body[: len(body) // 2], body[len(body) // 2 :]]
+    for n, piece in enumerate(pieces):
+        writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n" if chunked else piece)
+        await writer.drain()
+        if n == 0:
+            # A pause between the halves so that they reach the server as two reads. It
+            # lets a reader that stops at the first piece fail; a correct one cannot.
+            await asyncio.sleep(0.2)
+    if chunked:
+        writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 200"), status_line
 
 
 async def test_a_duplicate_delivery_is_answered_200_and_published_again_for_the_workers_to_dedupe(
