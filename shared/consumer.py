@@ -108,6 +108,21 @@ def mark_mismatch(mark: int, start: int, end: int) -> str | None:
     return None
 
 
+def foreign_tail(mark: int, stored: str, found: str) -> str | None:
+    """Why the record just below `mark` shows a different log, or None.
+
+    Offsets alone cannot tell a recreated topic whose new log happens to be as long as
+    the old one (Tansu gives no topic ids). The record at mark - 1 is the last one the
+    worker passed on this log; its event id was stored with the mark (`tail_event_id`).
+    """
+    if stored == found:
+        return None
+    return (
+        f"the record below the projection's mark {mark} is {found}, not {stored} as when the mark was "
+        "made (the topic was recreated, its offsets only line up)"
+    )
+
+
 @dataclass
 class LogCheck:
     """Partitions whose marks do not fit the log; they are not consumed. A readiness probe."""
@@ -147,12 +162,18 @@ class _SeekToDatabase(ConsumerRebalanceListener):  # type: ignore[misc]
             self._consumer.resume(*assigned)
             return
         self._check.mismatches.clear()
+        reasons = {
+            tp: mark_mismatch(offsets[tp.partition], starts.get(tp, 0), ends.get(tp.partition, 0)) for tp in marked
+        }
+        below = {tp: offsets[tp.partition] - 1 for tp, r in reasons.items()
+                 if r is None and offsets[tp.partition] > starts.get(tp, 0)}
+        reasons.update(await self._foreign_tails(below))
         for tp in assigned:
             WORKER_LOG_MISMATCH.labels(self._name, tp.topic, str(tp.partition)).set(0)
             if tp not in marked:
                 continue
             mark, start, end = offsets[tp.partition], starts.get(tp, 0), ends.get(tp.partition, 0)
-            reason = mark_mismatch(mark, start, end)
+            reason = reasons[tp]
             if reason is None:
                 self._consumer.seek(tp, mark)
                 continue
@@ -167,6 +188,48 @@ class _SeekToDatabase(ConsumerRebalanceListener):  # type: ignore[misc]
             )
         self._consumer.resume(*[tp for tp in assigned if tp.partition not in self._check.mismatches])
         log.info("partitions assigned", extra={"consumer": self._name, "partitions": sorted(tp.partition for tp in assigned)})
+
+
+    async def _foreign_tails(self, below: dict[TopicPartition, int]) -> dict[TopicPartition, str | None]:
+        """For each partition, whether the record at `below[tp]` (just under its mark) is
+        the one stored with the mark; see foreign_tail. Best effort: a failure to look is
+        logged and lets consumption go on, as before this check existed."""
+        try:
+            async with self._pool.connection() as conn:
+                cursor = await conn.execute(QUERIES["committed_tails"], {"consumer": self._name, "topic": self._topic})
+                stored = {int(p): str(t) for p, t in await cursor.fetchall()}
+            wanted = {tp: offset for tp, offset in below.items() if tp.partition in stored}
+            records = await records_at(self._bootstrap, wanted) if wanted else {}
+        except Exception:
+            log.warning("could not check the records below the marks", extra={"consumer": self._name}, exc_info=True)
+            return {}
+        found = {tp: dict(r.headers or ()).get("event-id") for tp, r in records.items()}
+        return {
+            tp: foreign_tail(below[tp] + 1, stored[tp.partition], event_id.decode("utf-8", "replace"))
+            for tp, event_id in found.items()
+            if event_id  # a record without our header: nothing to compare
+        }
+
+
+async def records_at(bootstrap: str, offsets: dict[TopicPartition, int], timeout: float = 10.0) -> dict[TopicPartition, Any]:
+    """The record at each partition's given offset, where the log holds one."""
+    probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await probe.start()
+    try:
+        probe.assign(list(offsets))
+        for tp, offset in offsets.items():
+            probe.seek(tp, offset)
+        found: dict[TopicPartition, Any] = {}
+        deadline = time.monotonic() + timeout
+        while len(found) < len(offsets) and time.monotonic() < deadline:
+            for tp, records in (await probe.getmany(timeout_ms=200)).items():
+                for record in records:
+                    if record.offset == offsets[tp]:
+                        found[tp] = record
+                        probe.pause(tp)
+        return found
+    finally:
+        await probe.stop()
 
 
 class Backoff:

@@ -193,6 +193,8 @@ class BatchProcessor(Generic[M]):
             if created and (key not in newest or (created, e.event_id) > newest[key]):
                 newest[key] = (created, e.event_id)
         offsets = _next_offsets(messages)
+        tails = {(m.topic, m.partition): dict(m.headers).get("event-id") for m in messages
+                 if m.offset + 1 == offsets[(m.topic, m.partition)]}
         keys = sorted(offsets)
         await conn.execute(
             QUERIES["advance_offsets"],
@@ -203,6 +205,7 @@ class BatchProcessor(Generic[M]):
                 "next_offsets": [offsets[k] for k in keys],
                 "last_event_ids": [newest[k][1] if k in newest else None for k in keys],
                 "last_event_created": [newest[k][0] if k in newest else None for k in keys],
+                "tail_event_ids": [_text(tails.get(k)) for k in keys],
             },
             prepare=True,
         )
@@ -240,6 +243,10 @@ class TableStatistics:
             for table in stale:
                 await conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(table)))
         return stale
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("utf-8", "replace") if value else None
 
 
 def _next_offsets(messages: Sequence[RawMessage]) -> dict[TopicPartitionKey, int]:

@@ -306,6 +306,7 @@ CREATE TABLE consumer_offsets (
     last_event_id       text,
     last_event_created  timestamptz,
     applied_at          timestamptz NOT NULL DEFAULT now(),
+    tail_event_id       text,
     PRIMARY KEY (consumer, topic, kafka_partition)
 );
 

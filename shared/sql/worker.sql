@@ -13,14 +13,17 @@ RETURNING event_id;
 
 -- name: advance_offsets
 INSERT INTO consumer_offsets AS o
-    (consumer, topic, kafka_partition, next_offset, last_event_id, last_event_created, applied_at)
+    (consumer, topic, kafka_partition, next_offset, last_event_id, last_event_created, applied_at,
+     tail_event_id)
 SELECT %(consumer)s, p.topic, p.kafka_partition, p.next_offset, p.last_event_id,
-       to_timestamp(p.last_event_created), now()
+       to_timestamp(p.last_event_created), now(), p.tail_event_id
 FROM unnest(%(topics)s::text[], %(partitions)s::int[], %(next_offsets)s::bigint[],
-            %(last_event_ids)s::text[], %(last_event_created)s::bigint[])
-     AS p(topic, kafka_partition, next_offset, last_event_id, last_event_created)
+            %(last_event_ids)s::text[], %(last_event_created)s::bigint[], %(tail_event_ids)s::text[])
+     AS p(topic, kafka_partition, next_offset, last_event_id, last_event_created, tail_event_id)
 ON CONFLICT (consumer, topic, kafka_partition) DO UPDATE SET
     next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset),
+    tail_event_id = CASE WHEN EXCLUDED.next_offset >= o.next_offset
+                         THEN EXCLUDED.tail_event_id ELSE o.tail_event_id END,
     last_event_id = CASE
         WHEN EXCLUDED.last_event_created IS NOT NULL
          AND EXCLUDED.last_event_created >= coalesce(o.last_event_created, '-infinity')
@@ -32,6 +35,12 @@ ON CONFLICT (consumer, topic, kafka_partition) DO UPDATE SET
 SELECT kafka_partition, next_offset
 FROM consumer_offsets
 WHERE consumer = %(consumer)s AND topic = %(topic)s;
+
+-- name: committed_tails
+-- The event id of the record just below each mark (migration 0009).
+SELECT kafka_partition, tail_event_id
+FROM consumer_offsets
+WHERE consumer = %(consumer)s AND topic = %(topic)s AND tail_event_id IS NOT NULL;
 
 -- name: lock_consumer
 -- Every batch holds this lock shared (replicas do not block each other);

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from prometheus_client import REGISTRY
 
 from shared.config import Topics
-from shared.consumer import BatchHealth, LogCheck, log_end_offsets, mark_mismatch
+from shared.consumer import BatchHealth, LogCheck, foreign_tail, log_end_offsets, mark_mismatch
 from shared.db import make_pool
 from shared.migrate import migrate_up
 from shared.worker import BatchProcessor, RawMessage
@@ -184,6 +184,81 @@ async def test_a_mark_beyond_the_log_end_stops_that_partition_and_says_how_to_re
         stop.set()
         await asyncio.wait_for(task, 30)
     assert not any(k.startswith("p0-") for k in counts(counting_db))
+
+
+async def test_a_recreated_topic_whose_offsets_line_up_is_recognised_by_the_record_below_the_mark(
+    broker: str, topics: Topics, counting_db: str, producer: AIOKafkaProducer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Marks made on one log (3 events in partition 0), then a new log of the same length
+    under the same name: offsets fit, but the record below the mark is not ours."""
+    old, new = topics.payment_events, topics.usage_events  # `new` plays the recreated topic
+
+    async def fill(topic: str, prefix: str) -> None:
+        acks = [await producer.send(topic, json.dumps({"id": f"{prefix}{i}"}).encode(), partition=0,
+                                    headers=[("event-id", f"{prefix}{i}".encode())]) for i in range(3)]
+        await asyncio.gather(*acks)
+
+    await fill(old, "old-")
+    async with worker(broker, old, counting_db):
+        await wait_for(lambda: len(counts(counting_db)) == 3, timeout=40, what="the old log applied")
+    with psycopg.connect(counting_db, autocommit=True) as conn:  # the marks, as if `new` were `old`
+        conn.execute(
+            "INSERT INTO consumer_offsets (consumer, topic, kafka_partition, next_offset, tail_event_id)"
+            " SELECT consumer, %s, kafka_partition, next_offset, tail_event_id FROM consumer_offsets WHERE topic = %s",
+            (new, old),
+        )
+    await fill(new, "new-")
+    check = LogCheck("test-counter")
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(broker, new, counting_db, stop, log_check=check))
+    try:
+        await wait_for(lambda: list(check.mismatches) == [0], timeout=40, what="partition 0 flagged")
+        assert "below the projection's mark 3 is new-2, not old-2" in check.mismatches[0]
+        assert "the topic was recreated" in check.mismatches[0]
+        with pytest.raises(RuntimeError, match="not consumed"):
+            await check.probe()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert not any(k.startswith("new-") for k in counts(counting_db))
+
+
+def mark_of(database_url: str, topic: str, partition: int) -> int | None:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT next_offset FROM consumer_offsets WHERE topic = %s AND kafka_partition = %s", (topic, partition)
+        ).fetchone()
+    return None if row is None else int(row[0])
+
+
+async def test_a_restart_on_the_same_log_passes_the_record_below_the_mark_even_a_dead_lettered_one(
+    broker: str, topics: Topics, counting_db: str, producer: AIOKafkaProducer
+) -> None:
+    topic = topics.payment_events
+    acks = [await producer.send(topic, json.dumps({"id": f"same-{i}"}).encode(), partition=0,
+                                headers=[("event-id", f"same-{i}".encode())]) for i in range(3)]
+    # The last record is poison: dead-lettered, never in the inbox, still below the mark.
+    acks.append(await producer.send(topic, b"not json", partition=0, headers=[("event-id", b"same-poison")]))
+    await asyncio.gather(*acks)
+    async with worker(broker, topic, counting_db):
+        await wait_for(lambda: mark_of(counting_db, topic, 0) == 4, timeout=40, what="first run")
+    more = [await producer.send(topic, json.dumps({"id": "same-3"}).encode(), partition=0,
+                                headers=[("event-id", b"same-3")])]
+    await asyncio.gather(*more)
+    check = LogCheck("test-counter")
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_worker(broker, topic, counting_db, stop, log_check=check))
+    try:
+        await wait_for(lambda: "same-3" in counts(counting_db), timeout=40, what="the restart to go on")
+        assert check.mismatches == {}
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+def test_a_record_below_the_mark_must_be_the_one_stored_with_it() -> None:
+    assert foreign_tail(3, "evt_a", "evt_a") is None
+    assert "is evt_b, not evt_a" in (foreign_tail(3, "evt_a", "evt_b") or "")
 
 
 def test_marks_are_checked_against_both_ends_of_the_log() -> None:

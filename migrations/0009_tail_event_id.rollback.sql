@@ -1,0 +1,1 @@
+ALTER TABLE consumer_offsets DROP COLUMN tail_event_id;
