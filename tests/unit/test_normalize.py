@@ -1139,3 +1139,50 @@ def test_a_real_payload_with_any_field_replaced_gives_an_event_or_malformed_even
         elif isinstance(parent, dict):
             del parent[path[-1]]
     _normalizes_or_refuses(event)
+
+
+# The specific tests above, over the real payloads where the kind of object allows.
+REAL_WITH_CUSTOMER_FIELD = [n for n in REAL_PROJECTED if "customer" in obj(stripe_fixtures.event(n))]
+
+
+@pytest.mark.parametrize("name", REAL_WITH_CUSTOMER_FIELD)
+def test_a_real_payload_with_its_customer_expanded_takes_the_id_and_the_identity_from_it(name: str) -> None:
+    event = stripe_fixtures.event(name)
+    obj(event)["metadata"] = {}
+    obj(event).pop("client_reference_id", None)
+    obj(event)["customer"] = {"id": "cus_Real", "object": "customer", "metadata": {"user_id": "user_Cus", "family_id": "family_Cus"}}
+    result = normalized(event)
+    assert (result.customer_id, result.user_id, result.family_id) == ("cus_Real", "user_Cus", "family_Cus")
+    assert partition_key(result) == "cus_Real"
+
+
+@pytest.mark.parametrize("name", REAL_PROJECTED)
+def test_a_real_payload_with_a_null_or_empty_object_id_is_malformed(name: str) -> None:
+    for value in (None, ""):
+        event = stripe_fixtures.event(name)
+        obj(event)["id"] = value
+        with pytest.raises(MalformedEvent, match="data.object.id"):
+            normalize(event)
+
+
+@pytest.mark.parametrize("name", REAL_PROJECTED)
+def test_a_real_payloads_error_never_echoes_it(name: str) -> None:
+    event = stripe_fixtures.event(name)
+    obj(event)["currency"] = ["secret-looking-value-42"]
+    with pytest.raises(MalformedEvent) as caught:
+        normalize(event)
+    assert "data.object.currency" in str(caught.value)
+    assert "secret-looking-value-42" not in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+@pytest.mark.parametrize("name", REAL_PROJECTED)
+def test_a_real_payloads_non_string_metadata_is_stringified(name: str) -> None:
+    event = stripe_fixtures.event(name)
+    if obj(event)["object"] == "dispute":  # a dispute's metadata is not the payment's: not carried
+        assert dict(normalized(event).metadata) == {}
+        return
+    obj(event)["metadata"] = {"n": 3, "flag": True, "none": None, "nested": {"b": 1, "a": [2]}, "s": "text"}
+    assert dict(normalized(event).metadata) == {
+        "n": "3", "flag": "true", "none": "", "nested": '{"a":[2],"b":1}', "s": "text",
+    }
