@@ -53,7 +53,7 @@ test.chaos: preflight
 	$(BIN)/python -m pytest tests/chaos -s $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check services shared tests bench
+	$(BIN)/ruff check paymentsvc services shared tests bench
 	$(BIN)/mypy
 
 ## Regenerate gen/payment/v1 from proto/ (the generated code is committed).

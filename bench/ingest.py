@@ -30,8 +30,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
-from services.ingest_webhooks.devtools import encode_event, sign  # noqa: E402
-from services.ingest_webhooks.samples import SAMPLE_TYPES, sample_event  # noqa: E402
+from paymentsvc.dev.samples import SAMPLE_TYPES, sample_event  # noqa: E402
+from paymentsvc.dev.webhooks import encode_event, sign  # noqa: E402
 from shared.config import Topics  # noqa: E402
 from shared.devbroker import DevBroker, ensure_topics, free_port  # noqa: E402
 
@@ -117,7 +117,7 @@ async def main() -> None:
             "LOG_LEVEL": "WARNING",
             "PYTHONPATH": f"{ROOT}:{ROOT / 'gen'}",
         }
-        ingester = start([sys.executable, "-m", "shared.cli", "serve", "ingest_webhooks"], env)
+        ingester = start([sys.executable, "-m", "paymentsvc.cli", "serve", "ingest_webhooks"], env)
         bare = start([sys.executable, str(ROOT / "bench" / "bare_server.py"), str(bare_port)], env)
         try:
             wait_http(f"http://127.0.0.1:{ingest_port}/health/ready")

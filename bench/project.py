@@ -58,10 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
 from payment.v1 import events_pb2  # noqa: E402
+from paymentsvc.dev.samples import LIFECYCLE_STEPS, customer_lifecycle  # noqa: E402
 from services.entitlements.bootstrap import TABLES  # noqa: E402
 from services.entitlements.projection import EntitlementsProjection  # noqa: E402
 from services.ingest_webhooks.normalize import normalize  # noqa: E402
-from services.ingest_webhooks.samples import LIFECYCLE_STEPS, customer_lifecycle  # noqa: E402
 from shared import db  # noqa: E402
 from shared.catalog import Catalog, apply_catalog, load_catalog  # noqa: E402
 from shared.config import DEFAULT_CATALOG_PATH, Topics  # noqa: E402

@@ -15,7 +15,7 @@ from shared.errors import DependencyUnavailable
 
 
 def main() -> int:
-    from shared.devstack import check_redis
+    from paymentsvc.devstack import check_redis
 
     database_url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -39,10 +39,10 @@ import pytest
 from aiokafka import TopicPartition
 from redis.asyncio import Redis
 
+from paymentsvc.dev.samples import customer_lifecycle
+from paymentsvc.dev.webhooks import encode_event, sign
 from services.api_grpc.queries import _subject_rows
 from services.entitlements.projection import redis_answers
-from services.ingest_webhooks.devtools import encode_event, sign
-from services.ingest_webhooks.samples import customer_lifecycle
 from shared import db
 from shared.catalog import apply_catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH, Topics
@@ -290,7 +290,7 @@ async def test_chaos_run_loses_nothing_applies_nothing_twice_and_leaves_redis_tr
             assert sum(dead.values()) == 0, f"dead letters: {dead}"
 
             replay = subprocess.run(
-                [sys.executable, "-m", "shared.cli", "replay", "entitlements", "--into", "chaos_check"],
+                [sys.executable, "-m", "paymentsvc.cli", "replay", "entitlements", "--into", "chaos_check"],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
             )
             last = (replay.stdout.strip().splitlines() or [""])[-1]

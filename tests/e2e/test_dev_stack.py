@@ -24,8 +24,8 @@ import stripe
 from redis.asyncio import Redis
 
 from payment.v1 import events_pb2
+from paymentsvc.devstack import DEV_WEBHOOK_SECRET
 from shared.devbroker import free_port
-from shared.devstack import DEV_WEBHOOK_SECRET
 from tests.kafka_helpers import eventually, headers_of, read_topic
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +44,7 @@ def dev_stack(tmp_path: Path, database_url: str, broker: str) -> Iterator[dict]:
     )
     started = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "dev", "--log-dir", str(tmp_path)],
+        [sys.executable, "-m", "paymentsvc.cli", "dev", "--log-dir", str(tmp_path)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -146,14 +146,14 @@ async def test_the_dev_stack_is_ready_within_a_minute_and_localstripe_events_rea
 def test_send_webhook_signs_and_posts_an_event_the_dev_stack_accepts(dev_stack: dict) -> None:  # type: ignore[type-arg]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STRIPE_")}
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "send-webhook", "invoice.payment_failed",
+        [sys.executable, "-m", "paymentsvc.cli", "send-webhook", "invoice.payment_failed",
          "--to", f"{dev_stack['services']['ingest_webhooks']}/webhooks/stripe"],
         env=env, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("200 ") and '"published"' in result.stdout
     wrong = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "send-webhook", "invoice.paid", "--secret", "whsec_wrong",
+        [sys.executable, "-m", "paymentsvc.cli", "send-webhook", "invoice.paid", "--secret", "whsec_wrong",
          "--to", f"{dev_stack['services']['ingest_webhooks']}/webhooks/stripe"],
         env=env, capture_output=True, text=True, timeout=60,
     )

@@ -19,8 +19,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from paymentsvc.devstack import DEV_WEBHOOK_SECRET
 from shared.devbroker import free_port
-from shared.devstack import DEV_WEBHOOK_SECRET
 from tests.conftest import random_id
 from tests.support.processes import ROOT, PrivateRedis
 from tests.support.wait import eventually_sync
@@ -36,7 +36,7 @@ class DevRun:
         self.env, self.log_dir = env, log_dir
         self.output = log_dir / "dev.out"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "dev", "--log-dir", str(log_dir)],
+            [sys.executable, "-m", "paymentsvc.cli", "dev", "--log-dir", str(log_dir)],
             cwd=ROOT, env=env, stdout=open(self.output, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
         )
         eventually_sync(self._ready, timeout=90, what="the dev stack's stack.json")
@@ -51,7 +51,7 @@ class DevRun:
 
     def send(self, event_type: str, customer: str, user: str) -> None:
         done = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "send-webhook", event_type, "--customer", customer, "--user", user,
+            [sys.executable, "-m", "paymentsvc.cli", "send-webhook", event_type, "--customer", customer, "--user", user,
              "--secret", DEV_WEBHOOK_SECRET],
             cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=60,
         )

@@ -16,9 +16,9 @@ import psycopg
 import pytest
 import stripe
 
+from paymentsvc.dev.samples import sample_event
 from services.dunning.events import KafkaPublisher
 from services.dunning.scheduler import Scheduler, SchedulerConfig, StripeInvoices
-from services.ingest_webhooks.samples import sample_event
 from shared.catalog import apply_catalog
 from shared.config import Topics
 from shared.db import make_pool

@@ -20,8 +20,8 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from paymentsvc.dev.samples import customer_lifecycle
 from services.ingest_webhooks.normalize import normalize
-from services.ingest_webhooks.samples import customer_lifecycle
 from shared.catalog import apply_catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH, Topics
 from shared.devbroker import DevBroker, ensure_topics, free_port

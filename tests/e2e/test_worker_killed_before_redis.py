@@ -25,8 +25,8 @@ from aiokafka import AIOKafkaProducer
 from redis import Redis
 
 from payment.v1 import service_pb2, service_pb2_grpc
+from paymentsvc.dev.samples import sample_event
 from services.ingest_webhooks.normalize import normalize
-from services.ingest_webhooks.samples import sample_event
 from shared.catalog import apply_catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH, Topics
 from shared.devbroker import free_port
@@ -133,7 +133,7 @@ async def test_a_worker_killed_between_commit_and_redis_leaves_no_stale_answer_a
         finally:
             client.close()
         done = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "entitlements", "rebuild-cache"],
+            [sys.executable, "-m", "paymentsvc.cli", "entitlements", "rebuild-cache"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
         )
         assert done.returncode == 0, done.stdout + done.stderr

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def paymentsvc(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "STARTUP_TIMEOUT_S": "2", **env}
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args], env=full_env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "paymentsvc.cli", *args], env=full_env, capture_output=True, text=True, timeout=60
     )
 
 
@@ -70,7 +70,7 @@ def test_serving_with_the_broker_down_is_a_one_line_error() -> None:
 def test_serving_without_a_broker_configured_points_at_dev() -> None:
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "serve", "ingest_webhooks"],
+        [sys.executable, "-m", "paymentsvc.cli", "serve", "ingest_webhooks"],
         env={**env, "KAFKA_BOOTSTRAP_SERVERS": ""}, capture_output=True, text=True, timeout=60,
     )
     assert_one_line_error(result, "KAFKA_BOOTSTRAP_SERVERS", "paymentsvc dev")

@@ -14,9 +14,9 @@ import psycopg
 import pytest
 
 from payment.v1 import events_pb2
+from paymentsvc.dev.samples import dispute_event, sample_event
 from services.entitlements.projection import EntitlementsProjection
 from services.ingest_webhooks.normalize import normalize
-from services.ingest_webhooks.samples import dispute_event, sample_event
 from shared.catalog import Catalog
 from shared.projection import ApplyContext
 from tests.integration.test_entitlements_projection import apply_batch, envelopes, query

@@ -20,10 +20,10 @@ from psycopg import sql
 from redis.asyncio import Redis
 
 from payment.v1 import events_pb2
+from paymentsvc.dev.samples import sample_event
 from services.entitlements.bootstrap import TABLES
 from services.entitlements.projection import EntitlementsProjection
 from services.ingest_webhooks.normalize import normalize
-from services.ingest_webhooks.samples import sample_event
 from shared.catalog import Catalog
 from shared.projection import ApplyContext, Envelope, PoisonEvent
 from tests.conftest import random_id

@@ -14,17 +14,17 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import REGISTRY
 
 from payment.v1 import events_pb2
-from services.ingest_webhooks.app import IngestConfig, make_app
-from services.ingest_webhooks.devtools import encode_event, sign
-from services.ingest_webhooks.normalize import DISPUTE_TYPES, PROJECTED_TYPES, normalize
-from services.ingest_webhooks.publisher import KafkaPublisher
-from services.ingest_webhooks.samples import (
+from paymentsvc.dev.samples import (
     NEW_API_VERSION,
     OLD_API_VERSION,
     dispute_event,
     new_id,
     sample_event,
 )
+from paymentsvc.dev.webhooks import encode_event, sign
+from services.ingest_webhooks.app import IngestConfig, make_app
+from services.ingest_webhooks.normalize import DISPUTE_TYPES, PROJECTED_TYPES, normalize
+from services.ingest_webhooks.publisher import KafkaPublisher
 from services.ingest_webhooks.verify import SignatureVerifier
 from shared.config import Topics
 from shared.devbroker import DevBroker, ensure_topics

@@ -52,7 +52,7 @@ class Env:
 
 def run(env: Env, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args], env=env.environ(), capture_output=True, text=True, timeout=180
+        [sys.executable, "-m", "paymentsvc.cli", *args], env=env.environ(), capture_output=True, text=True, timeout=180
     )
 
 

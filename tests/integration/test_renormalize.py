@@ -16,10 +16,10 @@ import orjson
 import psycopg
 import pytest
 
+from paymentsvc.dev.samples import sample_event
 from services.ingest_webhooks import handlers
 from services.ingest_webhooks.normalize import MalformedEvent
 from services.ingest_webhooks.renormalize import Selection, renormalize
-from services.ingest_webhooks.samples import sample_event
 from shared.config import Topics
 from shared.devbroker import free_port
 from shared.errors import ConfigurationError, DependencyUnavailable
@@ -133,7 +133,7 @@ async def test_an_unreachable_broker_is_a_dependency_error() -> None:
 def paymentsvc(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **env}
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "renormalize", *args],
+        [sys.executable, "-m", "paymentsvc.cli", "renormalize", *args],
         env=full_env, capture_output=True, text=True, timeout=120,
     )
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from payment.v1 import events_pb2
+from paymentsvc.dev.samples import sample_event
 from services.ingest_webhooks.normalize import normalize
-from services.ingest_webhooks.samples import sample_event
 
 
 def guest_event(event_type: str, created: int, *, event_id: str, **kw: Any) -> events_pb2.PaymentEvent:

@@ -99,7 +99,7 @@ class Service:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "serve", self.name],
+            [sys.executable, "-m", "paymentsvc.cli", "serve", self.name],
             cwd=ROOT,
             env=self.env,
             stdout=open(self.log_path, "ab"),  # noqa: SIM115 - the child owns it

@@ -9,10 +9,10 @@ from functools import cache
 from typing import Any
 
 from payment.v1 import events_pb2
+from paymentsvc.dev.samples import sample_event
 from services.entitlements.handlers import apply
 from services.entitlements.model import State
 from services.ingest_webhooks.normalize import normalize
-from services.ingest_webhooks.samples import sample_event
 from shared.catalog import Catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH
 

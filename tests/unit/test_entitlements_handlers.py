@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from payment.v1 import events_pb2
+from paymentsvc.dev.samples import SAMPLE_TYPES, dispute_event, sample_event
 from services.entitlements.handlers import HANDLERS, InvalidEvent, apply
 from services.entitlements.model import Entitlement, State
 from services.ingest_webhooks.normalize import normalize
-from services.ingest_webhooks.samples import SAMPLE_TYPES, dispute_event, sample_event
 from shared.catalog import Catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH
 from tests.support.guests import guest_event

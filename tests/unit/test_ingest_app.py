@@ -17,9 +17,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from paymentsvc.dev.samples import SAMPLE_TYPES, sample_event
+from paymentsvc.dev.webhooks import encode_event, sign
 from services.ingest_webhooks.app import IngestConfig, make_app
-from services.ingest_webhooks.devtools import encode_event, sign
-from services.ingest_webhooks.samples import SAMPLE_TYPES, sample_event
 from services.ingest_webhooks.verify import SignatureVerifier
 from shared.config import Topics
 from shared.kafka import OutgoingMessage, PublishFailed

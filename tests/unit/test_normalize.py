@@ -10,14 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from payment.v1 import events_pb2
-from services.ingest_webhooks.normalize import (
-    DISPUTE_TYPES,
-    PROJECTED_TYPES,
-    MalformedEvent,
-    normalize,
-    partition_key,
-)
-from services.ingest_webhooks.samples import (
+from paymentsvc.dev.samples import (
     DEFAULT_EMAIL,
     DEFAULT_PRICE_ID,
     NEW_API_VERSION,
@@ -26,6 +19,13 @@ from services.ingest_webhooks.samples import (
     dispute_event,
     is_new_shape,
     sample_event,
+)
+from services.ingest_webhooks.normalize import (
+    DISPUTE_TYPES,
+    PROJECTED_TYPES,
+    MalformedEvent,
+    normalize,
+    partition_key,
 )
 from tests.support import stripe_fixtures
 

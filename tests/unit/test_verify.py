@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.ingest_webhooks.devtools import sign
+from paymentsvc.dev.webhooks import sign
 from services.ingest_webhooks.verify import SignatureVerifier, WebhookRejected
 
 NOW = 1_800_000_000

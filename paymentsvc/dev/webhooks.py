@@ -37,7 +37,7 @@ def post_sample_event(
     secret: str | None = None,
 ) -> tuple[int, str]:
     """Build, sign and POST a realistic event. Returns (HTTP status, response body)."""
-    from services.ingest_webhooks.samples import NEW_API_VERSION, sample_event
+    from paymentsvc.dev.samples import NEW_API_VERSION, sample_event
 
     kwargs: dict[str, Any] = {"api_version": api_version or NEW_API_VERSION}
     if customer_id:
@@ -46,7 +46,7 @@ def post_sample_event(
         kwargs["user_id"] = user_id
     body = encode_event(sample_event(event_type, **kwargs))
     if secret is None:
-        from shared.devstack import DEV_WEBHOOK_SECRET
+        from paymentsvc.devstack import DEV_WEBHOOK_SECRET
 
         configured = settings.stripe_webhook_secrets
         secret = configured[0].get_secret_value() if configured else DEV_WEBHOOK_SECRET

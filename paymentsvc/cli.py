@@ -178,7 +178,8 @@ def _progress_console() -> Any:
 @app.command()
 def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICE_NAMES)}")]) -> None:
     """Run one service, as production would, until SIGTERM or Ctrl-C."""
-    from shared import logs, runner
+    from paymentsvc import runner
+    from shared import logs
 
     settings = _settings()
     _require_bootstrap(settings)
@@ -191,8 +192,8 @@ def dev(
     log_dir: Annotated[Path, typer.Option(help="Where the children write their logs.")] = PROJECT_ROOT / ".dev",
 ) -> None:
     """Run the whole stack on embedded defaults (see README), until Ctrl-C."""
+    from paymentsvc.devstack import run_dev
     from shared import logs
-    from shared.devstack import run_dev
 
     logs.configure("INFO", "console", "dev")
     # The broker's first probes are refused while Tansu starts; that is expected.
@@ -208,8 +209,8 @@ def replay(
     verify: Annotated[bool, typer.Option(help="Only compare INTO with the live tables.")] = False,
 ) -> None:
     """Rebuild a projection from its topic into a fresh schema, verify it, optionally swap it in."""
+    from paymentsvc.runner import load
     from shared import replay as replays
-    from shared.runner import load
 
     settings = _settings()
     module = load(projection)
@@ -283,7 +284,7 @@ def send_webhook(
     secret: Annotated[str | None, typer.Option(help="Signing secret; default the first of STRIPE_WEBHOOK_SECRETS, or the dev secret.")] = None,
 ) -> None:
     """Sign a realistic Stripe event and POST it to the ingester, like `stripe trigger`."""
-    from services.ingest_webhooks.devtools import post_sample_event
+    from paymentsvc.dev.webhooks import post_sample_event
 
     settings = _settings()
     status, body = post_sample_event(

@@ -168,7 +168,7 @@ async def _run_services(
         for name in names:
             log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
             children[name] = subprocess.Popen(
-                [sys.executable, "-m", "shared.cli", "serve", name],
+                [sys.executable, "-m", "paymentsvc.cli", "serve", name],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -1,0 +1,1 @@
+"""Development and test tooling: realistic Stripe events and signed webhook posts."""
