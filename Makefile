@@ -26,7 +26,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 preflight: install
-	@$(BIN)/python -m shared.preflight
+	@$(BIN)/python -m paymentsvc.preflight
 
 ## Run the whole stack on embedded defaults (own Kafka-compatible broker and fake Stripe).
 dev: preflight
@@ -53,8 +53,9 @@ test.chaos: preflight
 	$(BIN)/python -m pytest tests/chaos -s $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check paymentsvc services shared tests bench
+	$(BIN)/ruff check domain paymentsvc services shared tests bench
 	$(BIN)/mypy
+	PYTHONPATH=gen $(BIN)/lint-imports
 
 ## Regenerate gen/payment/v1 from proto/ (the generated code is committed).
 build.proto: install

@@ -58,6 +58,7 @@ async def _trivial(port: int) -> None:
 async def _real(port: int, db_url: str, redis_url: str, prefix: str, bootstrap: str, topic: str) -> None:
     from redis.asyncio import Redis
 
+    from domain.usage.counters import Counters
     from services.api_grpc import cache, page_tokens
     from services.api_grpc.bootstrap import redis_breaker
     from services.api_grpc.commands import KafkaEventBus
@@ -66,7 +67,6 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str, bootstrap: 
     from services.api_grpc.server import RateLimitConfig, build_server
     from services.api_grpc.service import PaymentApi
     from services.api_grpc.usage import KafkaUsageBus, UsageApi, UsageStore
-    from services.usage.counters import Counters
     from shared.catalog import load_catalog
     from shared.config import DEFAULT_CATALOG_PATH
     from shared.db import open_pool
@@ -151,8 +151,8 @@ async def bare_lua(redis_url: str, prefix: str, seconds: float) -> dict[str, flo
     """The increment script alone, from one Python process with redis.asyncio, 64 in flight."""
     from redis.asyncio import Redis
 
-    from services.usage.counters import Counters
-    from services.usage.model import Period, Policy, Request
+    from domain.usage.counters import Counters
+    from domain.usage.model import Period, Policy, Request
 
     redis = Redis.from_url(redis_url, max_connections=INFLIGHT)
     counters = Counters(redis, prefix)
@@ -177,7 +177,7 @@ async def bare_lua(redis_url: str, prefix: str, seconds: float) -> dict[str, flo
 async def prepare_redis(redis_url: str, prefix: str) -> None:
     from redis.asyncio import Redis
 
-    from services.usage.model import Keys
+    from domain.usage.model import Keys
 
     redis = Redis.from_url(redis_url)
     now = int(time.time())

@@ -14,6 +14,7 @@ import time
 from aiohttp import web
 from redis.asyncio import Redis
 
+from domain.usage.counters import Counters
 from services.api_grpc import cache, page_tokens, stripe_gateway
 from services.api_grpc.commands import KafkaEventBus
 from services.api_grpc.decisions import Facts
@@ -22,7 +23,6 @@ from services.api_grpc.queries import Queries
 from services.api_grpc.server import RateLimitConfig, build_server
 from services.api_grpc.service import PaymentApi
 from services.api_grpc.usage import KafkaUsageBus, UsageApi, UsageStore
-from services.usage.counters import Counters
 from shared.breaker import Breaker
 from shared.catalog import load_catalog
 from shared.config import Settings, parse_rate_limit

@@ -25,9 +25,9 @@ import orjson
 import redis.exceptions
 from redis.asyncio import Redis
 
+from domain.entitlements import REDIS_TTL_S, WATERMARK_FIELD, redis_key
 from services.api_grpc.near_cache import ChangeFeed, NearCache
 from services.api_grpc.validation import SubjectKey
-from services.entitlements.projection import REDIS_TTL_S, WATERMARK_FIELD, redis_key
 from shared.breaker import Breaker, BreakerOpen
 from shared.metrics import API_NEAR_CACHE_READS
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.api_grpc.errors import InvalidArgument
-from shared.catalog import Catalog, Feature, Plan
+from shared.catalog import Catalog, Feature
 
 Answer = Mapping[str, Any]
 
@@ -112,7 +112,7 @@ def evaluate(
     grace_until = answer.get("grace_until")
     if grace_until is not None and now >= grace_until and answer.get("after_grace"):
         status = str(answer["after_grace"])
-        level = _level_after_grace(catalog.plans.get(str(answer.get("plan_id"))), level)
+        level = _level_after_grace(answer)
         allowed = status == "active"
     expires_at = answer.get("expires_at")
     reason = "granted" if allowed else (status or "no_entitlement")
@@ -152,12 +152,14 @@ def free_plan(catalog: Catalog, feature_code: str, metered: frozenset[str]) -> D
     )
 
 
-def _level_after_grace(plan: Plan | None, level: str) -> str:
-    """The level a grace period drops to: the `then` of the plan's grace rule."""
-    if plan is None:
-        return "blocked"
-    thens = {rule.then for rule in plan.access_policy.values() if rule.grace_days and rule.then}
-    return thens.pop() if len(thens) == 1 else "reduced"
+def _level_after_grace(answer: Answer) -> str:
+    """The level a grace period drops to, as the writer decided it (domain/entitlements.py).
+    An answer cached before the writer stored it (for at most REDIS_TTL_S after an
+    upgrade) says only the status: its level is then "blocked" unless still active."""
+    stored = answer.get("level_after_grace")
+    if stored:
+        return str(stored)
+    return str(answer.get("access_level") or "blocked") if answer.get("after_grace") == "active" else "blocked"
 
 
 def _rank(decision: Decision) -> tuple[float, float]:

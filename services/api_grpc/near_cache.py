@@ -52,7 +52,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from services.entitlements.projection import changes_channel
+from domain.entitlements import changes_channel
 
 log = logging.getLogger("api_grpc.near_cache")
 

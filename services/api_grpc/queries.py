@@ -18,9 +18,8 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
+from domain.entitlements import SubjectRow, read_subjects
 from services.api_grpc.validation import SubjectKey
-from services.entitlements.model import Version
-from services.entitlements.repository import SubjectRow
 from shared.sqlfile import load_queries
 
 SQL_PATH = Path(__file__).resolve().parent / "sql" / "api.sql"
@@ -81,7 +80,7 @@ class Queries:
         snapshot, so a bulk answer never mixes two states of the projection."""
         async with self._connection(timeout) as conn, conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            rows = await _subject_rows(conn, subjects)
+            rows = await read_subjects(conn, subjects)
             return rows, await _watermark(conn)
 
     async def payment(self, payment_id: str, timeout: float) -> Row | None:
@@ -136,22 +135,3 @@ async def _watermark(conn: AsyncConnection[Any]) -> Watermark | None:
     if row is None:
         return None
     return Watermark(int(row[0]), str(row[1] or ""), max(0, int(row[2])))
-
-
-async def _subject_rows(conn: AsyncConnection[Any], subjects: Sequence[SubjectKey]) -> list[SubjectRow]:
-    if not subjects:
-        return []
-    params = {"subject_types": [s[0] for s in subjects], "subject_ids": [s[1] for s in subjects]}
-    async with conn.cursor(row_factory=tuple_row) as cursor:
-        await cursor.execute(_queries()["subject_entitlements"], params)
-        return [_subject_row(row) for row in await cursor.fetchall()]
-
-
-def _subject_row(row: tuple[Any, ...]) -> SubjectRow:
-    (st, sid, feature, src_type, src_id, plan, status, level, limit, period, enforcement,
-     expires_at, event_id, event_created, sub_status, status_since) = row
-    return SubjectRow(
-        st, sid, feature, src_type, src_id, plan, status, level, limit, period, enforcement,
-        _ts(expires_at), Version(int(event_created.timestamp()), event_id), sub_status,
-        _ts(status_since),
-    )

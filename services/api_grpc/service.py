@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from domain.entitlements import WATERMARK_FIELD, subject_hash
+from domain.payments import PAYMENT_STATUSES
 from services.api_grpc import commands, decisions, validation
 from services.api_grpc.cache import CacheUnavailable, EntitlementCache, Fields
 from services.api_grpc.commands import EventBus, NewPayment
@@ -25,8 +27,6 @@ from services.api_grpc.page_tokens import PageTokens, query_fingerprint
 from services.api_grpc.queries import PaymentFilter, Queries, Row, Watermark
 from services.api_grpc.stripe_gateway import StripeGateway
 from services.api_grpc.validation import SubjectIds, SubjectKey
-from services.entitlements.model import PAYMENT_STATUSES
-from services.entitlements.projection import WATERMARK_FIELD, subject_hash
 from shared.catalog import Plan, Price
 from shared.metrics import API_CACHE_LOOKUPS, API_ENTITLEMENT_CHECKS
 

@@ -9,6 +9,7 @@ from typing import Any, TypeAlias
 
 import grpc
 
+from domain.payments import PAYMENT_STATUSES
 from payment.v1 import service_pb2, service_pb2_grpc
 from services.api_grpc import validation
 from services.api_grpc.commands import NewPayment
@@ -19,7 +20,6 @@ from services.api_grpc.queries import PaymentFilter, Row, Watermark
 from services.api_grpc.service import PaymentApi
 from services.api_grpc.usage import UsageApi
 from services.api_grpc.validation import SubjectIds
-from services.entitlements.model import PAYMENT_STATUSES
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 DEFAULT_TIMEOUT_S = 10.0

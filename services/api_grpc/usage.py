@@ -52,6 +52,9 @@ import redis.exceptions
 from aiokafka import AIOKafkaProducer
 from psycopg_pool import AsyncConnectionPool
 
+from domain.usage import model, repository
+from domain.usage.counters import Counters, NotReady, Step
+from domain.usage.model import UNLIMITED, Answer, Outcome, Policy, Request
 from payment.v1 import events_pb2
 from services.api_grpc import decisions, validation
 from services.api_grpc.decisions import Decision, Facts
@@ -59,9 +62,6 @@ from services.api_grpc.errors import FailedPrecondition, InvalidArgument, Unavai
 from services.api_grpc.page_tokens import PageTokens, query_fingerprint
 from services.api_grpc.queries import Row, Watermark
 from services.api_grpc.validation import SubjectIds, SubjectKey
-from services.usage import model, repository
-from services.usage.counters import Counters, NotReady, Step
-from services.usage.model import UNLIMITED, Answer, Outcome, Policy, Request
 from shared.kafka import PublishFailed, event_headers, publish
 from shared.metrics import USAGE_INCREMENTS, USAGE_PUBLISH_FAILURES, USAGE_QUOTA_READS
 

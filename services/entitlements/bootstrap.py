@@ -9,11 +9,11 @@ from collections.abc import Callable
 import psycopg
 from redis.asyncio import Redis
 
+from domain.entitlements import redis_key
 from services.entitlements import repository
 from services.entitlements.projection import (
     EntitlementsProjection,
     mark_cached_subjects,
-    redis_key,
     refresh_pending,
 )
 from shared.catalog import Catalog, load_catalog

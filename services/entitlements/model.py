@@ -15,46 +15,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, get_args
 
+from domain.entitlements import SubjectKey, Version
+from domain.payments import PAYMENT_STATUSES
 from shared.catalog import SubscriptionStatus
+
+__all__ = ["PAYMENT_STATUSES", "SubjectKey", "Version"]  # the read model's, re-exported for the worker's modules
 
 # The statuses the subscriptions table accepts: one list, in the catalog's types.
 SUBSCRIPTION_STATUSES = frozenset(get_args(SubscriptionStatus))
-PAYMENT_STATUSES = frozenset(
-    {
-        "pending",
-        "requires_payment_method",
-        "requires_confirmation",
-        "requires_action",
-        "processing",
-        "requires_capture",
-        "succeeded",
-        "failed",
-        "canceled",
-        "refunded",
-        "partially_refunded",
-        "disputed",
-    }
-)
 # ISO 4217 "no currency": stands in until an event tells a payment's currency,
 # because the column is NOT NULL and checked against ^[a-z]{3}$.
 NO_CURRENCY = "xxx"
 
 SourceKey = tuple[str, str]  # (source_type, source_id)
-SubjectKey = tuple[str, str]  # (subject_type, subject_id)
 EntitlementKey = tuple[str, str, str, str, str]  # subject, feature, source
 AccessChangeKey = tuple[str, str]  # (subscription_id, event_id)
-
-
-@dataclass(frozen=True, order=True, slots=True)
-class Version:
-    """The ordering key of events: Stripe's `created`, then the event id to break ties.
-
-    A row remembers the version of the newest event that decided its mutable state;
-    an event with a lower version never overwrites that state.
-    """
-
-    created: int
-    event_id: str
 
 
 def _first(older: Any, newer: Any) -> Any:

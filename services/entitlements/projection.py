@@ -7,16 +7,8 @@ the pure handlers (handlers.py: the ordering rules and grace semantics), writes 
 that changed, and reads back the entitlements of the subjects that changed. Once the
 transaction has committed, `after_commit` writes those answers to Redis.
 
-Redis layout (skipped entirely in replay mode):
-
-* key `{prefix}ent:{subject_type}:{subject_id}`, a hash with a TTL of 24 hours;
-* field `<feature_code>`: compact JSON `{"allowed", "status", "access_level", "plan_id",
-  "expires_at", "usage_limit", "limit_period", "enforcement", "decided_by_event_id",
-  "source", "grace_until", "after_grace"}` for the best row of that feature (an allowed
-  one first, then the highest limit, the latest expiry, the newest event). Readers must
-  still check `expires_at` (Unix seconds or null) against their clock, and once
-  `grace_until` has passed treat the status as `after_grace` ("active"/"suspended");
-* field `_watermark`: `{"created", "event_id"}` of the newest event behind the hash.
+Redis layout (skipped entirely in replay mode): see domain/entitlements.py, the read
+model's contract, which also builds the answers.
 
 Change feed: in the same MULTI/EXEC, after the hashes, the batch's keys (newline-
 separated) are PUBLISHed on `{prefix}ent:changes`, so that near caches in the API
@@ -40,33 +32,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from collections import defaultdict
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from psycopg import AsyncConnection
 from redis.asyncio import Redis
 
+from domain.entitlements import (
+    REDIS_TTL_S,
+    changes_channel,
+    redis_answers,
+)
 from payment.v1 import events_pb2
 from services.entitlements import handlers, repository
 from services.entitlements.model import Changes, State, SubjectKey
-from services.entitlements.repository import BatchKeys, SubjectRow
-from shared.catalog import SECONDS_PER_DAY, Catalog
+from services.entitlements.repository import BatchKeys
+from shared.catalog import Catalog
 from shared.metrics import ACCESS_CHANGES, CATALOG_MISSES, REDIS_PROJECTION_FAILURES
 from shared.projection import ApplyContext, Envelope, PoisonEvent, decode_payment_event
 
 log = logging.getLogger(__name__)
 
-REDIS_TTL_S = 24 * 3600
 # after_commit must not hold the worker's loop on a hung Redis.
 REDIS_TIMEOUT_S = 2.0
 # Marked subjects rewritten per transaction, by a batch or by refresh_pending.
 REFRESH_BATCH = 500
-WATERMARK_FIELD = "_watermark"
-CHANGES_CHANNEL = "ent:changes"
 
 PaymentEnvelope = Envelope[events_pb2.PaymentEvent]
 
@@ -281,80 +272,3 @@ def _report(result: EntitlementsBatch) -> None:
 
 
 # ---------------------------------------------------------------- Redis answers
-
-
-def changes_channel(prefix: str) -> str:
-    """The pub/sub channel of the change feed (see the module docstring)."""
-    return f"{prefix}{CHANGES_CHANNEL}"
-
-
-def redis_key(prefix: str, subject: SubjectKey) -> str:
-    return f"{prefix}ent:{subject[0]}:{subject[1]}"
-
-
-def redis_answers(
-    rows: Sequence[SubjectRow], subjects: Collection[SubjectKey], catalog: Catalog, prefix: str = ""
-) -> dict[str, dict[str, bytes]]:
-    """Redis key -> hash fields for each subject; {} for a subject without rows."""
-    by_subject: dict[SubjectKey, list[SubjectRow]] = defaultdict(list)
-    for row in rows:
-        by_subject[(row.subject_type, row.subject_id)].append(row)
-    return {
-        redis_key(prefix, s): subject_hash(by_subject.get(s, []), catalog) for s in sorted(subjects)
-    }
-
-
-def subject_hash(rows: Sequence[SubjectRow], catalog: Catalog) -> dict[str, bytes]:
-    """feature_code -> JSON answer of its best row, plus the watermark."""
-    if not rows:
-        return {}
-    best: dict[str, SubjectRow] = {}
-    for row in rows:
-        known = best.get(row.feature_code)
-        best[row.feature_code] = row if known is None else max(known, row, key=_rank)
-    fields = {code: orjson.dumps(answer(row, catalog)) for code, row in sorted(best.items())}
-    newest = max(row.version for row in rows)
-    fields[WATERMARK_FIELD] = orjson.dumps({"created": newest.created, "event_id": newest.event_id})
-    return fields
-
-
-def _allowed(row: SubjectRow) -> bool:
-    return row.status == "active" and row.access_level != "blocked"
-
-
-def _rank(row: SubjectRow) -> tuple[bool, float, float, Any]:
-    limit = math.inf if row.usage_limit is None else row.usage_limit
-    expires = math.inf if row.expires_at is None else row.expires_at
-    return (_allowed(row), limit, expires, row.version)
-
-
-def answer(row: SubjectRow, catalog: Catalog) -> dict[str, Any]:
-    """The JSON answer for one feature of a subject (see the module docstring)."""
-    grace_until, after_grace = _grace(row, catalog)
-    return {
-        "allowed": _allowed(row),
-        "status": row.status,
-        "access_level": row.access_level,
-        "plan_id": row.plan_id,
-        "expires_at": row.expires_at,
-        "usage_limit": row.usage_limit,
-        "limit_period": row.limit_period,
-        "enforcement": row.enforcement,
-        "decided_by_event_id": row.version.event_id,
-        "source": f"{row.source_type}:{row.source_id}",
-        "grace_until": grace_until,
-        "after_grace": after_grace,
-    }
-
-
-def _grace(row: SubjectRow, catalog: Catalog) -> tuple[int | None, str | None]:
-    """When the grace period of the row's subscription ends, and the row's status then."""
-    plan = catalog.plans.get(row.plan_id)
-    if row.access_level != "grace" or row.status_since is None or plan is None:
-        return None, None
-    rule = plan.access_policy.get(row.subscription_status)  # type: ignore[call-overload]
-    if rule is None or not rule.grace_days:
-        return None, None
-    then = {f.code for f in plan.features_at(rule.then or "blocked")}
-    after = "active" if row.feature_code in then else "suspended"
-    return row.status_since + rule.grace_days * SECONDS_PER_DAY, after

@@ -21,6 +21,7 @@ from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import TupleRow, tuple_row
 from psycopg.types.json import Jsonb
 
+from domain.entitlements import SubjectRow, read_subjects, subject_params
 from payment.v1 import events_pb2
 from services.entitlements.model import (
     AccessChange,
@@ -37,6 +38,8 @@ from services.entitlements.model import (
     Version,
 )
 from shared.sqlfile import load_queries
+
+__all__ = ["SubjectRow", "read_subjects"]  # the read model's (domain/entitlements.py)
 
 SQL_PATH = Path(__file__).resolve().parent / "sql" / "entitlements.sql"
 
@@ -617,89 +620,11 @@ def _backfill_params(c: Customer) -> dict[str, Any]:
 # ---------------------------------------------------------------- reading for Redis
 
 
-@dataclass(frozen=True, slots=True)
-class SubjectRow:
-    """One entitlement row of a subject, with its subscription's status (if any)."""
-
-    subject_type: str
-    subject_id: str
-    feature_code: str
-    source_type: str
-    source_id: str
-    plan_id: str
-    status: str
-    access_level: str
-    usage_limit: int | None
-    limit_period: str
-    enforcement: str
-    expires_at: int | None
-    version: Version
-    subscription_status: str | None
-    status_since: int | None
-
-
-async def read_subjects(
-    conn: AsyncConnection[Any], subjects: Collection[SubjectKey]
-) -> list[SubjectRow]:
-    """Every entitlement row of `subjects`, in one query."""
-    if not subjects:
-        return []
-    async with conn.cursor(row_factory=tuple_row) as cursor:
-        await cursor.execute(_queries()["subject_entitlements"], _subject_params(subjects))
-        return [_subject_row(row) for row in await cursor.fetchall()]
-
-
-def _subject_row(row: Row) -> SubjectRow:
-    (
-        subject_type,
-        subject_id,
-        feature_code,
-        source_type,
-        source_id,
-        plan_id,
-        status,
-        access_level,
-        usage_limit,
-        limit_period,
-        enforcement,
-        expires_at,
-        event_id,
-        event_created,
-        subscription_status,
-        status_since,
-    ) = row
-    return SubjectRow(
-        subject_type,
-        subject_id,
-        feature_code,
-        source_type,
-        source_id,
-        plan_id,
-        status,
-        access_level,
-        usage_limit,
-        limit_period,
-        enforcement,
-        _ts_or_none(expires_at),
-        Version(_ts(event_created), event_id),
-        subscription_status,
-        _ts_or_none(status_since),
-    )
-
-
-# ---------------------------------------------------------------- Redis answers pending
-
-
-def _subject_params(subjects: Collection[SubjectKey]) -> dict[str, list[str]]:
-    ordered = sorted(subjects)
-    return {"subject_types": [s[0] for s in ordered], "subject_ids": [s[1] for s in ordered]}
-
-
 async def mark_cache_pending(conn: AsyncConnection[Any], consumer: str, subjects: Collection[SubjectKey]) -> int | None:
     """Mark `subjects` as possibly stale in Redis, in the caller's transaction; its txid."""
     if not subjects:
         return None
-    cursor = await conn.execute(_queries()["mark_cache_pending"], {"consumer": consumer, **_subject_params(subjects)})
+    cursor = await conn.execute(_queries()["mark_cache_pending"], {"consumer": consumer, **subject_params(subjects)})
     row = await cursor.fetchone()
     return int(row[0]) if row else None
 
@@ -709,7 +634,7 @@ async def clear_cache_pending(
 ) -> None:
     """Clear the marks that transaction `batch_txid` set on `subjects` (their answer is in Redis)."""
     if subjects:
-        params = {"consumer": consumer, "batch_txid": batch_txid, **_subject_params(subjects)}
+        params = {"consumer": consumer, "batch_txid": batch_txid, **subject_params(subjects)}
         await conn.execute(_queries()["clear_cache_pending"], params)
 
 
@@ -729,7 +654,7 @@ async def mark_all_cache_pending(conn: AsyncConnection[Any], consumer: str, subj
 async def drop_cache_pending(conn: AsyncConnection[Any], consumer: str, subjects: Collection[SubjectKey]) -> None:
     """Clear the marks of `subjects`, whoever set them (the caller holds their locks)."""
     if subjects:
-        await conn.execute(_queries()["drop_cache_pending"], {"consumer": consumer, **_subject_params(subjects)})
+        await conn.execute(_queries()["drop_cache_pending"], {"consumer": consumer, **subject_params(subjects)})
 
 
 async def count_cache_pending(conn: AsyncConnection[Any], consumer: str) -> int:

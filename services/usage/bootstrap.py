@@ -13,8 +13,8 @@ from typing import Any
 from psycopg import AsyncConnection
 from redis.asyncio import Redis
 
+from domain.usage.model import Keys
 from services.usage import rebuild
-from services.usage.model import Keys
 from services.usage.projection import UsageProjection
 from shared.catalog import load_catalog
 from shared.config import Settings

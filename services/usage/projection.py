@@ -15,8 +15,8 @@ from typing import Any
 from google.protobuf.message import DecodeError
 from psycopg import AsyncConnection
 
+from domain.usage import repository
 from payment.v1 import events_pb2
-from services.usage import repository
 from shared.projection import ApplyContext, Envelope
 
 UsageEnvelope = Envelope[events_pb2.UsageEvent]

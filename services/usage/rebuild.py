@@ -41,9 +41,9 @@ from psycopg import AsyncConnection
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from services.usage import repository
-from services.usage.counters import IDEMPOTENCY_TTL_S
-from services.usage.model import (
+from domain.usage import repository
+from domain.usage.counters import IDEMPOTENCY_TTL_S
+from domain.usage.model import (
     UNLIMITED,
     Keys,
     Outcome,

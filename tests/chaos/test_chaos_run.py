@@ -39,10 +39,9 @@ import pytest
 from aiokafka import TopicPartition
 from redis.asyncio import Redis
 
+from domain.entitlements import read_subjects, redis_answers
 from paymentsvc.dev.samples import customer_lifecycle
 from paymentsvc.dev.webhooks import encode_event, sign
-from services.api_grpc.queries import _subject_rows
-from services.entitlements.projection import redis_answers
 from shared import db
 from shared.catalog import apply_catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH, Topics
@@ -204,7 +203,7 @@ async def _redis_mismatches(database_url: str, redis_url: str) -> tuple[list[str
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         cursor = await conn.execute("SELECT DISTINCT subject_type, subject_id FROM entitlements")
         subjects = [(r[0], r[1]) for r in await cursor.fetchall()]
-        rows = await _subject_rows(conn, subjects)
+        rows = await read_subjects(conn, subjects)
     expected = redis_answers(rows, subjects, catalog)
     client = Redis.from_url(redis_url)
     mismatches, absent = [], 0

@@ -14,13 +14,9 @@ import psycopg
 import pytest
 from redis.asyncio import Redis
 
+from domain.entitlements import redis_answers, redis_key
 from services.entitlements import repository
-from services.entitlements.projection import (
-    EntitlementsProjection,
-    redis_answers,
-    redis_key,
-    refresh_pending,
-)
+from services.entitlements.projection import EntitlementsProjection, refresh_pending
 from shared.catalog import Catalog
 from shared.projection import ApplyContext
 from tests.integration.test_entitlements_projection import P1, T0, Ids, envelopes, sub_event

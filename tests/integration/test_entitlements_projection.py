@@ -465,6 +465,7 @@ async def test_the_redis_hash_matches_postgres(
             "source": f"subscription:{ids.sub}",
             "grace_until": None,
             "after_grace": None,
+            "level_after_grace": None,
         }
     assert set(cached["_watermark"]) == {"created", "event_id"}
     assert 0 < await redis.ttl(key) <= 24 * 3600
@@ -492,6 +493,8 @@ async def test_a_grace_answer_tells_when_grace_ends_and_what_follows(
         "suspended",
         "active",
     )
+    # The level the grace period drops to is the writer's, from the plan's past_due rule.
+    assert cached["projects"]["level_after_grace"] == catalog.plans["basic"].access_policy["past_due"].then
 
 
 async def test_a_subject_that_loses_every_row_loses_its_key(

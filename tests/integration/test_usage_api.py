@@ -20,6 +20,8 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from domain.usage.counters import Counters
+from domain.usage.model import Keys
 from payment.v1 import events_pb2, service_pb2, service_pb2_grpc
 from services.api_grpc import cache, page_tokens
 from services.api_grpc.commands import KafkaEventBus
@@ -31,8 +33,6 @@ from services.api_grpc.usage import KafkaUsageBus, UsageApi, UsageBus, UsageStor
 from services.api_grpc.validation import SubjectIds
 from services.usage import rebuild
 from services.usage.bootstrap import connector
-from services.usage.counters import Counters
-from services.usage.model import Keys
 from services.usage.projection import UsageProjection
 from shared.breaker import Breaker
 from shared.catalog import apply_catalog

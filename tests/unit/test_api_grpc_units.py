@@ -116,12 +116,21 @@ def test_an_expired_paid_feature_the_free_plan_has_falls_back_and_names_the_even
 
 
 def test_grace_is_allowed_until_grace_until_then_after_grace_applies() -> None:
-    grace = answer(access_level="grace", grace_until=NOW + 10, after_grace="suspended")
+    grace = answer(access_level="grace", grace_until=NOW + 10, after_grace="suspended", level_after_grace="reduced")
     assert decide([grace], "priority_support", FACTS, NOW).reason == "grace"
     after = decide([grace], "priority_support", FACTS, NOW + 10)
     assert (after.allowed, after.status, after.access_level) == (False, "suspended", "reduced")
-    kept = answer(access_level="grace", grace_until=NOW, after_grace="active")
-    assert decide([kept], "export_pdf", FACTS, NOW).allowed
+    kept = answer(access_level="grace", grace_until=NOW, after_grace="active", level_after_grace="reduced")
+    assert (decide([kept], "export_pdf", FACTS, NOW).allowed, decide([kept], "export_pdf", FACTS, NOW).access_level) == (
+        True, "reduced")
+
+
+def test_the_level_after_grace_is_the_writers_not_guessed_from_the_plan() -> None:
+    """The writer stores the level of the subscription's own rule; the reader takes it."""
+    grace = answer(access_level="grace", grace_until=NOW, after_grace="active", level_after_grace="full")
+    assert decide([grace], "export_pdf", FACTS, NOW).access_level == "full"
+    cached_before_upgrade = answer(access_level="grace", grace_until=NOW, after_grace="suspended")
+    assert decide([cached_before_upgrade], "priority_support", FACTS, NOW).access_level == "blocked"
 
 
 def test_unlimited_and_unmetered_limits_follow_the_proto_convention() -> None:

@@ -6,11 +6,11 @@ from datetime import UTC, datetime
 
 import pytest
 
+from domain.usage import model, repository
+from domain.usage.model import Outcome, Period, Policy, Request
 from payment.v1 import events_pb2
 from services.api_grpc.errors import InvalidArgument
 from services.api_grpc.usage import check_amount
-from services.usage import model, repository
-from services.usage.model import Outcome, Period, Policy, Request
 from services.usage.projection import UsageProjection
 
 

@@ -12,17 +12,6 @@ WHERE consumer = 'entitlements' AND last_event_created IS NOT NULL
 ORDER BY last_event_created DESC, last_event_id COLLATE "C" DESC
 LIMIT 1;
 
--- name: subject_entitlements
--- Every row of the given subjects, shaped as services/entitlements builds its Redis answers.
-SELECT e.subject_type, e.subject_id, e.feature_code, e.source_type, e.source_id, e.plan_id,
-       e.status, e.access_level, e.usage_limit, e.limit_period, e.enforcement, e.expires_at,
-       e.last_event_id, e.last_event_created, s.status AS subscription_status, s.status_since
-FROM entitlements e
-LEFT JOIN subscriptions s
-       ON e.source_type = 'subscription' AND s.subscription_id = e.source_id
-WHERE (e.subject_type, e.subject_id) IN (
-    SELECT * FROM unnest(%(subject_types)s::text[], %(subject_ids)s::text[]));
-
 -- name: get_payment
 SELECT payment_id, customer_id, user_id, family_id, amount, currency, status, amount_refunded,
        payment_intent_id, charge_id, invoice_id, description, failure_code, failure_message,

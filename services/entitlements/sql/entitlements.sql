@@ -268,18 +268,6 @@ SET first_seen_at = LEAST(catalog_misses.first_seen_at, EXCLUDED.first_seen_at),
              > (catalog_misses.last_seen_at, catalog_misses.last_event_id COLLATE "C")
         THEN EXCLUDED.last_event_id ELSE catalog_misses.last_event_id END;
 
--- name: subject_entitlements
--- Every row of the given subjects, for the Redis answer; the subscription's status
--- and status_since tell when a grace period ends.
-SELECT e.subject_type, e.subject_id, e.feature_code, e.source_type, e.source_id, e.plan_id,
-       e.status, e.access_level, e.usage_limit, e.limit_period, e.enforcement, e.expires_at,
-       e.last_event_id, e.last_event_created, s.status AS subscription_status, s.status_since
-FROM entitlements e
-LEFT JOIN subscriptions s
-       ON e.source_type = 'subscription' AND s.subscription_id = e.source_id
-WHERE (e.subject_type, e.subject_id) IN (
-    SELECT * FROM unnest(%(subject_types)s::text[], %(subject_ids)s::text[]));
-
 -- name: mark_cache_pending
 -- The batch's subjects may have a stale Redis answer until after_commit writes it.
 -- Sorted input, so concurrent batches lock the rows in one order.

@@ -29,7 +29,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from services.usage.model import Keys, Outcome, Request, counter_ttl_s, done_record, parse_record
+from domain.usage.model import Keys, Outcome, Request, counter_ttl_s, done_record, parse_record
 from shared.metrics import USAGE_SCRIPT_SECONDS
 
 IDEMPOTENCY_TTL_S = 7 * 86_400

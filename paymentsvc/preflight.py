@@ -1,4 +1,4 @@
-"""`python -m shared.preflight`: are Postgres and Redis reachable? One line each if not.
+"""`python -m paymentsvc.preflight`: are Postgres and Redis reachable? One line each if not.
 
 Used by `make dev` and `make test` before anything else runs. Exits 2 when a
 dependency is down, naming it and the command that starts it.

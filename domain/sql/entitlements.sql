@@ -1,0 +1,14 @@
+-- The entitlements read model: what its writer (services/entitlements) stores and
+-- every reader (services/api_grpc) reads back, one query for both (domain/entitlements.py).
+
+-- name: subject_entitlements
+-- Every row of the given subjects, for the Redis answer; the subscription's status
+-- and status_since tell when a grace period ends.
+SELECT e.subject_type, e.subject_id, e.feature_code, e.source_type, e.source_id, e.plan_id,
+       e.status, e.access_level, e.usage_limit, e.limit_period, e.enforcement, e.expires_at,
+       e.last_event_id, e.last_event_created, s.status AS subscription_status, s.status_since
+FROM entitlements e
+LEFT JOIN subscriptions s
+       ON e.source_type = 'subscription' AND s.subscription_id = e.source_id
+WHERE (e.subject_type, e.subject_id) IN (
+    SELECT * FROM unnest(%(subject_types)s::text[], %(subject_ids)s::text[]));
