@@ -113,8 +113,29 @@ async def broker() -> AsyncIterator[str]:
         await wait_for_broker(configured)
         yield configured
         return
+    if os.environ.get("TEST_KAFKA") == "container":
+        kafka = _kafka_container()
+        if kafka is not None:
+            with kafka:
+                servers = kafka.get_bootstrap_server()
+                await wait_for_broker(servers)
+                yield servers
+            return
     async with DevBroker() as dev:
         yield dev.bootstrap_servers
+
+
+def _kafka_container():  # type: ignore[no-untyped-def]
+    """Apache Kafka in Docker (testcontainers), or None, said in one line, without a Docker engine."""
+    try:
+        import docker
+        from testcontainers.community.kafka import KafkaContainer
+
+        docker.from_env().ping()
+    except Exception as exc:  # no engine, no socket, no permission
+        print(f"\nTEST_KAFKA=container: no Docker engine answers ({type(exc).__name__}); using Tansu")
+        return None
+    return KafkaContainer("confluentinc/cp-kafka:7.6.1").with_kraft()
 
 
 @pytest.fixture
