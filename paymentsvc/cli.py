@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from shared.config import PROJECT_ROOT, SERVICE_NAMES, Settings
+from shared.config import SERVICE_NAMES, Settings
 from shared.errors import ConfigurationError, DependencyUnavailable
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -57,7 +58,7 @@ def migration_create(name: str) -> None:
     from shared import migrate as migrations
 
     up, down = migrations.create_migration(name)
-    typer.echo(f"created {up.relative_to(PROJECT_ROOT)} and {down.relative_to(PROJECT_ROOT)}")
+    typer.echo(f"created {os.path.relpath(up.resolve())} and {os.path.relpath(down.resolve())}")
 
 
 @catalog_app.command("load")
@@ -189,7 +190,7 @@ def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVI
 
 @app.command()
 def dev(
-    log_dir: Annotated[Path, typer.Option(help="Where the children write their logs.")] = PROJECT_ROOT / ".dev",
+    log_dir: Annotated[Path, typer.Option(help="Where the children write their logs.")] = Path(".dev"),
 ) -> None:
     """Run the whole stack on embedded defaults (see README), until Ctrl-C."""
     from paymentsvc.devstack import run_dev

@@ -7,6 +7,7 @@ are `SecretStr`: they never appear in reprs, logs or `/status`.
 
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -16,7 +17,10 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CATALOG_PATH = PROJECT_ROOT / "catalog" / "plans.yaml"
+# Package data (the checkout links shared/default_catalog to catalog/, shared/migrations
+# to migrations/; a wheel holds the files), so an installed service finds them anywhere.
+PACKAGE_DATA = Path(str(importlib.resources.files("shared")))
+DEFAULT_CATALOG_PATH = PACKAGE_DATA / "default_catalog" / "plans.yaml"
 
 SCOPES = frozenset({"read", "write", "admin"})
 

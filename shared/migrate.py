@@ -14,10 +14,10 @@ import psycopg
 from psycopg import conninfo
 from yoyo import get_backend, read_migrations
 
-from shared.config import PROJECT_ROOT
+from shared.config import PACKAGE_DATA
 from shared.db import DependencyUnavailable, describe, ensure_database
 
-MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
+MIGRATIONS_DIR = PACKAGE_DATA / "migrations"
 
 
 def _yoyo_url(url: str, schema: str | None) -> str:
