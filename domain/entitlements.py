@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -164,6 +164,14 @@ def redis_answers(
     return {
         redis_key(prefix, s): subject_hash(by_subject.get(s, []), catalog) for s in sorted(subjects)
     }
+
+
+def parse_hash(raw: Mapping[bytes, bytes] | None) -> dict[str, Any] | None:
+    """A hash as read from Redis -> feature_code -> answer (and `_watermark`); None when
+    absent or incomplete (no watermark: not written by the worker as a whole)."""
+    if not raw or WATERMARK_FIELD.encode() not in raw:
+        return None
+    return {k.decode(): orjson.loads(v) for k, v in raw.items()}
 
 
 def subject_hash(rows: Sequence[SubjectRow], catalog: Catalog) -> dict[str, bytes]:

@@ -21,11 +21,10 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import orjson
 import redis.exceptions
 from redis.asyncio import Redis
 
-from domain.entitlements import REDIS_TTL_S, WATERMARK_FIELD, redis_key
+from domain.entitlements import REDIS_TTL_S, WATERMARK_FIELD, parse_hash, redis_key
 from services.api_grpc.near_cache import ChangeFeed, NearCache
 from services.api_grpc.validation import SubjectKey
 from shared.breaker import Breaker, BreakerOpen
@@ -52,11 +51,6 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError | TimeoutError | OSError)
 
 
-def parse(raw: Mapping[bytes, bytes] | None) -> Fields | None:
-    """A hash as read from Redis -> feature_code -> answer (and `_watermark`); None if absent."""
-    if not raw or WATERMARK_FIELD.encode() not in raw:
-        return None
-    return {k.decode(): orjson.loads(v) for k, v in raw.items()}
 
 
 class EntitlementCache:
@@ -109,7 +103,7 @@ class EntitlementCache:
         results = await self._guarded(run, timeout)
         names = [f.encode() for f in fields]
         return [
-            parse({n: v for n, v in zip(names, values, strict=True) if v is not None})
+            parse_hash({n: v for n, v in zip(names, values, strict=True) if v is not None})
             for values in results
         ]
 
@@ -145,7 +139,7 @@ class EntitlementCache:
                     pipe.hgetall(key)
                 return list(await pipe.execute())
 
-        return [parse(raw) for raw in await self._guarded(run, timeout)]
+        return [parse_hash(raw) for raw in await self._guarded(run, timeout)]
 
     async def fill(self, fields_by_subject: Mapping[SubjectKey, Mapping[str, bytes]], timeout: float) -> None:
         """Write each subject's hash unless its key exists. Best effort: never raises."""

@@ -1,7 +1,7 @@
 """A near cache of entitlement hashes in each API replica, kept correct by the
 projection's change feed and bounded in staleness by a maximum age.
 
-What is cached: the decoded Redis hash of a subject (`cache.parse` of `HGETALL
+What is cached: the decoded Redis hash of a subject (`domain.entitlements.parse_hash` of `HGETALL
 {prefix}ent:{type}:{id}`), keyed by that Redis key, with the monotonic time it was
 read. The data only, never a decision: `expires_at` and `grace_until` are still
 evaluated against the clock on every call (decisions.decide). Absent keys are not
