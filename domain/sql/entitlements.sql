@@ -11,4 +11,4 @@ FROM entitlements e
 LEFT JOIN subscriptions s
        ON e.source_type = 'subscription' AND s.subscription_id = e.source_id
 WHERE (e.subject_type, e.subject_id) IN (
-    SELECT * FROM unnest(%(subject_types)s::text[], %(subject_ids)s::text[]));
+    SELECT * FROM unnest(%(subject_types)b::text[], %(subject_ids)b::text[]));

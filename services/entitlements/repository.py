@@ -3,8 +3,8 @@ and read subjects back for Redis.
 
 All SQL is in sql/entitlements.sql and every value is a parameter. Everything runs on
 the caller's connection, inside its transaction. A batch costs three round trips for
-Postgres: two pipelined load phases and one pipeline of writes (plus one query to read
-back the subjects for Redis).
+Postgres: two pipelined load phases and one pipeline of set-based writes, one statement
+per table (plus one query to read back the subjects for Redis).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import TupleRow, tuple_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json
 
 from domain.entitlements import SubjectRow, read_subjects, subject_params
 from payment.v1 import events_pb2
@@ -431,12 +432,14 @@ def _set_diff(
 
 
 async def save(conn: AsyncConnection[Any], writes: Writes) -> None:
-    """Write `writes` in the caller's transaction, all statements in one pipeline.
+    """Write `writes` in the caller's transaction: one set-based statement per table and
+    kind of change, all in one pipeline, so a batch costs the same number of statements
+    (at most 13) and one round trip whatever the number of its events.
 
     Deletions go first: a merged payment gives up its charge_id (a unique column) and
     an entitlement may move to another subject. Payments are backfilled last.
     """
-    steps: list[tuple[str, Sequence[dict[str, Any]]]] = [
+    steps: list[tuple[str, list[dict[str, Any]]]] = [
         ("delete_payment", [{"payment_id": p} for p in writes.payments_gone]),
         ("delete_entitlement", [_entitlement_key(e) for e in writes.entitlements_gone]),
         ("delete_access_change", [_access_change_key(a) for a in writes.access_changes_gone]),
@@ -452,9 +455,9 @@ async def save(conn: AsyncConnection[Any], writes: Writes) -> None:
         ("backfill_payment_identity", [_backfill_params(c) for c in writes.mapped_customers]),
     ]
     async with conn.pipeline(), conn.cursor() as cursor:
-        for name, params in steps:
-            if params:
-                await cursor.executemany(_queries()[name], params)
+        for name, rows in steps:
+            if rows:
+                await cursor.execute(_queries()[name], {"rows": Json(rows, dumps=orjson.dumps)}, prepare=True)
 
 
 def _dt(value: int) -> datetime:
@@ -596,7 +599,7 @@ def _payment_params(p: Payment) -> dict[str, Any]:
         "failure_code": p.failure_code,
         "failure_message": p.failure_message,
         "status_reason": p.status_reason,
-        "metadata": Jsonb(p.metadata),
+        "metadata": p.metadata,
         "created_at": _dt(p.created_at),
         "updated_at": _dt(p.updated_at),
         **_version_params(p.version),

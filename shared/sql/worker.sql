@@ -6,7 +6,7 @@
 -- then skips it, so an event is applied at most once even across a rebalance.
 INSERT INTO processed_events (consumer, event_id, topic, kafka_partition, kafka_offset)
 SELECT %(consumer)s, e.event_id, e.topic, e.kafka_partition, e.kafka_offset
-FROM unnest(%(event_ids)s::text[], %(topics)s::text[], %(partitions)s::int[], %(offsets)s::bigint[])
+FROM unnest(%(event_ids)b::text[], %(topics)b::text[], %(partitions)s::int[], %(offsets)s::bigint[])
      AS e(event_id, topic, kafka_partition, kafka_offset)
 ON CONFLICT (consumer, event_id) DO NOTHING
 RETURNING event_id;
@@ -17,8 +17,8 @@ INSERT INTO consumer_offsets AS o
      tail_event_id)
 SELECT %(consumer)s, p.topic, p.kafka_partition, p.next_offset, p.last_event_id,
        to_timestamp(p.last_event_created), now(), p.tail_event_id
-FROM unnest(%(topics)s::text[], %(partitions)s::int[], %(next_offsets)s::bigint[],
-            %(last_event_ids)s::text[], %(last_event_created)s::bigint[], %(tail_event_ids)s::text[])
+FROM unnest(%(topics)b::text[], %(partitions)s::int[], %(next_offsets)s::bigint[],
+            %(last_event_ids)b::text[], %(last_event_created)s::bigint[], %(tail_event_ids)b::text[])
      AS p(topic, kafka_partition, next_offset, last_event_id, last_event_created, tail_event_id)
 ON CONFLICT (consumer, topic, kafka_partition) DO UPDATE SET
     next_offset = GREATEST(o.next_offset, EXCLUDED.next_offset),

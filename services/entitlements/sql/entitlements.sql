@@ -4,12 +4,13 @@
 -- every query is an index lookup by exact ids), then writes the rows that
 -- changed. The upserts overwrite: the rows were merged in memory, and only the
 -- worker of the customer's partition writes them (catalog_misses, shared by all
--- workers, is merged in SQL).
+-- workers, is merged in SQL). Lists of ids are sent in binary (the "b" placeholders): psycopg
+-- quotes a text array element by element in Python, 6x slower (docs/performance.md).
 
 -- name: load_customers
 SELECT customer_id, user_id, family_id, email, created_at, last_event_id, last_event_created
 FROM customers
-WHERE customer_id = ANY(%(customer_ids)s::text[]);
+WHERE customer_id = ANY(%(customer_ids)b::text[]);
 
 -- name: load_subscriptions
 SELECT subscription_id, customer_id, user_id, family_id, plan_id, price_id, status,
@@ -17,15 +18,15 @@ SELECT subscription_id, customer_id, user_id, family_id, plan_id, price_id, stat
        canceled_at, trial_end, access_level, status_since, created_at, updated_at,
        last_event_id, last_event_created
 FROM subscriptions
-WHERE customer_id = ANY(%(customer_ids)s::text[])
-   OR subscription_id = ANY(%(subscription_ids)s::text[]);
+WHERE customer_id = ANY(%(customer_ids)b::text[])
+   OR subscription_id = ANY(%(subscription_ids)b::text[]);
 
 -- name: load_history
 -- Sorted by version in Python: ORDER BY on text follows the collation, not code points.
 SELECT event_created, event_id, subscription_id, customer_id, status, price_id
 FROM subscription_history
-WHERE customer_id = ANY(%(customer_ids)s::text[])
-   OR subscription_id = ANY(%(subscription_ids)s::text[]);
+WHERE customer_id = ANY(%(customer_ids)b::text[])
+   OR subscription_id = ANY(%(subscription_ids)b::text[]);
 
 -- name: lock_batch_keys
 -- Runs first, before any read. Events about one payment can arrive on two partitions (a
@@ -38,22 +39,22 @@ WHERE customer_id = ANY(%(customer_ids)s::text[])
 SELECT count(*)
 FROM (SELECT pg_advisory_xact_lock(lock_key)
       FROM (SELECT DISTINCT hashtextextended(current_schema() || ':' || id, 0) AS lock_key
-            FROM unnest(%(lock_ids)s::text[]) AS id
+            FROM unnest(%(lock_ids)b::text[]) AS id
             ORDER BY lock_key) AS ordered) AS locked;
 
 -- name: load_paid_periods
 SELECT subscription_id, customer_id, paid_through, invoice_id, last_event_id, last_event_created
 FROM paid_periods
-WHERE customer_id = ANY(%(customer_ids)s::text[])
-   OR subscription_id = ANY(%(subscription_ids)s::text[]);
+WHERE customer_id = ANY(%(customer_ids)b::text[])
+   OR subscription_id = ANY(%(subscription_ids)b::text[]);
 
 -- name: load_grants
 SELECT source_type, source_id, customer_id, user_id, family_id, plan_id, granted_at,
        last_event_id, last_event_created
 FROM one_time_grants
-WHERE customer_id = ANY(%(customer_ids)s::text[])
+WHERE customer_id = ANY(%(customer_ids)b::text[])
    -- a guest's grant has no customer: found by its charge or checkout session id
-   OR source_id = ANY(%(payment_ids)s::text[]);
+   OR source_id = ANY(%(payment_ids)b::text[]);
 
 -- name: load_entitlements
 -- Second phase: the sources are the subscriptions and grants the first phase found.
@@ -62,13 +63,13 @@ SELECT subject_type, subject_id, feature_code, source_type, source_id, user_id, 
        expires_at, revoked_at, last_event_id, last_event_created
 FROM entitlements
 WHERE (source_type, source_id) IN (
-    SELECT * FROM unnest(%(source_types)s::text[], %(source_ids)s::text[]));
+    SELECT * FROM unnest(%(source_types)b::text[], %(source_ids)b::text[]));
 
 -- name: load_access_changes
 -- Second phase, like load_entitlements.
 SELECT subscription_id, event_id, event_created, from_level, to_level, status
 FROM access_changes
-WHERE subscription_id = ANY(%(subscription_ids)s::text[]);
+WHERE subscription_id = ANY(%(subscription_ids)b::text[]);
 
 -- name: load_payments
 -- FOR UPDATE: a batch that reaches a payment by another of its ids (the charge, where the
@@ -77,16 +78,26 @@ SELECT payment_id, customer_id, user_id, family_id, amount, currency, status, am
        payment_intent_id, charge_id, invoice_id, description, failure_code, failure_message,
        status_reason, metadata, created_at, updated_at, last_event_id, last_event_created
 FROM payments
-WHERE payment_id = ANY(%(payment_ids)s::text[])
-   OR charge_id = ANY(%(charge_ids)s::text[])
+WHERE payment_id = ANY(%(payment_ids)b::text[])
+   OR charge_id = ANY(%(charge_ids)b::text[])
 ORDER BY payment_id
 FOR UPDATE;
+
+-- The writes below are set-based: each takes all of a batch's rows of its table as one
+-- JSON array of objects (the rows parameter, keyed by column name, made by orjson) and writes them
+-- in one statement, so a batch costs the same number of statements whatever its size
+-- (tests/integration/test_entitlements_statements.py counts them). JSON rather than one
+-- array per column: psycopg quotes array elements in Python, which cost 8x the client
+-- time of the JSON (docs/performance.md). json_populate_recordset(NULL::table) takes
+-- the column types from the table, in the schema the search_path names first (a
+-- replay's). Rows are unique by key within a batch (merged in memory), as ON CONFLICT
+-- DO UPDATE requires.
 
 -- name: upsert_customer
 INSERT INTO customers (customer_id, user_id, family_id, email, created_at,
                        last_event_id, last_event_created)
-VALUES (%(customer_id)s, %(user_id)s, %(family_id)s, %(email)s, %(created_at)s,
-        %(last_event_id)s, %(last_event_created)s)
+SELECT customer_id, user_id, family_id, email, created_at, last_event_id, last_event_created
+FROM json_populate_recordset(NULL::customers, %(rows)s)
 ON CONFLICT (customer_id) DO UPDATE
 SET user_id = EXCLUDED.user_id,
     family_id = EXCLUDED.family_id,
@@ -101,11 +112,8 @@ INSERT INTO subscriptions (subscription_id, customer_id, user_id, family_id, pla
                            cancel_at_period_end, cancel_at, canceled_at, trial_end,
                            access_level, status_since, created_at, updated_at,
                            last_event_id, last_event_created)
-VALUES (%(subscription_id)s, %(customer_id)s, %(user_id)s, %(family_id)s, %(plan_id)s,
-        %(price_id)s, %(status)s, %(current_period_start)s, %(current_period_end)s,
-        %(cancel_at_period_end)s, %(cancel_at)s, %(canceled_at)s, %(trial_end)s,
-        %(access_level)s, %(status_since)s, %(created_at)s, %(updated_at)s,
-        %(last_event_id)s, %(last_event_created)s)
+SELECT subscription_id, customer_id, user_id, family_id, plan_id, price_id, status, current_period_start, current_period_end, cancel_at_period_end, cancel_at, canceled_at, trial_end, access_level, status_since, created_at, updated_at, last_event_id, last_event_created
+FROM json_populate_recordset(NULL::subscriptions, %(rows)s)
 ON CONFLICT (subscription_id) DO UPDATE
 SET customer_id = EXCLUDED.customer_id,
     user_id = EXCLUDED.user_id,
@@ -127,17 +135,18 @@ SET customer_id = EXCLUDED.customer_id,
     last_event_created = EXCLUDED.last_event_created;
 
 -- name: insert_history
+-- Append-only; DO NOTHING also absorbs an entry that occurs twice in one batch.
 INSERT INTO subscription_history (subscription_id, event_id, event_created, customer_id,
                                   status, price_id)
-VALUES (%(subscription_id)s, %(event_id)s, %(event_created)s, %(customer_id)s,
-        %(status)s, %(price_id)s)
+SELECT subscription_id, event_id, event_created, customer_id, status, price_id
+FROM json_populate_recordset(NULL::subscription_history, %(rows)s)
 ON CONFLICT (subscription_id, event_id) DO NOTHING;
 
 -- name: upsert_paid_period
 INSERT INTO paid_periods (subscription_id, customer_id, paid_through, invoice_id,
                           last_event_id, last_event_created)
-VALUES (%(subscription_id)s, %(customer_id)s, %(paid_through)s, %(invoice_id)s,
-        %(last_event_id)s, %(last_event_created)s)
+SELECT subscription_id, customer_id, paid_through, invoice_id, last_event_id, last_event_created
+FROM json_populate_recordset(NULL::paid_periods, %(rows)s)
 ON CONFLICT (subscription_id) DO UPDATE
 SET customer_id = EXCLUDED.customer_id,
     paid_through = EXCLUDED.paid_through,
@@ -148,8 +157,8 @@ SET customer_id = EXCLUDED.customer_id,
 -- name: upsert_grant
 INSERT INTO one_time_grants (source_type, source_id, customer_id, user_id, family_id, plan_id,
                              granted_at, last_event_id, last_event_created)
-VALUES (%(source_type)s, %(source_id)s, %(customer_id)s, %(user_id)s, %(family_id)s,
-        %(plan_id)s, %(granted_at)s, %(last_event_id)s, %(last_event_created)s)
+SELECT source_type, source_id, customer_id, user_id, family_id, plan_id, granted_at, last_event_id, last_event_created
+FROM json_populate_recordset(NULL::one_time_grants, %(rows)s)
 ON CONFLICT (source_type, source_id) DO UPDATE
 SET customer_id = EXCLUDED.customer_id,
     user_id = EXCLUDED.user_id,
@@ -161,19 +170,17 @@ SET customer_id = EXCLUDED.customer_id,
 
 -- name: delete_entitlement
 DELETE FROM entitlements
-WHERE subject_type = %(subject_type)s AND subject_id = %(subject_id)s
-  AND feature_code = %(feature_code)s AND source_type = %(source_type)s
-  AND source_id = %(source_id)s;
+WHERE (subject_type, subject_id, feature_code, source_type, source_id) IN (
+    SELECT subject_type, subject_id, feature_code, source_type, source_id
+    FROM json_populate_recordset(NULL::entitlements, %(rows)s));
 
 -- name: upsert_entitlement
 INSERT INTO entitlements (subject_type, subject_id, feature_code, source_type, source_id,
                           user_id, family_id, plan_id, status, access_level, usage_limit,
                           limit_period, enforcement, granted_at, expires_at, revoked_at,
                           last_event_id, last_event_created)
-VALUES (%(subject_type)s, %(subject_id)s, %(feature_code)s, %(source_type)s, %(source_id)s,
-        %(user_id)s, %(family_id)s, %(plan_id)s, %(status)s, %(access_level)s,
-        %(usage_limit)s, %(limit_period)s, %(enforcement)s, %(granted_at)s, %(expires_at)s,
-        %(revoked_at)s, %(last_event_id)s, %(last_event_created)s)
+SELECT subject_type, subject_id, feature_code, source_type, source_id, user_id, family_id, plan_id, status, access_level, usage_limit, limit_period, enforcement, granted_at, expires_at, revoked_at, last_event_id, last_event_created
+FROM json_populate_recordset(NULL::entitlements, %(rows)s)
 ON CONFLICT (subject_type, subject_id, feature_code, source_type, source_id) DO UPDATE
 SET user_id = EXCLUDED.user_id,
     family_id = EXCLUDED.family_id,
@@ -191,13 +198,14 @@ SET user_id = EXCLUDED.user_id,
 
 -- name: delete_access_change
 DELETE FROM access_changes
-WHERE subscription_id = %(subscription_id)s AND event_id = %(event_id)s;
+WHERE (subscription_id, event_id) IN (
+    SELECT subscription_id, event_id FROM json_populate_recordset(NULL::access_changes, %(rows)s));
 
 -- name: upsert_access_change
 INSERT INTO access_changes (subscription_id, event_id, event_created, from_level, to_level,
                             status)
-VALUES (%(subscription_id)s, %(event_id)s, %(event_created)s, %(from_level)s, %(to_level)s,
-        %(status)s)
+SELECT subscription_id, event_id, event_created, from_level, to_level, status
+FROM json_populate_recordset(NULL::access_changes, %(rows)s)
 ON CONFLICT (subscription_id, event_id) DO UPDATE
 SET event_created = EXCLUDED.event_created,
     from_level = EXCLUDED.from_level,
@@ -205,20 +213,18 @@ SET event_created = EXCLUDED.event_created,
     status = EXCLUDED.status;
 
 -- name: delete_payment
--- A payment first stored under its charge id, now merged into its payment intent's row.
--- Runs before upsert_payment, which takes over the charge_id (a unique column).
-DELETE FROM payments WHERE payment_id = %(payment_id)s;
+-- Payments first stored under their charge id, now merged into their payment intent's
+-- rows. Runs before upsert_payment, which takes over the charge_id (a unique column).
+DELETE FROM payments
+WHERE payment_id IN (SELECT payment_id FROM json_populate_recordset(NULL::payments, %(rows)s));
 
 -- name: upsert_payment
 INSERT INTO payments (payment_id, customer_id, user_id, family_id, amount, currency, status,
                       amount_refunded, payment_intent_id, charge_id, invoice_id, description,
                       failure_code, failure_message, status_reason, metadata, created_at,
                       updated_at, last_event_id, last_event_created)
-VALUES (%(payment_id)s, %(customer_id)s, %(user_id)s, %(family_id)s, %(amount)s, %(currency)s,
-        %(status)s, %(amount_refunded)s, %(payment_intent_id)s, %(charge_id)s, %(invoice_id)s,
-        %(description)s, %(failure_code)s, %(failure_message)s, %(status_reason)s,
-        %(metadata)s, %(created_at)s, %(updated_at)s, %(last_event_id)s,
-        %(last_event_created)s)
+SELECT payment_id, customer_id, user_id, family_id, amount, currency, status, amount_refunded, payment_intent_id, charge_id, invoice_id, description, failure_code, failure_message, status_reason, metadata, created_at, updated_at, last_event_id, last_event_created
+FROM json_populate_recordset(NULL::payments, %(rows)s)
 ON CONFLICT (payment_id) DO UPDATE
 SET customer_id = EXCLUDED.customer_id,
     user_id = EXCLUDED.user_id,
@@ -241,21 +247,22 @@ SET customer_id = EXCLUDED.customer_id,
     last_event_created = EXCLUDED.last_event_created;
 
 -- name: backfill_payment_identity
--- A customer gained a user or family: its payments stored without one get it.
+-- Customers that gained a user or family: their payments stored without one get it.
 UPDATE payments
-SET user_id = coalesce(user_id, %(user_id)s),
-    family_id = coalesce(family_id, %(family_id)s)
-WHERE customer_id = %(customer_id)s
-  AND ((user_id IS NULL AND %(user_id)s::text IS NOT NULL)
-       OR (family_id IS NULL AND %(family_id)s::text IS NOT NULL));
+SET user_id = coalesce(payments.user_id, c.user_id),
+    family_id = coalesce(payments.family_id, c.family_id)
+FROM json_populate_recordset(NULL::customers, %(rows)s) AS c
+WHERE payments.customer_id = c.customer_id
+  AND ((payments.user_id IS NULL AND c.user_id IS NOT NULL)
+       OR (payments.family_id IS NULL AND c.family_id IS NOT NULL));
 
 -- name: upsert_catalog_miss
 -- Shared by every worker, so merged here: first seen is a min, the rest follows the
 -- latest sighting. COLLATE "C" orders event ids by code point, as Python does.
 INSERT INTO catalog_misses (price_id, first_seen_at, last_seen_at, last_subscription_id,
                             last_event_id)
-VALUES (%(price_id)s, %(first_seen_at)s, %(last_seen_at)s, %(last_subscription_id)s,
-        %(last_event_id)s)
+SELECT price_id, first_seen_at, last_seen_at, last_subscription_id, last_event_id
+FROM json_populate_recordset(NULL::catalog_misses, %(rows)s)
 ON CONFLICT (price_id) DO UPDATE
 SET first_seen_at = LEAST(catalog_misses.first_seen_at, EXCLUDED.first_seen_at),
     last_seen_at = GREATEST(catalog_misses.last_seen_at, EXCLUDED.last_seen_at),
@@ -275,7 +282,7 @@ SET first_seen_at = LEAST(catalog_misses.first_seen_at, EXCLUDED.first_seen_at),
 WITH marked AS (
     INSERT INTO cache_refresh_pending (consumer, subject_type, subject_id, batch_txid)
     SELECT %(consumer)s, t, i, txid_current()
-    FROM unnest(%(subject_types)s::text[], %(subject_ids)s::text[]) AS d(t, i)
+    FROM unnest(%(subject_types)b::text[], %(subject_ids)b::text[]) AS d(t, i)
     ORDER BY t, i
     ON CONFLICT (consumer, subject_type, subject_id)
     DO UPDATE SET batch_txid = EXCLUDED.batch_txid, marked_at = now()
@@ -285,7 +292,7 @@ SELECT txid_current();
 -- name: clear_cache_pending
 -- Marks of subjects whose answer is now in Redis; only the marks that transaction set.
 DELETE FROM cache_refresh_pending p
-USING unnest(%(subject_types)s::text[], %(subject_ids)s::text[]) AS d(t, i)
+USING unnest(%(subject_types)b::text[], %(subject_ids)b::text[]) AS d(t, i)
 WHERE p.consumer = %(consumer)s AND p.subject_type = d.t AND p.subject_id = d.i
   AND p.batch_txid = %(batch_txid)s;
 
@@ -310,7 +317,7 @@ DO UPDATE SET batch_txid = EXCLUDED.batch_txid, marked_at = now();
 -- name: drop_cache_pending
 -- Marks the caller holds locked (take_cache_pending) and has just rewritten.
 DELETE FROM cache_refresh_pending p
-USING unnest(%(subject_types)s::text[], %(subject_ids)s::text[]) AS d(t, i)
+USING unnest(%(subject_types)b::text[], %(subject_ids)b::text[]) AS d(t, i)
 WHERE p.consumer = %(consumer)s AND p.subject_type = d.t AND p.subject_id = d.i;
 
 -- name: count_cache_pending
