@@ -23,6 +23,7 @@ SMOKE = [
     pytest.param(["bench/project.py", "--customers", "50", "--time-limit", "60"], r"^ratio worker / baseline\s+\|\s+\d", id="project"),
     pytest.param(["bench/grpc_checks.py", "--seconds", "0.5"], r"QPS ratio \d+\.\d+", id="grpc_checks"),
     pytest.param(["bench/usage.py", "--seconds", "0.5"], r"QPS ratio \d+\.\d+", id="usage"),
+    pytest.param(["bench/write_shapes.py", "--rows", "20", "--repeats", "2"], r"^json\s+\|.*\|\s+\d+\.\d+$", id="write_shapes"),
 ]
 
 
