@@ -6,8 +6,13 @@ No connection is made at import. The composition root of each service calls
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
 import psycopg
 from psycopg import conninfo, sql
+from psycopg.types.json import Json
 from psycopg_pool import AsyncConnectionPool
 
 from shared.errors import DependencyUnavailable
@@ -127,3 +132,11 @@ async def open_pool(url: str, **kwargs: object) -> AsyncConnectionPool:
             raise
         raise DependencyUnavailable("postgres", describe(url), _short(exc)) from exc
     return pool
+
+
+def json_rows(rows: Sequence[Mapping[str, Any]]) -> Json:
+    """Rows as one JSON parameter, for a set-based write through
+    `json_populate_recordset(NULL::table, %(rows)s)`: one statement for any number of rows.
+    orjson writes it in C (datetimes as RFC 3339); a text array per column instead costs
+    psycopg a Python loop per element (docs/performance.md, bench/write_shapes.py)."""
+    return Json(rows, dumps=orjson.dumps)

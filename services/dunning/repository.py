@@ -18,6 +18,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import tuple_row
 
 from services.dunning.model import Case, State, Version
+from shared.db import json_rows
 from shared.sqlfile import load_queries
 
 SQL_PATH = Path(__file__).resolve().parent / "sql" / "dunning.sql"
@@ -85,8 +86,8 @@ def changed(before: State, after: State) -> list[Case]:
 async def save(conn: AsyncConnection[Any], cases: Sequence[Case]) -> None:
     if not cases:
         return
-    async with conn.cursor() as cursor:
-        await cursor.executemany(queries()["upsert_case"], [_case_params(c) for c in cases])
+    """Upsert `cases` in one statement, in the order given (by case id, as `changed` sorts)."""
+    await conn.execute(queries()["upsert_case"], {"rows": json_rows([_case_params(c) for c in cases])}, prepare=True)
 
 
 def _case_params(c: Case) -> dict[str, Any]:

@@ -17,10 +17,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import TupleRow, tuple_row
-from psycopg.types.json import Json
 
 from domain.entitlements import SubjectRow, read_subjects, subject_params
 from payment.v1 import events_pb2
@@ -38,6 +36,7 @@ from services.entitlements.model import (
     Subscription,
     Version,
 )
+from shared.db import json_rows
 from shared.sqlfile import load_queries
 
 __all__ = ["SubjectRow", "read_subjects"]  # the read model's (domain/entitlements.py)
@@ -457,7 +456,7 @@ async def save(conn: AsyncConnection[Any], writes: Writes) -> None:
     async with conn.pipeline(), conn.cursor() as cursor:
         for name, rows in steps:
             if rows:
-                await cursor.execute(_queries()[name], {"rows": Json(rows, dumps=orjson.dumps)}, prepare=True)
+                await cursor.execute(_queries()[name], {"rows": json_rows(rows)}, prepare=True)
 
 
 def _dt(value: int) -> datetime:

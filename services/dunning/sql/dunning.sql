@@ -7,21 +7,21 @@ SELECT case_id, invoice_id, customer_id, subscription_id, user_id, family_id, pl
        opened_at, closed_at, last_attempt_at, escalated_at, restored_at,
        last_event_id, last_event_created
 FROM dunning_cases
-WHERE invoice_id = ANY(%(invoice_ids)s::text[])
-   OR subscription_id = ANY(%(subscription_ids)s::text[]);
+WHERE invoice_id = ANY(%(invoice_ids)b::text[])
+   OR subscription_id = ANY(%(subscription_ids)b::text[]);
 
 -- name: upsert_case
+-- Set-based: the batch's changed cases as one JSON array of rows (shared.db.json_rows).
 INSERT INTO dunning_cases AS c (
     case_id, invoice_id, customer_id, subscription_id, user_id, family_id, plan_id,
     price_id, state, attempt_count, next_attempt_at, last_error, amount_due, currency,
     opened_at, closed_at, last_attempt_at, escalated_at, restored_at,
     last_event_id, last_event_created)
-VALUES (
-    %(case_id)s, %(invoice_id)s, %(customer_id)s, %(subscription_id)s, %(user_id)s,
-    %(family_id)s, %(plan_id)s, %(price_id)s, %(state)s, %(attempt_count)s,
-    %(next_attempt_at)s, %(last_error)s, %(amount_due)s, %(currency)s, %(opened_at)s,
-    %(closed_at)s, %(last_attempt_at)s, %(escalated_at)s, %(restored_at)s,
-    %(last_event_id)s, %(last_event_created)s)
+SELECT case_id, invoice_id, customer_id, subscription_id, user_id, family_id, plan_id,
+       price_id, state, attempt_count, next_attempt_at, last_error, amount_due, currency,
+       opened_at, closed_at, last_attempt_at, escalated_at, restored_at,
+       last_event_id, last_event_created
+FROM json_populate_recordset(NULL::dunning_cases, %(rows)s)
 ON CONFLICT (case_id) DO UPDATE SET
     customer_id = EXCLUDED.customer_id,
     subscription_id = EXCLUDED.subscription_id,
