@@ -48,7 +48,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -138,8 +138,13 @@ async def preload(bootstrap: str, topic: str, messages: Sequence[Message]) -> fl
 # ---------------------------------------------------------------- the three readers
 
 
-async def baseline(bootstrap: str, topic: str, partitions: int, expected: int, timeout_s: float) -> tuple[float, int]:
-    """(seconds from the first batch to the last decoded message, messages read)."""
+async def read_decoded(
+    bootstrap: str, topic: str, partitions: int, expected: int, timeout_s: float,
+    sink: Callable[[list[events_pb2.PaymentEvent]], Awaitable[None]] | None = None,
+) -> tuple[float, int]:
+    """Read every message from the start without a group, decode each as a PaymentEvent
+    and hand each batch to `sink` (awaited before the next batch is read). (seconds from
+    the first batch to the last one handled, messages read)."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=500
     )
@@ -154,10 +159,10 @@ async def baseline(bootstrap: str, topic: str, partitions: int, expected: int, t
             records = await consumer.getmany(timeout_ms=200, max_records=500)
             if records and started is None:
                 started = time.perf_counter()
-            for batch in records.values():
-                for record in batch:
-                    events_pb2.PaymentEvent.FromString(record.value)
-                    read += 1
+            events = [events_pb2.PaymentEvent.FromString(r.value) for batch in records.values() for r in batch]
+            if events and sink is not None:
+                await sink(events)
+            read += len(events)
         return time.perf_counter() - (started or time.perf_counter()), read
     finally:
         await consumer.stop()
@@ -172,52 +177,33 @@ CREATE TABLE bench_floor (
 );
 CREATE INDEX ON bench_floor (customer_id);
 """
+FLOOR_INSERT = (
+    "INSERT INTO bench_floor SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[])"
+    " ON CONFLICT DO NOTHING"
+)
 
 
 async def floor(bootstrap: str, database_url: str, topic: str, partitions: int, expected: int, timeout_s: float) -> tuple[float, int]:
-    """The physical floor of a projection: read and decode every event, insert one row per
-    event into an indexed table with one batched insert per batch, one transaction per
-    batch (committed before the next batch is read, as the worker does). (seconds from
-    the first batch to the last commit, events inserted)."""
+    """The physical floor of a projection: the baseline's reading and decoding, then one row
+    per event into an indexed table with one batched insert and one transaction per batch
+    (committed before the next batch is read, as the worker does). (seconds, events inserted)"""
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         await conn.execute(FLOOR_TABLE)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=500
-        )
-        await consumer.start()
-        try:
-            tps = [TopicPartition(topic, p) for p in range(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            inserted, started = 0, None
-            deadline = time.monotonic() + timeout_s
-            while inserted < expected and time.monotonic() < deadline:
-                records = await consumer.getmany(timeout_ms=200, max_records=500)
-                if records and started is None:
-                    started = time.perf_counter()
-                events = [events_pb2.PaymentEvent.FromString(r.value) for batch in records.values() for r in batch]
-                if not events:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(
-                        "INSERT INTO bench_floor SELECT * FROM unnest(%s::text[], %s::text[], %s::text[],"
-                        " %s::timestamptz[]) ON CONFLICT DO NOTHING",
-                        (
-                            [e.event_id for e in events],
-                            [e.customer_id for e in events],
-                            [e.event_type for e in events],
-                            [_timestamp(e.created) for e in events],
-                        ),
-                        prepare=True,
-                    )
-                inserted += len(events)
-            return time.perf_counter() - (started or time.perf_counter()), inserted
-        finally:
-            await consumer.stop()
 
+        async def insert(events: list[events_pb2.PaymentEvent]) -> None:
+            async with conn.transaction():
+                await conn.execute(
+                    FLOOR_INSERT,
+                    (
+                        [e.event_id for e in events],
+                        [e.customer_id for e in events],
+                        [e.event_type for e in events],
+                        [datetime.fromtimestamp(e.created, UTC) for e in events],
+                    ),
+                    prepare=True,
+                )
 
-def _timestamp(seconds: int) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
+        return await read_decoded(bootstrap, topic, partitions, expected, timeout_s, insert)
 
 
 class Timed:
@@ -392,7 +378,7 @@ async def run(args: argparse.Namespace, database_url: str, catalog: Catalog, mes
             figures["on_topic"] = sum(ends.values())
             print(f"preloaded {n:,} events in {seconds:.1f} s; end offsets {ends}", flush=True)
 
-            seconds, read = await baseline(bootstrap, topic, args.partitions, n, timeout_s=120 + n / 1000)
+            seconds, read = await read_decoded(bootstrap, topic, args.partitions, n, timeout_s=120 + n / 1000)
             figures["baseline"] = read / seconds if seconds else 0.0
             figures["baseline_read"] = read
             print(f"baseline read and decoded {read:,} in {seconds:.1f} s", flush=True)

@@ -84,9 +84,9 @@ def changed(before: State, after: State) -> list[Case]:
 
 
 async def save(conn: AsyncConnection[Any], cases: Sequence[Case]) -> None:
+    """Upsert `cases` in one statement, in the order given (by case id, as `changed` sorts)."""
     if not cases:
         return
-    """Upsert `cases` in one statement, in the order given (by case id, as `changed` sorts)."""
     await conn.execute(queries()["upsert_case"], {"rows": json_rows([_case_params(c) for c in cases])}, prepare=True)
 
 
