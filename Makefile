@@ -11,7 +11,7 @@ ifeq ($(CI),true)
 export HYPOTHESIS_PROFILE ?= ci
 endif
 
-.PHONY: dev test test.unit test.integration test.e2e test.chaos test.soak lint preflight install \
+.PHONY: dev tools test test.unit test.integration test.e2e test.chaos test.soak lint preflight install \
         build.proto check.proto migrate.create migrate.local.up migrate.local.down \
         migrate.proxy.up bench clean
 
@@ -24,6 +24,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
+
+## External tools some tests need (promtool, buf, ...), into .tools/ (see .ci/install-tools).
+tools:
+	bash .ci/install-tools
 
 preflight: install
 	@$(BIN)/python -m paymentsvc.preflight
