@@ -57,7 +57,7 @@ test.chaos: preflight
 	$(BIN)/python -m pytest tests/chaos -s $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check domain paymentsvc services shared tests bench
+	$(BIN)/ruff check domain paymentsvc services shared tests bench examples
 	$(BIN)/mypy
 	PYTHONPATH=gen $(BIN)/lint-imports
 
