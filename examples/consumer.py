@@ -78,18 +78,23 @@ class SeenIds:
 
 
 def decode(record: ConsumerRecord) -> Received | None:
-    """The record as a CloudEvent with its PaymentEvent; None (logged) when it is not one."""
+    """The record as a CloudEvent with its PaymentEvent; None (logged) when it is not one.
+
+    Skipping is this example's policy for a record it cannot read; a team that must not
+    miss one would dead-letter it, or stop.
+    """
     headers = {name: value for name, value in record.headers or ()}
+    where = f"{record.topic}[{record.partition}]@{record.offset}"
     if "ce_id" not in headers:
-        log.warning("skipped a record without CloudEvents headers at offset %s", record.offset)
+        log.warning("skipped %s: no CloudEvents headers", where)
         return None
     # The SDK reads the attributes (ce_* and content-type); the data is protobuf, which
     # its JSON format does not decode, so the value is parsed with the generated class.
-    cloudevent = from_binary(KafkaMessage(headers, record.key, record.value or b""), JSONFormat())
     try:
+        cloudevent = from_binary(KafkaMessage(headers, record.key, record.value or b""), JSONFormat())
         event = events_pb2.PaymentEvent.FromString(record.value or b"")
-    except Exception as exc:  # protobuf raises DecodeError; any failure means the same here
-        log.warning("skipped an undecodable record %s: %s", cloudevent.get_id(), exc)
+    except Exception as exc:  # the SDK's validation errors, protobuf's DecodeError: unreadable either way
+        log.warning("skipped %s: %s: %s", where, type(exc).__name__, exc)
         return None
     key = record.key.decode() if record.key else ""
     return Received(cloudevent.get_id(), cloudevent.get_source(), cloudevent.get_type(), cloudevent.get_time(), key, event)

@@ -9,6 +9,7 @@ CloudEvents sources it promises are the ones the producers set.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def validate(path: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [tool("asyncapi"), "validate", str(path), "--fail-severity", "warn", "--diagnostics-format", "text"],
         capture_output=True, text=True, check=False, timeout=180,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ASYNCAPI_METRICS_CONFIG_PATH": str(config)},
+        env={**os.environ, "HOME": str(tmp_path), "ASYNCAPI_METRICS_CONFIG_PATH": str(config)},
     )
 
 
