@@ -46,6 +46,11 @@ test.unit: install
 test.integration: preflight
 	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
 
+## The checks of the contract for downstream teams (buf, the AsyncAPI CLI: make tools).
+.PHONY: test.contract
+test.contract: install
+	$(BIN)/python -m pytest tests/contract $(PYTEST_ARGS)
+
 test.e2e: preflight
 	$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
 
@@ -57,7 +62,7 @@ test.chaos: preflight
 	$(BIN)/python -m pytest tests/chaos -s $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check domain paymentsvc services shared tests bench
+	$(BIN)/ruff check domain paymentsvc services shared tests bench examples
 	$(BIN)/mypy
 	PYTHONPATH=gen $(BIN)/lint-imports
 

@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -26,11 +27,14 @@ Headers = Sequence[tuple[str, bytes]]
 SCHEMA_VERSION = b"1"
 
 
-def event_headers(event_id: str, event_type: str, message: str, traceparent: str = "") -> list[tuple[str, bytes]]:
+def event_headers(
+    event_id: str, event_type: str, message: str, traceparent: str = "", *, occurred_at: float = 0.0
+) -> list[tuple[str, bytes]]:
     """The headers of every protobuf message on our topics (DESIGN.md, "Topics").
 
     `message` names the payment.v1 message type; `traceparent` is the W3C header
-    value to carry (a new trace when empty).
+    value to carry (a new trace when empty); `occurred_at` (Unix seconds) is when the
+    event happened, for `ce_time` (now when 0).
     """
     return [
         ("event-id", event_id.encode()),
@@ -38,7 +42,37 @@ def event_headers(event_id: str, event_type: str, message: str, traceparent: str
         ("schema-version", SCHEMA_VERSION),
         ("content-type", f"application/x-protobuf; messageType=payment.v1.{message}".encode()),
         ("traceparent", (traceparent or tracing.child_traceparent()).encode()),
+    ] + cloudevent_headers(event_id, f"payment.v1.{message}.{event_type}", CE_SOURCES[message], occurred_at)
+
+
+# CloudEvents binary mode for Kafka (docs/asyncapi.yaml): any CloudEvents SDK reads these
+# without our code. `content-type` is the binding's datacontenttype and is set by the
+# message's builder. The spec makes source + id an event's identity, so each stream has
+# its own source: a Stripe event id is both a raw event and a normalized one, two events.
+CE_SPECVERSION = b"1.0"
+CE_SOURCES = {
+    "PaymentEvent": "/paymentsvc/payment-events",
+    "UsageEvent": "/paymentsvc/usage-events",
+    "DunningEvent": "/paymentsvc/dunning-events",
+    "StripeEvent": "/paymentsvc/stripe-raw-events",
+}
+
+
+def cloudevent_headers(event_id: str, ce_type: str, source: str, occurred_at: float = 0.0) -> list[tuple[str, bytes]]:
+    """The required CloudEvents attributes plus `ce_time` (RFC 3339, UTC; now when
+    `occurred_at` is 0), as `ce_`-prefixed headers."""
+    return [
+        ("ce_specversion", CE_SPECVERSION),
+        ("ce_id", event_id.encode()),
+        ("ce_source", source.encode()),
+        ("ce_type", ce_type.encode()),
+        ("ce_time", rfc3339(occurred_at or time.time()).encode()),
     ]
+
+
+def rfc3339(unix_seconds: float) -> str:
+    """`2026-12-07T05:40:00Z`, with a fraction only when the time has one."""
+    return datetime.fromtimestamp(unix_seconds, UTC).isoformat().replace("+00:00", "Z")
 
 
 class PublishFailed(RuntimeError):

@@ -34,7 +34,9 @@ def event_id_for(event_type: str, idempotency_key: str) -> str:
 
 def headers(event: events_pb2.PaymentEvent, traceparent: str) -> list[tuple[str, bytes]]:
     """The headers the ingester sets on payment-events."""
-    return event_headers(event.event_id, event.event_type, "PaymentEvent", tracing.child_traceparent(traceparent))
+    return event_headers(
+        event.event_id, event.event_type, "PaymentEvent", tracing.child_traceparent(traceparent), occurred_at=event.created
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -91,7 +91,7 @@ class KafkaUsageBus:
         self._max_timeout_s = max_timeout_s
 
     async def publish(self, event: events_pb2.UsageEvent, timeout: float) -> None:
-        headers = event_headers(event.event_id, "usage.recorded", "UsageEvent")
+        headers = event_headers(event.event_id, "usage.recorded", "UsageEvent", occurred_at=event.created_ms / 1000)
         try:
             await publish(
                 self._producer, self._topic, event.SerializeToString(), key=event.subject_id.encode(),

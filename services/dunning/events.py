@@ -44,7 +44,7 @@ class KafkaPublisher:
     async def decision(self, event: events_pb2.PaymentEvent) -> None:
         await publish(
             self._producer, self._topics.payment_events, event.SerializeToString(),
-            key=event.customer_id.encode(), headers=event_headers(event.event_id, event.event_type, "PaymentEvent"),
+            key=event.customer_id.encode(), headers=event_headers(event.event_id, event.event_type, "PaymentEvent", occurred_at=event.created),
             event_type=event.event_type, timeout_s=self._timeout_s,
         )
 
@@ -54,7 +54,7 @@ class KafkaPublisher:
             kind = events_pb2.DunningEvent.Kind.Name(e.kind)
             await publish(
                 self._producer, self._topics.dunning_events, e.SerializeToString(),
-                key=e.customer_id.encode(), headers=event_headers(e.event_id, kind, "DunningEvent"),
+                key=e.customer_id.encode(), headers=event_headers(e.event_id, kind, "DunningEvent", occurred_at=e.created),
                 event_type=kind, timeout_s=self._timeout_s,
             )
 

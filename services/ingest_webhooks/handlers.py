@@ -28,7 +28,7 @@ from services.ingest_webhooks.normalize import (
     partition_key,
 )
 from shared.config import Topics
-from shared.kafka import OutgoingMessage, event_headers
+from shared.kafka import CE_SOURCES, OutgoingMessage, cloudevent_headers, event_headers
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -85,9 +85,11 @@ def plan_delivery(event: Any, raw_body: bytes, topics: Topics, traceparent: str 
     except _Unnormalizable as exc:
         # No id to key it by: the body's digest keeps one body on one partition.
         key = "sha256:" + hashlib.sha256(raw_body).hexdigest()
-        raw = _raw_message(key, "", "", raw_body, topics, traceparent)
+        raw = _raw_message(key, "", "", 0, raw_body, topics, traceparent)
         return _unnormalized(raw, "", "unknown", exc.reason, exc.message, topics)
-    raw = _raw_message(event_id, event_type, str(event.get("api_version") or ""), raw_body, topics, traceparent)
+    created = event.get("created")
+    occurred_at = created if isinstance(created, int) and created > 0 else 0
+    raw = _raw_message(event_id, event_type, str(event.get("api_version") or ""), occurred_at, raw_body, topics, traceparent)
     if event_type not in PROJECTED_TYPES:
         return Delivery(event_id, event_type, "archived", (raw,))
     try:
@@ -105,21 +107,28 @@ def payment_event_message(normalized: events_pb2.PaymentEvent, topics: Topics, t
         topic=topics.payment_events,
         key=partition_key(normalized).encode(),
         value=normalized.SerializeToString(),
-        headers=tuple(event_headers(normalized.event_id, normalized.event_type, "PaymentEvent", traceparent)),
+        headers=tuple(
+            event_headers(normalized.event_id, normalized.event_type, "PaymentEvent", traceparent, occurred_at=normalized.created)
+        ),
         event_type=normalized.event_type,
     )
 
 
 def _raw_message(
-    key: str, event_type: str, api_version: str, raw_body: bytes, topics: Topics, traceparent: str
+    key: str, event_type: str, api_version: str, occurred_at: int, raw_body: bytes, topics: Topics, traceparent: str
 ) -> OutgoingMessage:
     trace = (("traceparent", traceparent.encode()),) if traceparent else ()
     ids = (("event-id", key.encode()), ("event-type", event_type.encode())) if event_type else ()
+    # A body that is not an event has no id or type of its own: its key (the body's
+    # digest) is its id, and the receipt time its time (occurred_at 0 means now).
+    cloudevent = cloudevent_headers(
+        key, f"stripe.event.{event_type or 'unparsed'}", CE_SOURCES["StripeEvent"], occurred_at
+    )
     return OutgoingMessage(
         topic=topics.stripe_raw_events,
         key=key.encode(),
         value=raw_body,
-        headers=ids + (("content-type", JSON_CONTENT_TYPE), ("api-version", api_version.encode())) + trace,
+        headers=ids + (("content-type", JSON_CONTENT_TYPE), ("api-version", api_version.encode())) + trace + tuple(cloudevent),
         event_type=event_type or "unknown",
     )
 
