@@ -34,6 +34,8 @@ def connections_in_use() -> int:
     """Connections handed out by this process's pools right now."""
     total = 0
     for pool in list(_POOLS):
+        if pool.closed:  # a closed pool keeps counting its last connections as its size
+            continue
         stats = pool.get_stats()
         total += stats.get("pool_size", 0) - stats.get("pool_available", 0)
     return total
