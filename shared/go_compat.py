@@ -38,6 +38,17 @@ GO_VARIABLES: dict[str, tuple[str, str]] = {
     "STRIPE_WEBHOOK_SECRET": ("stripe_webhook_secrets", "STRIPE_WEBHOOK_SECRETS"),
     "GRPC_ADDRESS": ("grpc_port", "GRPC_PORT"),
     "HEALTH_PORT": ("grpc_http_port", "GRPC_HTTP_PORT"),
+    "EVENTS_BROKERS": ("kafka_bootstrap_servers", "KAFKA_BOOTSTRAP_SERVERS"),
+}
+# The Go service's other variables: accepted, and reported once as meaning nothing here.
+GO_IGNORED_VARIABLES: dict[str, str] = {
+    "APP_NAME": "each process is named by `paymentsvc serve NAME`",
+    "POSTGRES_MAX_CONNS": "each service sizes its own Postgres pool",
+    "AUTH_PUBLIC_KEY_PEM": "clients authenticate with API_KEYS (Bearer keys with scopes)",
+    "STRIPE_PUBLISHABLE_KEY": "only browsers use the publishable key",
+    "BILLING_PROVIDER": "the billing provider is Stripe",
+    "EVENTS_PROVIDER": "the event bus is Kafka",
+    "EVENTS_TOPIC": "topic names are fixed (payment-events, ...); KAFKA_TOPIC_PREFIX prefixes them",
 }
 # go-redis' companions of REDIS_ADDR: they only complete it (or REDIS_URL's absence).
 REDIS_PARTS = ("REDIS_PASSWORD", "REDIS_DB")
@@ -148,6 +159,8 @@ def from_environment(env: Mapping[str, str]) -> Loaded:
             supplied = {"redis_url": redis_url(value, redis_parts.get("REDIS_PASSWORD"), redis_parts.get("REDIS_DB"), go)}
         elif go == "GRPC_ADDRESS":
             supplied = listen_address(value, go)
+        elif go == "EVENTS_BROKERS":
+            supplied = {"kafka_bootstrap_servers": ",".join(p.strip() for p in value.split(",") if p.strip())}
         elif go == "HEALTH_PORT":
             if not value.strip().isdigit():
                 raise ConfigurationError("HEALTH_PORT must be a port number")
@@ -163,6 +176,9 @@ def from_environment(env: Mapping[str, str]) -> Loaded:
                 )
             supplied = {k: v for k, v in supplied.items() if _OURS_OF[k] not in shadowed}
         out.values.update(supplied)
+    for go, reason in GO_IGNORED_VARIABLES.items():
+        if env.get(go):
+            out.notes.append(f"{go} is set and ignored: {reason}")
     if redis_parts and not env.get("REDIS_ADDR"):
         out.notes.append(f"{' and '.join(redis_parts)} without REDIS_ADDR: ignored (they complete REDIS_ADDR only)")
     return out
@@ -239,6 +255,12 @@ def _provider(value: Any, where: str) -> dict[str, Any]:
     return {}
 
 
+def _events_provider(value: Any, where: str) -> dict[str, Any]:
+    if _str(value, where).lower() != "kafka":
+        raise ConfigurationError(f"{where}: the event bus here is Kafka")
+    return {}
+
+
 def _log_format(value: Any, where: str) -> dict[str, Any]:
     text = _str(value, where).lower()
     mapped = {"json": "json", "console": "console", "text": "console"}.get(text)
@@ -248,6 +270,8 @@ def _log_format(value: Any, where: str) -> dict[str, Any]:
 
 
 _POOL = "each service sizes its own Postgres pool"
+# Top-level keys of the Go service's older config.yaml, before its `app` section.
+TOP_LEVEL_IGNORED = {"app_name": "each process is named by `paymentsvc serve NAME`"}
 _REDIS_POOL = "the Redis clients' pools and timeouts are set per service"
 FILE_KEYS: dict[str, dict[str, Key]] = {
     "app": {
@@ -295,19 +319,25 @@ FILE_KEYS: dict[str, dict[str, Key]] = {
         "provider": Key(to=_provider),
         "stripe_secret": _set("stripe_secret_key"),
         "webhook_secret": Key(to=lambda v, w: {"stripe_webhook_secrets": _strings(v, w)}),
+        "stripe_webhook_secret": Key(to=lambda v, w: {"stripe_webhook_secrets": _strings(v, w)}),
         "api_base": _set("stripe_api_base"),
         "publishable_key": Key(ignored="only browsers use the publishable key"),
+        "stripe_publishable": Key(ignored="only browsers use the publishable key"),
         "success_url": Key(ignored="CreateCheckoutSession takes success_url per request"),
         "cancel_url": Key(ignored="CreateCheckoutSession takes cancel_url per request"),
         "currency": Key(ignored="each price's currency comes from the catalog"),
     },
     "events": {
+        "provider": Key(to=_events_provider),
         "brokers": Key(to=lambda v, w: {"kafka_bootstrap_servers": ",".join(_strings(v, w))}),
         "topic_prefix": _set("kafka_topic_prefix"),
         "partitions": _set("kafka_partitions", _int),
         "enabled": Key(ignored="events are how this service works: always on"),
         "topic": Key(ignored="topic names are fixed (payment-events, ...); events.topic_prefix prefixes them"),
         "publisher": Key(ignored="the publisher is Kafka"),
+    },
+    "auth": {
+        "public_key_pem": Key(ignored="clients authenticate with API_KEYS (Bearer keys with scopes)"),
     },
     "log": {
         "level": Key(to=lambda v, w: {"log_level": log_level(_str(v, w))}),
@@ -372,6 +402,9 @@ def from_file(path: Path) -> Loaded:
     given: dict[str, int] = {}
     for section_key, section_node in _mapping(root, str(path)):
         section = str(section_key.value)
+        if section in TOP_LEVEL_IGNORED:
+            out.notes.append(f"{path}:{section_key.start_mark.line + 1}: {section} ignored: {TOP_LEVEL_IGNORED[section]}")
+            continue
         keys = FILE_KEYS.get(section)
         if keys is None:
             raise ConfigurationError(

@@ -22,7 +22,42 @@ OURS = (
     "KAFKA_PARTITIONS", "STRIPE_API_BASE", "CONFIG_FILE",
 )
 GO = ("POSTGRES_DSN", "REDIS_ADDR", "REDIS_PASSWORD", "REDIS_DB", "STRIPE_SECRET", "STRIPE_WEBHOOK_SECRET",
-      "GRPC_ADDRESS", "HEALTH_PORT")
+      "GRPC_ADDRESS", "HEALTH_PORT", "EVENTS_BROKERS", "APP_NAME", "POSTGRES_MAX_CONNS", "AUTH_PUBLIC_KEY_PEM",
+      "STRIPE_PUBLISHABLE_KEY", "BILLING_PROVIDER", "EVENTS_PROVIDER", "EVENTS_TOPIC")
+
+# The Go service's own documented config.yaml (its architecture guide), older than its
+# `app` section: the file a team has today must load as it is.
+SEED_FILE = """\
+app_name: "payment-service"
+
+grpc:
+  address: ":8081"
+
+postgres:
+  dsn: "postgres://user:pass@host:5432/db?sslmode=require"
+  max_conns: 10
+
+redis:
+  addr: "localhost:6379"
+  db: 0
+  password: ""
+
+auth:
+  public_key_pem: ""
+
+billing:
+  provider: "stripe"
+  stripe_secret: "sk_test_..."
+  stripe_publishable: "pk_test_..."
+
+events:
+  provider: "kafka"
+  brokers: ["localhost:9092"]
+  topic: "payments"
+
+log:
+  level: "info"
+"""
 
 GO_FILE = """\
 app:
@@ -197,6 +232,40 @@ def test_the_environment_wins_over_the_file_and_the_file_over_the_defaults(
     assert s.grpc_http_port == 7071     # the Go variable beats the file too
     assert s.log_level == "ERROR"       # the file beats the default
     assert s.ingest_port == 8090        # untouched: the default
+
+
+def test_the_go_services_own_documented_config_file_loads_as_it_is(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = write(tmp_path, SEED_FILE)
+    s = settings(monkeypatch, CONFIG_FILE=str(path))
+    assert s.database_url.get_secret_value() == "postgres://user:pass@host:5432/db?sslmode=require"
+    assert s.redis_url.get_secret_value() == "redis://localhost:6379/0"
+    assert (s.bind_host, s.grpc_port) == ("0.0.0.0", 8081)
+    assert s.kafka_bootstrap_servers == "localhost:9092" and s.log_level == "INFO"
+    assert [n.split(": ", 1)[1] for n in notes(CONFIG_FILE=str(path))] == [
+        "app_name ignored: each process is named by `paymentsvc serve NAME`",
+        "postgres.max_conns ignored: each service sizes its own Postgres pool",
+        "auth.public_key_pem ignored: clients authenticate with API_KEYS (Bearer keys with scopes)",
+        "billing.stripe_publishable ignored: only browsers use the publishable key",
+        "events.topic ignored: topic names are fixed (payment-events, ...); events.topic_prefix prefixes them",
+    ]
+
+
+def test_the_go_services_other_variables_are_reported_as_ignored_and_its_brokers_are_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s = settings(monkeypatch, EVENTS_BROKERS="k1:9092, k2:9092", POSTGRES_MAX_CONNS="10")
+    assert s.kafka_bootstrap_servers == "k1:9092,k2:9092"
+    assert notes(POSTGRES_MAX_CONNS="10", STRIPE_PUBLISHABLE_KEY="pk_live_verysecret") == [
+        "POSTGRES_MAX_CONNS is set and ignored: each service sizes its own Postgres pool",
+        "STRIPE_PUBLISHABLE_KEY is set and ignored: only browsers use the publishable key",
+    ]
+
+
+def test_another_event_bus_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError, match=":2: events.provider: the event bus here is Kafka"):
+        settings(monkeypatch, CONFIG_FILE=str(write(tmp_path, "events:\n  provider: nats\n")))
 
 
 def test_the_config_file_can_be_given_directly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
