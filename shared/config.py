@@ -2,7 +2,9 @@
 
 Every service and command takes a `Settings`. Defaults work on a development
 machine (local Postgres and Redis, a Tansu broker started on demand). Secrets
-are `SecretStr`: they never appear in reprs, logs or `/status`.
+are `SecretStr`: they never appear in reprs, logs or `/status`. The Go service's
+variable names and its config.yaml (`CONFIG_FILE`) are read too, below our own
+variables (shared/go_compat.py).
 """
 
 from __future__ import annotations

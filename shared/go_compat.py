@@ -66,13 +66,13 @@ class Loaded:
 
 # ---------------------------------------------------------------- conversions
 
-def host_port(text: str, what: str) -> tuple[str, int]:
+def host_port(text: str, what: str, example: str = "127.0.0.1:6379") -> tuple[str, int]:
     """`host:port`, `:port` or `[v6]:port`, as Go's net.Listen and go-redis read it."""
     if "://" in text:
-        raise ConfigurationError(f"{what} must be host:port without a scheme (e.g. redis:6379)")
+        raise ConfigurationError(f"{what} must be host:port without a scheme (e.g. {example})")
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigurationError(f"{what} must be host:port with a port from 1 to 65535 (e.g. 127.0.0.1:6379)")
+        raise ConfigurationError(f"{what} must be host:port with a port from 1 to 65535 (e.g. {example})")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         ipaddress.IPv6Address(host)  # raises ValueError on a malformed bracketed host
@@ -124,7 +124,7 @@ def postgres_url_of(parts: Mapping[str, Any]) -> str:
 def listen_address(text: str, what: str) -> dict[str, Any]:
     """GRPC_ADDRESS / grpc.address: the port, and the host unless it is empty (Go's
     `:8080` listens on every interface, which is our BIND_HOST=0.0.0.0)."""
-    host, port = host_port(text, what)
+    host, port = host_port(text, what, example=":8080")
     return {"grpc_port": port, "bind_host": host or "0.0.0.0"}
 
 

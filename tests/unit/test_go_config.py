@@ -350,3 +350,9 @@ def test_the_cli_reads_config_and_reports_a_bad_file_as_one_line(tmp_path: Path)
         f"error: {path}:2: unknown key grpc.prot; known in grpc: address, host, port, reflection, "
         "max_recv_msg_size, max_send_msg_size, timeout, shutdown_timeout"
     )
+
+
+@pytest.mark.parametrize("address", ["8080", "localhost", "grpc://h:8080", ":0"])
+def test_a_grpc_address_that_is_not_host_and_port_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"GRPC_ADDRESS must be host:port .*\(e\.g\. :8080\)"):
+        settings(monkeypatch, GRPC_ADDRESS=address)
