@@ -30,8 +30,31 @@ entitlements_app = typer.Typer(no_args_is_help=True, help="The entitlements proj
 app.add_typer(entitlements_app, name="entitlements")
 
 
-def _settings() -> Settings:
-    return Settings()
+@app.callback()
+def _options(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="A config.yaml in the Go service's shape (sets CONFIG_FILE; variables win over it)."),
+    ] = None,
+) -> None:
+    if config is not None:
+        # Through the environment, so that the services `dev` starts read it too.
+        os.environ["CONFIG_FILE"] = str(config)
+
+
+def _settings(report: bool = True) -> Settings:
+    """The settings; with `report`, the notes on the Go service's names and file are
+    logged (once per process; `serve` reports after its logging is configured)."""
+    settings = Settings()
+    if report:
+        _report_config_notes(settings)
+    return settings
+
+
+def _report_config_notes(settings: Settings) -> None:
+    from shared import go_compat
+
+    go_compat.report_notes(os.environ, settings.config_file)
 
 
 @app.command()
@@ -182,9 +205,10 @@ def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVI
     from paymentsvc import runner
     from shared import logs
 
-    settings = _settings()
+    settings = _settings(report=False)
     _require_bootstrap(settings)
     logs.configure(settings.log_level, settings.log_format, service)
+    _report_config_notes(settings)
     runner.run(service, settings)
 
 

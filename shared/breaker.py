@@ -15,11 +15,21 @@ cool-down reads the wall clock and cannot be driven.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
 
+from shared.metrics import GO_CIRCUIT_BREAKER_STATE
+
 T = TypeVar("T")
 State = Literal["closed", "opened", "half-opened"]
+# The Go service's circuit_breaker_state values.
+GO_STATE_VALUES: dict[State, float] = {"closed": 0.0, "opened": 1.0, "half-opened": 2.0}
+
+
+def _go_state(ref: weakref.ref[Breaker]) -> float:
+    breaker = ref()
+    return 0.0 if breaker is None else GO_STATE_VALUES[breaker.state]
 
 
 class BreakerOpen(RuntimeError):
@@ -55,6 +65,10 @@ class Breaker:
         self._clock = clock
         self._failures = 0
         self._opened_at: float | None = None
+        # Read at scrape time: half-open is a matter of the clock, not of a call. A weak
+        # reference, so the gauge never keeps a breaker alive (the newest of a name shows).
+        ref = weakref.ref(self)
+        GO_CIRCUIT_BREAKER_STATE.labels(name).set_function(lambda: _go_state(ref))
 
     @property
     def state(self) -> State:

@@ -2,19 +2,26 @@
 
 Every service and command takes a `Settings`. Defaults work on a development
 machine (local Postgres and Redis, a Tansu broker started on demand). Secrets
-are `SecretStr`: they never appear in reprs, logs or `/status`.
+are `SecretStr`: they never appear in reprs, logs or `/status`. The Go service's
+variable names and its config.yaml (`CONFIG_FILE`) are read too, below our own
+variables (shared/go_compat.py).
 """
 
 from __future__ import annotations
 
 import importlib.resources
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from shared import go_compat
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Package data (the checkout links shared/default_catalog to catalog/, shared/migrations
@@ -168,6 +175,21 @@ class Settings(BaseSettings):
         default="auto", pattern="^(auto|always|never)$",
         description="progress bars of operator commands: auto (on a terminal), always, never",
     )
+    # The Go service's config.yaml (shared/go_compat.py): below every variable, above the defaults.
+    config_file: Path | None = Field(default=None, description="a config.yaml in the Go service's shape")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Our variables first, then the Go service's names and its file (one source).
+        go = GoCompatSource(settings_cls, init_settings, env_settings)
+        return init_settings, env_settings, go, dotenv_settings, file_secret_settings
 
     @field_validator("stripe_webhook_secrets", "api_keys_raw", "token_signing_keys", mode="before")
     @classmethod
@@ -197,7 +219,8 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _upper(cls, value: str) -> str:
-        return value.upper()
+        # zap's dpanic/panic/fatal (the Go service's LOG_LEVEL) are CRITICAL here.
+        return go_compat.log_level(value)
 
     @cached_property
     def api_keys(self) -> tuple[ApiKey, ...]:
@@ -226,6 +249,29 @@ class Settings(BaseSettings):
             else:
                 view[name] = str(value) if isinstance(value, Path) else value
         return view
+
+
+class GoCompatSource(PydanticBaseSettingsSource):
+    """The Go service's variables and config file (shared/go_compat.py), as one source
+    ranked below our own variables: a value of ours, when set, wins."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+    ) -> None:
+        super().__init__(settings_cls)
+        self._init_kwargs: dict[str, Any] = getattr(init_settings, "init_kwargs", {})
+        self._env: Mapping[str, str | None] = getattr(env_settings, "env_vars", os.environ)
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ answers for every field at once
+
+    def __call__(self) -> dict[str, Any]:
+        env = {k: v for k, v in self._env.items() if v is not None}
+        path = self._init_kwargs.get("config_file") or {k.upper(): v for k, v in env.items()}.get("CONFIG_FILE")
+        return go_compat.load(env, path).values
 
 
 def redact_url(url: str) -> str:

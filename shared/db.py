@@ -6,7 +6,10 @@ No connection is made at import. The composition root of each service calls
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import time
+import weakref
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -16,9 +19,43 @@ from psycopg.types.json import Json
 from psycopg_pool import AsyncConnectionPool
 
 from shared.errors import DependencyUnavailable
+from shared.metrics import GO_DB_CONNECTIONS_ACTIVE, GO_DB_QUERY_DURATION
 
 # DB_STATEMENT_TIMEOUT_MS's default: far above any query of ours, well below "forever".
 DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
+
+
+# Every pool of this process, for the Go service's db_connections_active, read at scrape
+# time from psycopg_pool's own measures (weakly: a closed, dropped pool just leaves).
+_POOLS: weakref.WeakSet[AsyncConnectionPool] = weakref.WeakSet()
+
+
+def connections_in_use() -> int:
+    """Connections handed out by this process's pools right now."""
+    total = 0
+    for pool in list(_POOLS):
+        if pool.closed:  # a closed pool keeps counting its last connections as its size
+            continue
+        stats = pool.get_stats()
+        total += stats.get("pool_size", 0) - stats.get("pool_available", 0)
+    return total
+
+
+GO_DB_CONNECTIONS_ACTIVE.set_function(connections_in_use)
+
+
+@contextlib.asynccontextmanager
+async def timed_connection(
+    pool: AsyncConnectionPool, timeout: float
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """`pool.connection(timeout)`, observed in db_query_duration_seconds from the request
+    for a connection to its return (as pgxpool's Query includes the acquire)."""
+    started = time.perf_counter()
+    try:
+        async with pool.connection(timeout=timeout) as conn:
+            yield conn
+    finally:
+        GO_DB_QUERY_DURATION.observe(time.perf_counter() - started)
 
 
 def describe(url: str) -> str:
@@ -107,7 +144,7 @@ def make_pool(
     if schema:
         options.append(f"-c search_path={schema},public")
     kwargs["options"] = " ".join(options)
-    return AsyncConnectionPool(
+    pool = AsyncConnectionPool(
         url,
         min_size=min_size,
         max_size=max_size,
@@ -117,6 +154,8 @@ def make_pool(
         open=False,
         name=name,
     )
+    _POOLS.add(pool)
+    return pool
 
 
 async def open_pool(url: str, **kwargs: object) -> AsyncConnectionPool:

@@ -199,3 +199,70 @@ USAGE_CACHE_REBUILDS = Counter(
     "Rebuilds of the Redis usage counters from Postgres, by outcome.",
     ["outcome"],
 )
+
+# ---------------------------------------------------------------- the Go service's names
+# The Go payment service's metrics, under its names, buckets and meanings, so that its
+# dashboards and alerts keep working (issue 17; README "Coming from the Go service" says
+# where each one is counted here). They sit beside ours, never instead of them.
+GO_DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)  # Go's prometheus.DefBuckets
+GO_PAYMENT_TOTAL = Counter(
+    "payment_total",
+    "Payment requests: CreatePayment calls past validation, as the Go service counted them.",
+)
+GO_PAYMENT_SUCCESS = Counter(
+    "payment_success_total",
+    "CreatePayment calls whose PaymentIntent was created and whose payment.created event was acknowledged.",
+)
+GO_PAYMENT_FAILED = Counter(
+    "payment_failed_total",
+    "CreatePayment calls that failed after validation (Stripe refused or was unavailable, or the event was not acknowledged).",
+)
+GO_PAYMENT_DURATION = Histogram(
+    "payment_duration_seconds",
+    "Time to process one CreatePayment (Stripe calls and the event's acknowledgement).",
+    buckets=GO_DEFAULT_BUCKETS,
+)
+GO_PAYMENT_AMOUNT = Histogram(
+    "payment_amount_dollars",
+    "Amounts of CreatePayment requests in the currency's major unit (cents / 100; zero-decimal currencies as they are).",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+GO_ENTITLEMENT_CHECKS = Counter(
+    "entitlement_checks_total",
+    "Entitlement decisions of CheckEntitlement (one each) and BulkCheckEntitlements (one per subject and feature).",
+)
+GO_ENTITLEMENT_CACHE_HITS = Counter(
+    "entitlement_cache_hits_total",
+    "Entitlement decisions answered from the cache (the replica's near cache or Redis).",
+)
+GO_ENTITLEMENT_CACHE_MISSES = Counter(
+    "entitlement_cache_misses_total",
+    "Entitlement decisions answered from Postgres (a subject not in Redis, or Redis unavailable).",
+)
+GO_ENTITLEMENT_DURATION = Histogram(
+    "entitlement_check_duration_seconds",
+    "Time to decide one CheckEntitlement call (cache or Postgres read and the decision; not the gRPC transport).",
+    buckets=GO_DEFAULT_BUCKETS,
+)
+GO_DB_CONNECTIONS_ACTIVE = Gauge(
+    "db_connections_active",
+    "Postgres connections of this process's pools in use right now (psycopg_pool: pool_size - pool_available).",
+)
+GO_DB_QUERY_DURATION = Histogram(
+    "db_query_duration_seconds",
+    "Time of one Postgres read of the API, from asking the pool for a connection to giving it back.",
+    buckets=GO_DEFAULT_BUCKETS,
+)
+GO_CACHE_HITS = Counter(
+    "cache_hits_total",
+    "Reads of the API answered by its cache: entitlement hashes (near cache or Redis) and usage counters (Redis).",
+)
+GO_CACHE_MISSES = Counter(
+    "cache_misses_total",
+    "Reads of the API that the cache could not answer and that went to Postgres.",
+)
+GO_CIRCUIT_BREAKER_STATE = Gauge(
+    "circuit_breaker_state",
+    "Circuit breaker state, 0 closed, 1 open, 2 half-open (the Go service's values), by breaker (stripe, redis).",
+    ["breaker"],
+)

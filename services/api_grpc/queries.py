@@ -20,6 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from domain.entitlements import SubjectRow, read_subjects
 from services.api_grpc.validation import SubjectKey
+from shared.db import timed_connection
 from shared.sqlfile import load_queries
 
 SQL_PATH = Path(__file__).resolve().parent / "sql" / "api.sql"
@@ -67,7 +68,7 @@ class Queries:
         self._checkout_s = checkout_timeout_s
 
     def _connection(self, timeout: float) -> Any:
-        return self._pool.connection(timeout=min(timeout, self._checkout_s))
+        return timed_connection(self._pool, min(timeout, self._checkout_s))
 
     async def watermark(self, timeout: float) -> Watermark | None:
         async with self._connection(timeout) as conn:

@@ -8,8 +8,9 @@ errors are the domain errors of errors.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,21 @@ from services.api_grpc.queries import PaymentFilter, Queries, Row, Watermark
 from services.api_grpc.stripe_gateway import StripeGateway
 from services.api_grpc.validation import SubjectIds, SubjectKey
 from shared.catalog import Plan, Price
-from shared.metrics import API_CACHE_LOOKUPS, API_ENTITLEMENT_CHECKS
+from shared.metrics import (
+    API_CACHE_LOOKUPS,
+    API_ENTITLEMENT_CHECKS,
+    GO_CACHE_HITS,
+    GO_CACHE_MISSES,
+    GO_ENTITLEMENT_CACHE_HITS,
+    GO_ENTITLEMENT_CACHE_MISSES,
+    GO_ENTITLEMENT_CHECKS,
+    GO_ENTITLEMENT_DURATION,
+    GO_PAYMENT_AMOUNT,
+    GO_PAYMENT_DURATION,
+    GO_PAYMENT_FAILED,
+    GO_PAYMENT_SUCCESS,
+    GO_PAYMENT_TOTAL,
+)
 
 EMPTY_WATERMARK = orjson.dumps({"created": 0, "event_id": ""})
 _CACHE_HIT = API_CACHE_LOOKUPS.labels("hit")
@@ -42,6 +57,48 @@ def _count_check(reason: str, n: int = 1) -> None:
     if child is None:
         child = _CHECKS[reason] = API_ENTITLEMENT_CHECKS.labels(reason)
     child.inc(n)
+
+
+def _count_go_checks(from_cache: bool, n: int = 1) -> None:
+    """The Go service's entitlement counters: n decisions, from the cache or from Postgres."""
+    GO_ENTITLEMENT_CHECKS.inc(n)
+    (GO_ENTITLEMENT_CACHE_HITS if from_cache else GO_ENTITLEMENT_CACHE_MISSES).inc(n)
+
+
+# Stripe's zero-decimal currencies: their amounts are already in the major unit.
+ZERO_DECIMAL = frozenset(
+    "bif clp djf gnf jpy kmf krw mga pyg rwf ugx vnd vuv xaf xof xpf".split()
+)
+
+
+def major_units(amount: int, currency: str) -> float:
+    """A minor-unit amount in the currency's major unit (the Go service's "dollars")."""
+    return float(amount) if currency.lower() in ZERO_DECIMAL else amount / 100
+
+
+def _go_payment_metrics(
+    create: Callable[..., Awaitable[CreatedPayment]],
+) -> Callable[..., Awaitable[CreatedPayment]]:
+    """The Go service's payment_* metrics around CreatePayment's use case: every request
+    counted, its amount and duration observed, and success or failure (any exception,
+    cancellation included, as Go's failed context was)."""
+
+    @functools.wraps(create)
+    async def counted(self: PaymentApi, command: NewPayment, *args: Any, **kwargs: Any) -> CreatedPayment:
+        GO_PAYMENT_TOTAL.inc()
+        GO_PAYMENT_AMOUNT.observe(major_units(command.amount, command.currency))
+        started = time.perf_counter()
+        try:
+            created = await create(self, command, *args, **kwargs)
+        except BaseException:
+            GO_PAYMENT_FAILED.inc()
+            raise
+        finally:
+            GO_PAYMENT_DURATION.observe(time.perf_counter() - started)
+        GO_PAYMENT_SUCCESS.inc()
+        return created
+
+    return counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,9 +158,11 @@ class PaymentApi:
     async def check(
         self, subject: SubjectIds, feature_code: str, timeout: float
     ) -> tuple[Decision, Watermark | None]:
+        started = time.perf_counter()
         decisions.require_known(feature_code, self.facts.known)
         keys = subject.keys()
         hashes = await self._cached(keys, timeout, feature_code)
+        from_cache = hashes is not None
         if hashes is None:
             hashes, fresh = await self._from_postgres(keys, timeout)
         else:
@@ -111,6 +170,8 @@ class PaymentApi:
         answers = [h.get(feature_code) if h else None for h in hashes]
         decision = decisions.decide(answers, feature_code, self.facts, self.clock())
         _count_check(decision.reason)
+        _count_go_checks(from_cache)
+        GO_ENTITLEMENT_DURATION.observe(time.perf_counter() - started)
         return decision, fresh
 
     async def bulk_check(
@@ -123,6 +184,7 @@ class PaymentApi:
             decisions.require_known(code, self.facts.known)
         keys = sorted({k for s in subjects for k in s.keys()})
         hashes = await self._cached(keys, timeout, None)
+        from_cache = hashes is not None
         if hashes is None:
             hashes, fresh = await self._from_postgres(keys, timeout)
         else:
@@ -144,6 +206,7 @@ class PaymentApi:
             reasons[d.reason] = reasons.get(d.reason, 0) + 1
         for reason, n in reasons.items():
             _count_check(reason, n)
+        _count_go_checks(from_cache, len(results))
         return results, fresh
 
     async def _cached(
@@ -159,11 +222,14 @@ class PaymentApi:
                 hashes = await self.cache.read_features(keys, feature_code, timeout)
         except CacheUnavailable:
             _CACHE_UNAVAILABLE.inc()
+            GO_CACHE_MISSES.inc()
             return None
         if None in hashes:
             _CACHE_MISS.inc()
+            GO_CACHE_MISSES.inc()
             return None
         _CACHE_HIT.inc()
+        GO_CACHE_HITS.inc()
         return hashes
 
     async def _from_postgres(
@@ -232,6 +298,7 @@ class PaymentApi:
         token = self.tokens.encode(fingerprint, cursor(rows[-1])) if more and rows else ""
         return Page(rows, token, await self.freshness.get(timeout))
 
+    @_go_payment_metrics
     async def create_payment(self, command: NewPayment, traceparent: str, timeout: float) -> CreatedPayment:
         """PaymentIntent at Stripe (idempotent by the caller's key), then payment.created
         on the bus with acks=all. The webhooks that follow complete the payment."""

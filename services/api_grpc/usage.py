@@ -62,8 +62,15 @@ from services.api_grpc.errors import FailedPrecondition, InvalidArgument, Unavai
 from services.api_grpc.page_tokens import PageTokens, query_fingerprint
 from services.api_grpc.queries import Row, Watermark
 from services.api_grpc.validation import SubjectIds, SubjectKey
+from shared.db import timed_connection
 from shared.kafka import PublishFailed, event_headers, publish
-from shared.metrics import USAGE_INCREMENTS, USAGE_PUBLISH_FAILURES, USAGE_QUOTA_READS
+from shared.metrics import (
+    GO_CACHE_HITS,
+    GO_CACHE_MISSES,
+    USAGE_INCREMENTS,
+    USAGE_PUBLISH_FAILURES,
+    USAGE_QUOTA_READS,
+)
 
 log = logging.getLogger("api_grpc.usage")
 POLICY_TTL_S = 5.0
@@ -109,7 +116,7 @@ class UsageStore:
         self._checkout_s = checkout_timeout_s
 
     def _connection(self, timeout: float) -> Any:
-        return self._pool.connection(timeout=min(timeout, self._checkout_s))
+        return timed_connection(self._pool, min(timeout, self._checkout_s))
 
     async def billing_period(
         self, subjects: Sequence[SubjectKey], feature_code: str, plan_id: str, timeout: float
@@ -406,10 +413,12 @@ class UsageApi:
                 raise
         if values is not None:
             USAGE_QUOTA_READS.labels("redis").inc()
+            GO_CACHE_HITS.inc()
             n = len(policies)
             members = [values[n + i] if keys[i][1] is not None else 0 for i in range(n)]
             return values[:n], members
         USAGE_QUOTA_READS.labels("postgres").inc()
+        GO_CACHE_MISSES.inc()
         used = await self.store.used(period_keys, max(0.05, deadline - time.monotonic()))
         return used, [0] * len(policies)
 

@@ -142,3 +142,14 @@ def test_the_best_allowed_answer_of_user_and_family_wins() -> None:
     denied = answer(allowed=False, status="revoked", plan_id="basic")
     allowed = answer(plan_id="pro", usage_limit=6)
     assert decide([denied, allowed], "seats", FACTS, NOW).plan_id == "pro"
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "dollars"), [(1999, "usd", 19.99), (500, "jpy", 500.0), (500, "JPY", 500.0), (1, "eur", 0.01)]
+)
+def test_payment_amount_dollars_is_in_the_major_unit_as_the_go_service_reported_it(
+    amount: int, currency: str, dollars: float
+) -> None:
+    from services.api_grpc.service import major_units
+
+    assert major_units(amount, currency) == dollars

@@ -125,3 +125,24 @@ async def test_cancellation_neither_counts_nor_closes() -> None:
 def test_a_nonsense_configuration_is_a_clear_error(threshold: int, reset: float) -> None:
     with pytest.raises(ValueError, match="breaker x"):
         Breaker("x", threshold=threshold, reset_after_s=reset)
+
+
+async def test_the_go_services_circuit_breaker_state_gauge_follows_the_breaker_at_scrape_time() -> None:
+    """circuit_breaker_state{breaker} reads 0 closed, 1 open, 2 half-open, as the Go service's did;
+    half-open comes from the clock alone, with no call in between."""
+    from prometheus_client import REGISTRY
+
+    def scraped() -> float | None:
+        return REGISTRY.get_sample_value("circuit_breaker_state", {"breaker": "go-peer"})
+
+    clock, peer = Clock(), Peer()
+    b = Breaker("go-peer", lambda exc: isinstance(exc, Down), threshold=1, reset_after_s=10, clock=clock)
+    assert scraped() == 0
+    peer.error = Down()
+    await fail_times(b, peer, 1)
+    assert scraped() == 1
+    clock.advance(10)
+    assert scraped() == 2
+    peer.error = None
+    await b.call(peer)
+    assert scraped() == 0
