@@ -18,7 +18,6 @@ import fnmatch
 import json
 import re
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,29 @@ from pydantic import AliasChoices
 
 from paymentsvc.cli import app as cli_app
 from shared.config import SERVICE_NAMES, SERVICE_PORTS, Settings
+from tests.support.k8s import (
+    K8S,
+    ROOT,
+    Doc,
+    SecretRef,
+    containers,
+    deployments_by_service,
+    dockerfile_uid,
+    environment,
+    named,
+    of_kind,
+    parse,
+    pre_stop_seconds,
+    render,
+    run,
+    served_name,
+    workloads,
+)
 from tests.support.tools import tool
 
-ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "infra" / "k8s"
 OVERLAYS = ("dev", "prod")
 ALLOWLIST = K8S / "checkov-allowlist.yaml"
 CATALOG = ROOT / "catalog" / "plans.yaml"
-DOCKERFILE = ROOT / "Dockerfile"
 # The oldest Kubernetes the manifests support (the preStop `sleep` action is on by
 # default from 1.30) and the newest the bundled schemas know.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
@@ -49,24 +63,8 @@ WITH_HPA = SERVED
 # URL with a password.
 SECRET_LOOKING = re.compile(r"\b(?:sk|rk)_(?:live|test)_\w+|\bwhsec_\w+|://[^/\s:@]+:[^@\s/]+@")
 
-Doc = dict[str, Any]
-
 
 # --- the tools -------------------------------------------------------------------------
-
-
-def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-
-
-def render(overlay: str) -> str:
-    result = run([tool("kubectl"), "kustomize", str(K8S / "overlays" / overlay)])
-    assert result.returncode == 0, f"kubectl kustomize {overlay} failed:\n{result.stderr}"
-    return result.stdout
-
-
-def parse(text: str) -> list[Doc]:
-    return [d for d in yaml.safe_load_all(text) if d]
 
 
 @pytest.fixture(scope="module")
@@ -86,54 +84,6 @@ def validate(path: Path, version: str) -> subprocess.CompletedProcess[str]:
 # --- reading rendered objects ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SecretRef:
-    name: str
-    key: str
-
-
-def of_kind(docs: list[Doc], kind: str) -> list[Doc]:
-    return [d for d in docs if d.get("kind") == kind]
-
-
-def named(docs: list[Doc], kind: str, name: str) -> Doc:
-    found = [d for d in of_kind(docs, kind) if d["metadata"]["name"] == name]
-    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
-    return found[0]
-
-
-def workloads(docs: list[Doc]) -> Iterator[tuple[str, Doc]]:
-    """(Kind/name, pod spec) of every Deployment and Job."""
-    for d in docs:
-        if d.get("kind") in ("Deployment", "Job"):
-            yield f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]
-
-
-def containers(pod: Doc) -> list[Doc]:
-    return list(pod.get("initContainers") or []) + list(pod.get("containers") or [])
-
-
-def config_map_data(docs: list[Doc], name: str) -> dict[str, str]:
-    return dict(named(docs, "ConfigMap", name).get("data") or {})
-
-
-def environment(docs: list[Doc], container: Doc) -> dict[str, str | SecretRef | None]:
-    """The container's environment as the kubelet builds it: envFrom first, env over it.
-    A secret is a SecretRef (never its value); another valueFrom is None."""
-    env: dict[str, str | SecretRef | None] = {}
-    for source in container.get("envFrom") or []:
-        assert "configMapRef" in source, f"unexpected envFrom {source}"
-        env.update(config_map_data(docs, source["configMapRef"]["name"]))
-    for var in container.get("env") or []:
-        if "value" in var:
-            env[var["name"]] = var["value"]
-        elif "secretKeyRef" in var.get("valueFrom", {}):
-            ref = var["valueFrom"]["secretKeyRef"]
-            env[var["name"]] = SecretRef(ref["name"], ref["key"])
-        else:
-            env[var["name"]] = None
-    return env
-
 
 def number(env: dict[str, str | SecretRef | None], name: str) -> float:
     value = env.get(name)
@@ -142,22 +92,6 @@ def number(env: dict[str, str | SecretRef | None], name: str) -> float:
     default = Settings.model_fields[name.lower()].default
     assert isinstance(default, int | float), name
     return float(default)
-
-
-def served_name(container: Doc) -> str | None:
-    args = list(container.get("command") or []) + list(container.get("args") or [])
-    return args[1] if len(args) == 2 and args[0] == "serve" else None
-
-
-def deployments_by_service(docs: list[Doc]) -> dict[str, tuple[Doc, Doc]]:
-    """service name -> (its Deployment, the container that serves it)."""
-    found: dict[str, tuple[Doc, Doc]] = {}
-    for d in of_kind(docs, "Deployment"):
-        for c in d["spec"]["template"]["spec"]["containers"]:
-            name = served_name(c)
-            if name is not None:
-                found[name] = (d, c)
-    return found
 
 
 def settings_env_names() -> frozenset[str]:
@@ -186,12 +120,6 @@ def secret_env_names() -> frozenset[str]:
         else:
             names.add((alias if isinstance(alias, str) else name).upper())
     return frozenset(names)
-
-
-def dockerfile_uid() -> int:
-    users = re.findall(r"^\s*USER\s+(\S+)", DOCKERFILE.read_text(), re.MULTILINE)
-    assert users, "the Dockerfile sets no USER"
-    return int(users[-1].split(":")[0])
 
 
 def cli_command_exists(words: list[str]) -> bool:
@@ -343,7 +271,7 @@ def drain_problems(docs: list[Doc]) -> list[str]:
         where = f"Deployment/{deployment['metadata']['name']}"
         env = environment(docs, container)
         delay, timeout = number(env, "SHUTDOWN_DELAY_S"), number(env, "SHUTDOWN_TIMEOUT_S")
-        pre_stop = float(((container.get("lifecycle") or {}).get("preStop") or {}).get("sleep", {}).get("seconds", 0))
+        pre_stop = pre_stop_seconds(container)
         grace = deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
         if grace < pre_stop + delay + timeout + DRAIN_MARGIN_S:
             problems.append(f"{where}: terminationGracePeriodSeconds {grace} < preStop {pre_stop} + "
