@@ -81,8 +81,7 @@ def validate(path: Path, version: str) -> subprocess.CompletedProcess[str]:
     return run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)])
 
 
-# --- reading rendered objects ----------------------------------------------------------
-
+# --- what the code says: settings, the CLI ---------------------------------------------
 
 
 def number(env: dict[str, str | SecretRef | None], name: str) -> float:
