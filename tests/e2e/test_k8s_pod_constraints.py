@@ -57,8 +57,11 @@ if touch /.k8s-rw-probe "$PAYMENTSVC_ROOT/.k8s-rw-probe" 2>/dev/null; then
   echo "the root filesystem is still writable" >&2; exit 97
 fi
 touch /tmp/.k8s-tmp-probe
+as_user() { setpriv --reuid "$RUN_UID" --regid "$RUN_UID" --clear-groups -- "$@"; }
+as_user test -r "$PAYMENTSVC_ROOT/pyproject.toml" || exit 96
 exec setpriv --reuid "$RUN_UID" --regid "$RUN_UID" --clear-groups -- "$@"
 """
+UNREADABLE = 96  # the checkout is not readable by the image's uid (a private parent folder)
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +82,20 @@ def catalog_dir(prod: list[Doc]) -> Iterator[Path]:
         shutil.rmtree(folder)
 
 
-def require_sandbox() -> None:
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Skips (fails under CI=true) without root, unshare and setpriv; skips where the
+    checkout cannot be read by the image's uid, which says nothing about the manifests."""
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("setpriv") is None:
         message = "needs root with unshare and setpriv (util-linux) to remount the filesystem read-only"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+    log = tmp_path_factory.mktemp("sandbox") / "probe.log"
+    code = sandboxed(["--help"], {"PATH": os.environ.get("PATH", "")}, log).wait(60)
+    if code == UNREADABLE:
+        pytest.skip(f"uid {dockerfile_uid()} cannot read the checkout at {ROOT} (a private parent folder)")
+    assert code == 0, tail(log)
 
 
 def pod_env(prod: list[Doc], container: Doc, overrides: dict[str, str]) -> dict[str, str]:
@@ -133,9 +144,8 @@ def ready(port: int) -> bool:
 
 
 def test_the_jobs_run_read_only_as_the_image_user(
-    prod: list[Doc], broker: str, database_url: str, catalog_dir: Path, tmp_path: Path
+    sandbox: None, prod: list[Doc], broker: str, database_url: str, catalog_dir: Path, tmp_path: Path
 ) -> None:
-    require_sandbox()
     topics = Topics(prefix=f"k8s{secrets.token_hex(3)}.")
     for job in ("migrate", "topics"):
         spec = named(prod, "Job", job)["spec"]["template"]["spec"]
@@ -151,10 +161,9 @@ def test_the_jobs_run_read_only_as_the_image_user(
 
 @pytest.mark.parametrize("name", list(SERVICE_PORTS))
 def test_a_service_runs_read_only_as_the_image_user_and_drains_within_its_grace_period(
-    name: str, prod: list[Doc], broker: str, topics: Topics, database_url: str,
+    sandbox: None, name: str, prod: list[Doc], broker: str, topics: Topics, database_url: str,
     private_redis: PrivateRedis, catalog_dir: Path, tmp_path: Path,
 ) -> None:
-    require_sandbox()
     deployment, container = deployments_by_service(prod)[name]
     env = pod_env(prod, container, addresses(broker, topics, database_url, private_redis.url, catalog_dir))
     port = int(env[SERVICE_PORTS[name].upper()])
