@@ -22,7 +22,9 @@ RUN groupadd --system --gid 10001 paymentsvc \
 COPY --from=build /wheels /wheels
 RUN pip install /wheels/*.whl && rm -rf /wheels
 
-USER paymentsvc
+# Numeric, so Kubernetes can verify `runAsNonRoot` without reading /etc/passwd
+# (a named user is refused there); infra/k8s runs the pods as this uid.
+USER 10001:10001
 WORKDIR /home/paymentsvc
 
 ENTRYPOINT ["paymentsvc"]

@@ -81,6 +81,13 @@ check.proto: install
 	diff -r -x __pycache__ $$tmp/payment gen/payment && echo "generated protobuf code is current" || \
 	{ echo "gen/ is stale: run make build.proto and commit the result"; exit 1; }
 
+## The Kubernetes manifests (infra/k8s), offline: both overlays rendered, validated against
+## the Kubernetes schemas, checked against the code and scanned by checkov (allow-list with
+## reasons). `make test` runs the same file; here a missing tool fails instead of skipping.
+.PHONY: check.k8s
+check.k8s: install tools
+	CI=true $(BIN)/python -m pytest tests/unit/test_k8s_manifests.py $(PYTEST_ARGS)
+
 ## Migrations (yoyo, plain SQL in migrations/).
 migrate.create: install
 	@test -n "$(name)" || { echo "usage: make migrate.create name=add_something"; exit 2; }
