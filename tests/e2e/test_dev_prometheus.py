@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from shared.devbroker import free_port
+from tests.support.grafana import dashboard_queries, load
 from tests.support.tools import tool
 from tests.support.wait import eventually_sync
 
@@ -118,6 +119,12 @@ def test_prometheus_scrapes_every_dev_service_and_loads_the_alert_rules(stack: d
     assert {r["name"]: r["health"] for r in rules} == {name: "ok" for name in ALERTS}
     # A stack that just started fires nothing.
     assert [r["name"] for r in rules if r["state"] == "firing"] == []
+
+    # Every query of the Grafana dashboard runs against it; its targets panel shows every service.
+    for expr in dashboard_queries(load()):
+        query(prometheus, "/api/v1/query", query=expr)
+    shown = query(prometheus, "/api/v1/query", query=dashboard_queries(load())[1])["result"]
+    assert {(r["metric"]["service"], r["value"][1]) for r in shown} == {(s, "1") for s in services}
 
     # The table shows it; Ctrl-C stops it with the stack, by its pid.
     pid = stack["prometheus"]["pid"]

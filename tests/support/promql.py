@@ -140,7 +140,8 @@ def problems(expr: str, series: dict[str, frozenset[str]] | None = None,
         for label, op, value in ref.matchers:
             if label not in series[ref.metric]:
                 out.append(f"{ref.metric} has no label {label}")
-            elif op == "=" and label not in TARGET_LABELS and "$" not in value and value not in strings:
+            elif (op == "=" and ref.metric not in BUILTIN_SERIES and label not in TARGET_LABELS
+                  and "$" not in value and value not in strings):
                 out.append(f'{ref.metric}{{{label}="{value}"}}: the code never uses the value {value!r}')
     for label in sorted(found.grouping_labels - known_labels):
         out.append(f"grouping by {label}, a label none of the expression's metrics has")
