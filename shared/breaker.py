@@ -18,6 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
 
+from shared.metrics import BREAKER_OPEN
+
 T = TypeVar("T")
 State = Literal["closed", "opened", "half-opened"]
 
@@ -55,6 +57,8 @@ class Breaker:
         self._clock = clock
         self._failures = 0
         self._opened_at: float | None = None
+        self._open_gauge = BREAKER_OPEN.labels(name)
+        self._open_gauge.set(0)  # the series exists before the first failure
 
     @property
     def state(self) -> State:
@@ -91,7 +95,10 @@ class Breaker:
         self._failures += 1
         if self._failures >= self.threshold:
             self._opened_at = self._clock()
+            self._open_gauge.set(1)
 
     def _succeeded(self) -> None:
         self._failures = 0
-        self._opened_at = None
+        if self._opened_at is not None:
+            self._opened_at = None
+            self._open_gauge.set(0)
