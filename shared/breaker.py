@@ -51,14 +51,14 @@ class Breaker:
         if reset_after_s < 0:
             raise ValueError(f"breaker {name}: reset_after_s must not be negative, got {reset_after_s}")
         self.name = name
+        self._open_gauge = BREAKER_OPEN.labels(name)
+        self._open_gauge.set(0)  # the series exists before the first failure
         self.threshold = threshold
         self.reset_after_s = reset_after_s
         self._counts = counts
         self._clock = clock
         self._failures = 0
         self._opened_at: float | None = None
-        self._open_gauge = BREAKER_OPEN.labels(name)
-        self._open_gauge.set(0)  # the series exists before the first failure
 
     @property
     def state(self) -> State:
