@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from prometheus_client import REGISTRY
 
 from shared.breaker import Breaker, BreakerOpen
 from tests.support.clock import Clock
@@ -126,23 +125,3 @@ async def test_cancellation_neither_counts_nor_closes() -> None:
 def test_a_nonsense_configuration_is_a_clear_error(threshold: int, reset: float) -> None:
     with pytest.raises(ValueError, match="breaker x"):
         Breaker("x", threshold=threshold, reset_after_s=reset)
-
-
-async def test_the_open_gauge_says_1_from_opening_until_a_call_succeeds_again() -> None:
-    clock, peer = Clock(), Peer()
-    b = Breaker("gauge-peer", lambda exc: isinstance(exc, Down), threshold=2, reset_after_s=10, clock=clock)
-
-    def gauge() -> float | None:
-        return REGISTRY.get_sample_value("paymentsvc_circuit_breaker_open", {"breaker": "gauge-peer"})
-
-    assert gauge() == 0
-    peer.error = Down()
-    await fail_times(b, peer, 1)
-    assert gauge() == 0
-    await fail_times(b, peer, 1)
-    assert (b.state, gauge()) == ("opened", 1)
-    clock.advance(10)
-    assert (b.state, gauge()) == ("half-opened", 1)  # not closed until a trial succeeds
-    peer.error = None
-    assert await b.call(peer) == "ok"
-    assert (b.state, gauge()) == ("closed", 0)
