@@ -215,6 +215,7 @@ def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVI
 @app.command()
 def dev(
     log_dir: Annotated[Path, typer.Option(help="Where the children write their logs.")] = Path(".dev"),
+    with_prometheus: Annotated[bool, typer.Option(help="Also run Prometheus (Debian's package) scraping every service, with the alert rules.")] = False,
 ) -> None:
     """Run the whole stack on embedded defaults (see README), until Ctrl-C."""
     from paymentsvc.devstack import run_dev
@@ -223,7 +224,7 @@ def dev(
     logs.configure("INFO", "console", "dev")
     # The broker's first probes are refused while Tansu starts; that is expected.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    asyncio.run(run_dev(log_dir))
+    asyncio.run(run_dev(log_dir, with_prometheus))
 
 
 @app.command()

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
+from paymentsvc.devprometheus import DevPrometheus
 from shared import db, migrate
 from shared.config import SERVICE_PORTS, Settings
 from shared.devbroker import broker_for, die_with_parent
@@ -120,7 +121,7 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
-async def run_dev(log_dir: Path) -> None:
+async def run_dev(log_dir: Path, with_prometheus: bool = False) -> None:
     env = dev_environment(dict(os.environ))
     os.environ.update(env)
     settings = Settings()
@@ -153,17 +154,19 @@ async def run_dev(log_dir: Path) -> None:
     try:
         async with broker_for(settings, log_dir=log_dir) as bootstrap:
             env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
-            await _run_services(settings, env, stripe, log_dir, fresh)
+            await _run_services(settings, env, stripe, log_dir, fresh, with_prometheus)
     finally:
         if stripe:
             stripe.stop()
 
 
 async def _run_services(
-    settings: Settings, env: dict[str, str], stripe: LocalStripe | None, log_dir: Path, fresh: bool
+    settings: Settings, env: dict[str, str], stripe: LocalStripe | None, log_dir: Path, fresh: bool,
+    with_prometheus: bool = False,
 ) -> None:
     children: dict[str, subprocess.Popen[bytes]] = {}
     names = list(SERVICE_PORTS)
+    prometheus: DevPrometheus | None = None
     try:
         for name in names:
             log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it
@@ -200,12 +203,38 @@ async def _run_services(
                     f"http://127.0.0.1:{settings.ingest_port}/webhooks/stripe",
                     settings.stripe_webhook_secrets[0].get_secret_value(),
                 )
+        if with_prometheus:
+            prometheus = await _start_prometheus(settings, names, log_dir, table)
         console.print(table)
         _write_stack_file(log_dir / "stack.json", settings, names, env, stripe)
+        if prometheus:
+            _add_to_stack_file(log_dir / "stack.json", "prometheus", {"url": prometheus.url, "pid": prometheus.pid})
         console.print("Ctrl-C stops everything.")
         await _wait_for_signal_or_exit(children)
     finally:
+        if prometheus:
+            prometheus.stop()
         _stop_children(children)
+
+
+async def _start_prometheus(settings: Settings, names: list[str], log_dir: Path, table: Table) -> DevPrometheus:
+    """`--with-prometheus`: the real Prometheus scraping every service, with the alert rules."""
+    targets = {n: f"127.0.0.1:{getattr(settings, SERVICE_PORTS[n])}" for n in names}
+    prometheus = DevPrometheus(targets, log_dir)
+    prometheus.start()  # from this thread: the child dies with the one that forked it
+    try:
+        await asyncio.to_thread(prometheus.wait_ready)
+    except BaseException:
+        prometheus.stop()
+        raise
+    table.add_row("prometheus", prometheus.url, "yes", f"{prometheus.log_path}; scrapes every service, loads the alerts")
+    return prometheus
+
+
+def _add_to_stack_file(path: Path, key: str, value: object) -> None:
+    stack = json.loads(path.read_text())
+    stack[key] = value
+    path.write_text(json.dumps(stack, indent=2))
 
 
 def _write_stack_file(

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
 
-from shared.metrics import GO_CIRCUIT_BREAKER_STATE
+from shared.metrics import BREAKER_OPEN, GO_CIRCUIT_BREAKER_STATE
 
 T = TypeVar("T")
 State = Literal["closed", "opened", "half-opened"]
@@ -59,6 +59,8 @@ class Breaker:
         if reset_after_s < 0:
             raise ValueError(f"breaker {name}: reset_after_s must not be negative, got {reset_after_s}")
         self.name = name
+        self._open_gauge = BREAKER_OPEN.labels(name)
+        self._open_gauge.set(0)  # the series exists before the first failure
         self.threshold = threshold
         self.reset_after_s = reset_after_s
         self._counts = counts
@@ -105,7 +107,10 @@ class Breaker:
         self._failures += 1
         if self._failures >= self.threshold:
             self._opened_at = self._clock()
+            self._open_gauge.set(1)
 
     def _succeeded(self) -> None:
         self._failures = 0
-        self._opened_at = None
+        if self._opened_at is not None:
+            self._opened_at = None
+            self._open_gauge.set(0)

@@ -20,6 +20,7 @@ once it has reached the end offsets it saw at start (or `until`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -145,7 +146,13 @@ class _SeekToDatabase(ConsumerRebalanceListener):  # type: ignore[misc]
         self._bootstrap, self._check = bootstrap, check
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        pass  # offsets are committed after every batch
+        # Offsets are committed after every batch. A partition's lag and mismatch gauges
+        # belong to its owner: left here, another replica's stale 1 would keep an alert
+        # firing after the new owner found the partition fine.
+        for tp in revoked:
+            for gauge in (WORKER_LAG, WORKER_LOG_MISMATCH):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(self._name, tp.topic, str(tp.partition))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         # Nothing is fetched until each partition is checked and sought: getmany runs

@@ -57,6 +57,12 @@ DEPENDENCY_UP = Gauge(
     "paymentsvc_dependency_up", "1 when the last readiness probe of a dependency passed.",
     ["dependency"],
 )
+BREAKER_OPEN = Gauge(
+    "paymentsvc_circuit_breaker_open",
+    "1 from when a circuit breaker opens until a call through it succeeds again (open or "
+    "half-open), by breaker: redis and stripe (api_grpc), stripe-invoices (dunning).",
+    ["breaker"],
+)
 
 # ---------------------------------------------------------------- worker runtime
 WORKER_EVENTS = Counter(
