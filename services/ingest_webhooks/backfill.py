@@ -184,17 +184,24 @@ class StripeReader:
     reason about.
     """
 
-    def __init__(self, client: stripe.StripeClient, backoff: Backoff = Backoff(), sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        client: stripe.StripeClient,
+        backoff: Backoff = Backoff(),
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        where: str = "https://api.stripe.com",
+    ) -> None:
         self._client = client
         self._backoff = backoff
         self._sleep = sleep
+        self._where = where
         self.retries = 0
 
     @classmethod
     def connect(cls, secret_key: str, api_base: str = "", backoff: Backoff = Backoff()) -> StripeReader:
         kwargs: dict[str, Any] = {"base_addresses": {"api": api_base}} if api_base else {}
         client = stripe.StripeClient(secret_key, http_client=stripe.AIOHTTPClient(), max_network_retries=0, **kwargs)
-        return cls(client, backoff)
+        return cls(client, backoff, where=api_base or "https://api.stripe.com")
 
     async def close(self) -> None:
         http = getattr(getattr(self._client, "_requestor", None), "_client", None)
@@ -241,11 +248,15 @@ class StripeReader:
             try:
                 return await call()
             except stripe.StripeError as exc:
+                if isinstance(exc, stripe.InvalidRequestError) and exc.http_status == 404:
+                    raise  # the caller names what was not found
                 if not is_retryable(exc):
-                    raise DependencyUnavailable("stripe", "api", f"{type(exc).__name__}: {exc.user_message or exc}") from None
+                    raise DependencyUnavailable(
+                        "stripe", self._where, f"{type(exc).__name__}: {exc.user_message or exc}"
+                    ) from None
                 if attempt == self._backoff.attempts:
                     raise DependencyUnavailable(
-                        "stripe", "api", f"{type(exc).__name__} after {attempt + 1} attempts"
+                        "stripe", self._where, f"{type(exc).__name__} after {attempt + 1} attempts"
                     ) from None
                 self.retries += 1
                 delay = self._backoff.delay(attempt)

@@ -58,6 +58,7 @@ from tests.integration.test_entitlements_worker import (
     processed,
 )
 from tests.integration.test_ingest_webhooks import Ingester, start_ingester
+from tests.integration.test_operator_commands import Env, last_line, run
 from tests.kafka_helpers import read_topic
 from tests.support.wait import eventually
 
@@ -430,3 +431,21 @@ async def test_a_dry_run_for_one_customer_reads_only_it_and_publishes_nothing(
 
 async def _in_thread(call: Callable[[], Any]) -> Any:
     return await asyncio.to_thread(call)
+
+
+def test_the_cli_reports_one_customer_and_refuses_an_unknown_one_in_one_line(fleet: Fleet, broker: str, topics: Topics, database_url: str) -> None:
+    env = Env(broker, topics, database_url, "redis://127.0.0.1:6379/0",
+              {"STRIPE_SECRET_KEY": DEV_SECRET_KEY, "STRIPE_API_BASE": fleet.stripe.api_base})
+    one = next(c for c in fleet.customers if c.state == "active")
+    found = run(env, "backfill", "--customer", one.customer_id)
+    assert (found.returncode, "Traceback" in found.stderr) == (0, False), found.stderr
+    assert found.stdout.splitlines() == [
+        "read 1 customer(s), 0 with nothing to publish; snapshots: charge.succeeded 1, customer.subscription.updated 1, invoice.paid 1",
+        f"would publish 3 snapshot event(s) to {topics.payment_events} (dry run: nothing published; --apply publishes)",
+    ]
+    assert "backfill: customers" in found.stderr  # the progress, on stderr
+    missing = run(env, "backfill", "--customer", "cus_doesnotexist")
+    # The progress line is erased (ANSI) just before the error is printed.
+    assert missing.returncode == 2 and last_line(missing.stderr).endswith("error: --customer cus_doesnotexist: no such customer in Stripe")
+    bad = run(env, "backfill", "--customer", "user_1")
+    assert bad.returncode == 2 and last_line(bad.stderr).startswith("error: --customer must be a Stripe customer id"), bad.stderr
