@@ -32,6 +32,7 @@ import psycopg
 import pytest
 import stripe
 from aiohttp import web
+from aiokafka import AIOKafkaProducer
 from psycopg import sql
 from redis.asyncio import Redis
 
@@ -52,6 +53,8 @@ from shared.errors import DependencyUnavailable
 from shared.kafka import OutgoingMessage
 from tests.conftest import random_id
 from tests.integration.test_api_grpc import READ, api_server, auth
+from tests.integration.test_dunning_worker import dunning_worker
+from tests.integration.test_dunning_worker import until_processed as dunning_until_processed
 from tests.integration.test_entitlements_worker import (
     CATALOG,
     entitlements_worker,
@@ -317,7 +320,8 @@ async def expect_api_answers(stub: Any, fleet: Fleet, overrides: dict[str, str])
 
 
 async def test_a_backfill_of_a_few_hundred_customers_makes_the_api_answer_for_each_around_live_webhooks(
-    fleet: Fleet, broker: str, topics: Topics, database_url: str, redis_url: str, redis_prefix: str
+    fleet: Fleet, broker: str, topics: Topics, database_url: str, redis_url: str, redis_prefix: str,
+    producer: AIOKafkaProducer,
 ) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
         apply_catalog(conn, CATALOG)
@@ -331,6 +335,7 @@ async def test_a_backfill_of_a_few_hundred_customers_makes_the_api_answer_for_ea
             stripe_proxy(fleet.stripe.api_base, rate_limit_every=9) as proxy,
             kafka_sink(broker) as kafka,
             contextlib.asynccontextmanager(start_ingester)(broker, topics) as ingester,
+            dunning_worker(broker, topics, database_url, producer),
         ):
             async def cancel_after_the_read() -> None:
                 # The backfill read `live` as active; now it is canceled, and Stripe's
@@ -369,6 +374,13 @@ async def test_a_backfill_of_a_few_hundred_customers_makes_the_api_answer_for_ea
                     metadata=auth(READ),
                 )
                 assert [(p.amount, p.status) for p in payments.payments] == [(2500, "succeeded")]
+
+            # The dunning worker read the same snapshots: each past_due subscription's failed
+            # renewal (an open, attempted invoice) is an open case, as its webhook would have made.
+            await dunning_until_processed(database_url, first.events + 2)
+            with psycopg.connect(database_url) as conn:
+                cases = conn.execute("SELECT subscription_id, state FROM dunning_cases").fetchall()
+            assert sorted(cases) == sorted((c.subscription_id, "open") for c in fleet.customers if c.state == "past_due")
 
             # Again: only the subscription that changed in Stripe since the first read is
             # news; every other snapshot has the same id and is skipped by the inbox.
@@ -447,5 +459,3 @@ def test_the_cli_reports_one_customer_and_refuses_an_unknown_one_in_one_line(fle
     missing = run(env, "backfill", "--customer", "cus_doesnotexist")
     # The progress line is erased (ANSI) just before the error is printed.
     assert missing.returncode == 2 and last_line(missing.stderr).endswith("error: --customer cus_doesnotexist: no such customer in Stripe")
-    bad = run(env, "backfill", "--customer", "user_1")
-    assert bad.returncode == 2 and last_line(bad.stderr).startswith("error: --customer must be a Stripe customer id"), bad.stderr
