@@ -148,6 +148,8 @@ class Page:
 class StripeState(Protocol):
     """The reads the backfill makes; `StripeReader` is the SDK adapter."""
 
+    retries: int  # reads retried after a rate limit or a transient error, for the report
+
     async def customers(self, starting_after: str | None, limit: int) -> Page: ...
 
     async def customer(self, customer_id: str) -> Page: ...
@@ -409,7 +411,8 @@ async def backfill(
         for customer in page.objects:
             events = await _customer_snapshots(state, customer, since, options.page_size, report)
             report.customers += 1
-            report.customers_without_state += not events
+            if not events:
+                report.customers_without_state += 1
             messages.extend(payment_event_message(e, topics) for e in events)
             if progress is not None:
                 progress(report)
@@ -422,8 +425,7 @@ async def backfill(
             checkpoint.write(after)  # only after the page's events were acknowledged
     if resumable and checkpoint is not None:
         checkpoint.clear()
-    retries = getattr(state, "retries", 0)
-    report.retries = retries if isinstance(retries, int) else 0
+    report.retries = state.retries
     report.finished = True
     return report
 

@@ -111,6 +111,7 @@ class FakeStripe:
     def __init__(self, customers: list[dict[str, Any]], objects: dict[tuple[str, str], list[dict[str, Any]]], fail_after: int | None = None) -> None:
         self._customers, self._objects, self._fail_after = customers, objects, fail_after
         self.reads: list[tuple[str, str | None]] = []
+        self.retries = 0
 
     def _page(self, items: Sequence[dict[str, Any]], starting_after: str | None, limit: int) -> Page:
         if self._fail_after is not None and len(self.reads) > self._fail_after:
