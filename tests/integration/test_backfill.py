@@ -445,17 +445,25 @@ async def _in_thread(call: Callable[[], Any]) -> Any:
     return await asyncio.to_thread(call)
 
 
-def test_the_cli_reports_one_customer_and_refuses_an_unknown_one_in_one_line(fleet: Fleet, broker: str, topics: Topics, database_url: str) -> None:
+async def test_the_cli_publishes_one_customer_with_apply_and_refuses_an_unknown_one_in_one_line(
+    fleet: Fleet, broker: str, topics: Topics, database_url: str
+) -> None:
     env = Env(broker, topics, database_url, "redis://127.0.0.1:6379/0",
               {"STRIPE_SECRET_KEY": DEV_SECRET_KEY, "STRIPE_API_BASE": fleet.stripe.api_base})
     one = next(c for c in fleet.customers if c.state == "active")
-    found = run(env, "backfill", "--customer", one.customer_id)
+    found = await asyncio.to_thread(run, env, "backfill", "--customer", one.customer_id)
     assert (found.returncode, "Traceback" in found.stderr) == (0, False), found.stderr
+    counts = "charge.succeeded 1, customer.subscription.updated 1, invoice.paid 1"
     assert found.stdout.splitlines() == [
-        "read 1 customer(s), 0 with nothing to publish; snapshots: charge.succeeded 1, customer.subscription.updated 1, invoice.paid 1",
+        f"read 1 customer(s), 0 with nothing to publish; snapshots: {counts}",
         f"would publish 3 snapshot event(s) to {topics.payment_events} (dry run: nothing published; --apply publishes)",
     ]
     assert "backfill: customers" in found.stderr  # the progress, on stderr
-    missing = run(env, "backfill", "--customer", "cus_doesnotexist")
+    applied = await asyncio.to_thread(run, env, "backfill", "--customer", one.customer_id, "--apply")
+    assert applied.stdout.splitlines()[-1] == f"published 3 snapshot event(s) to {topics.payment_events}", applied.stderr
+    records = await read_topic(broker, topics.payment_events, expect=3)
+    assert sorted(dict(r.headers)["event-type"].decode() for r in records) == sorted(counts.replace(" 1", "").split(", "))
+    assert {r.key for r in records} == {one.customer_id.encode()}
+    missing = await asyncio.to_thread(run, env, "backfill", "--customer", "cus_doesnotexist")
     # The progress line is erased (ANSI) just before the error is printed.
     assert missing.returncode == 2 and last_line(missing.stderr).endswith("error: --customer cus_doesnotexist: no such customer in Stripe")
