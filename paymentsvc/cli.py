@@ -284,6 +284,7 @@ def backfill(
         "backfill.checkpoint"
     ),
     page_size: Annotated[int, typer.Option(help="Objects per Stripe list request (1..100).")] = 100,
+    concurrency: Annotated[int, typer.Option(help="Customers read at once (1..32).")] = 8,
 ) -> None:
     """Publish the current state of Stripe (subscriptions, recent invoices and charges) as snapshot events."""
     import time
@@ -299,7 +300,9 @@ def backfill(
     )
     from services.ingest_webhooks.backfill import backfill as run
 
-    options = Options(apply=apply, customer_id=customer, recent_days=recent_days, page_size=page_size)
+    options = Options(
+        apply=apply, customer_id=customer, recent_days=recent_days, page_size=page_size, concurrency=concurrency
+    )
     settings = _settings()
     if settings.stripe_secret_key is None:
         raise ConfigurationError("STRIPE_SECRET_KEY is not set: the backfill reads from Stripe")

@@ -3,6 +3,7 @@ port; tests/integration/test_backfill.py runs it against localstripe and the bro
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -201,6 +202,24 @@ async def test_old_invoices_are_left_out_and_odd_objects_are_counted_not_publish
     assert report.customers_without_state == 0
 
 
+async def test_customers_of_a_page_are_read_a_few_at_a_time_and_published_in_page_order() -> None:
+    class Slow(FakeStripe):
+        in_flight = peak = 0
+
+        async def objects(self, kind: str, customer_id: str, starting_after: str | None, limit: int) -> Page:
+            Slow.in_flight += 1
+            Slow.peak = max(Slow.peak, Slow.in_flight)
+            await asyncio.sleep(0.001 * (hash(customer_id) % 5))  # reads finish out of order
+            Slow.in_flight -= 1
+            return await super().objects(kind, customer_id, starting_after, limit)
+
+    base = fleet(20)
+    state, sink = Slow(base._customers, base._objects), Collect()
+    await backfill(state, sink, Topics(), Options(apply=True, page_size=10, concurrency=4), now=NOW)
+    assert Slow.peak == 4
+    assert [m.key for b in sink.batches for m in b] == [f"cus_{i:03}".encode() for i in range(20)]
+
+
 async def test_one_customer_is_read_alone() -> None:
     state = fleet(5)
     report = await backfill(state, None, Topics(), Options(customer_id="cus_003"), now=NOW)
@@ -214,6 +233,7 @@ async def test_one_customer_is_read_alone() -> None:
         ({"customer_id": "u_1"}, "--customer must be a Stripe customer id"),
         ({"recent_days": -1}, "--recent-days must be 0 or more"),
         ({"page_size": 101}, "--page-size must be within 1..100"),
+        ({"concurrency": 0}, "--concurrency must be within 1..32"),
     ],
 )
 def test_bad_options_are_refused_with_the_option_named(options: dict[str, Any], message: str) -> None:
