@@ -215,7 +215,15 @@ class StripeReader:
         params: dict[str, Any] = {"limit": limit}
         if starting_after:
             params["starting_after"] = starting_after
-        return await self._list(lambda: self._client.v1.customers.list_async(params))  # type: ignore[arg-type]
+        try:
+            return await self._list(lambda: self._client.v1.customers.list_async(params))  # type: ignore[arg-type]
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404 and starting_after:
+                raise ConfigurationError(
+                    f"the checkpoint's customer {starting_after} no longer exists in Stripe; delete the "
+                    "checkpoint to start over (customers done already are skipped by their ids)"
+                ) from None
+            raise DependencyUnavailable("stripe", self._where, f"InvalidRequestError: {exc.user_message or exc}") from None
 
     async def customer(self, customer_id: str) -> Page:
         try:
@@ -228,7 +236,7 @@ class StripeReader:
         assert response is not None  # a retrieve always carries its response
         body = response.data
         gone = isinstance(body, dict) and body.get("deleted")
-        return Page([] if gone else [dict(body)], False, _answered_at(response), _api_version(response))  # type: ignore[arg-type]
+        return Page([] if gone else [dict(body)], False, self._answered_at(response), _api_version(response))  # type: ignore[arg-type]
 
     async def objects(self, kind: str, customer_id: str, starting_after: str | None, limit: int) -> Page:
         params: dict[str, Any] = {"customer": customer_id, "limit": limit}
@@ -237,14 +245,19 @@ class StripeReader:
         if starting_after:
             params["starting_after"] = starting_after
         service = getattr(self._client.v1, _LISTS[kind])
-        return await self._list(lambda: service.list_async(params))
+        try:
+            return await self._list(lambda: service.list_async(params))
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:  # the customer was deleted after it was listed
+                return Page([], False, 0)
+            raise DependencyUnavailable("stripe", self._where, f"InvalidRequestError: {exc.user_message or exc}") from None
 
     async def _list(self, call: Callable[[], Awaitable[Any]]) -> Page:
         listed = await self._call(call)
         response = listed.last_response
         assert response is not None
         body = response.data  # the JSON as Stripe sent it, like a webhook's data.object
-        return Page(list(body["data"]), bool(body.get("has_more")), _answered_at(response), _api_version(response))
+        return Page(list(body["data"]), bool(body.get("has_more")), self._answered_at(response), _api_version(response))
 
     async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
         for attempt in range(self._backoff.attempts + 1):
@@ -259,7 +272,8 @@ class StripeReader:
                     ) from None
                 if attempt == self._backoff.attempts:
                     raise DependencyUnavailable(
-                        "stripe", self._where, f"{type(exc).__name__} after {attempt + 1} attempts"
+                        "stripe", self._where, f"{type(exc).__name__} after {attempt + 1} attempts",
+                        hint="run the same command again later: with --apply it resumes after its checkpoint",
                     ) from None
                 self.retries += 1
                 delay = self._backoff.delay(attempt)
@@ -267,13 +281,12 @@ class StripeReader:
                 await self._sleep(delay)
         raise AssertionError("unreachable")
 
-
-def _answered_at(response: Any) -> int:
-    """Stripe's clock when it answered (the Date header), the clock of every event's `created`."""
-    date = _header(response, "date")
-    if not date:
-        raise DependencyUnavailable("stripe", "api", "a response without a Date header; cannot order the snapshot")
-    return int(parsedate_to_datetime(date).timestamp())
+    def _answered_at(self, response: Any) -> int:
+        """Stripe's clock when it answered (the Date header), the clock of every event's `created`."""
+        date = _header(response, "date")
+        if not date:
+            raise DependencyUnavailable("stripe", self._where, "an answer without a Date header: no time to order the snapshot by")
+        return int(parsedate_to_datetime(date).timestamp())
 
 
 def _api_version(response: Any) -> str:

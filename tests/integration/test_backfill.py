@@ -467,3 +467,12 @@ async def test_the_cli_publishes_one_customer_with_apply_and_refuses_an_unknown_
     missing = await asyncio.to_thread(run, env, "backfill", "--customer", "cus_doesnotexist")
     # The progress line is erased (ANSI) just before the error is printed.
     assert missing.returncode == 2 and last_line(missing.stderr).endswith("error: --customer cus_doesnotexist: no such customer in Stripe")
+
+
+async def test_a_customer_deleted_after_it_was_listed_has_nothing_to_publish(fleet: Fleet) -> None:
+    client = fleet.client()
+    gone = await asyncio.to_thread(lambda: client.v1.customers.create(params={"metadata": {"user_id": random_id("user_")}}))
+    await asyncio.to_thread(client.v1.customers.delete, gone.id)
+    async with reader(fleet.stripe.api_base) as r:
+        for kind in ("subscription", "invoice", "charge"):
+            assert (await r.objects(kind, gone.id, None, 10)).objects == []
