@@ -19,12 +19,14 @@ Ids and order
   event without its id and time. The same state read twice gives the same id, so a second
   run changes nothing (the workers' inbox skips a known id); a changed object gets a new
   id.
-* The event's ``created`` is the time Stripe answered the read (its ``Date`` header, on
-  Stripe's clock like every event's ``created``). The projections keep the newest
-  ``(created, event_id)``: a webhook created before the read is older, and the snapshot
-  (which already contains its change) wins; a webhook created after the read is newer and
-  wins. A webhook of the same second wins too, because ``backfill:`` sorts before
-  Stripe's ``evt_``: within that second the read may have come first.
+* The event's ``created`` is a second no later than the read, on Stripe's clock like
+  every event's ``created``: the answer's ``Date`` header minus the request's round trip,
+  rounded up (about one second before the answer). The projections keep the newest
+  ``(created, event_id)``: a webhook created before that second is older, and the
+  snapshot (which already contains its change) wins; a webhook of a change after the
+  read has a ``created`` at or after it and wins, also on a tie, because ``backfill:``
+  sorts before Stripe's ``evt_``. (Within that second a webhook from just before the read
+  wins too; it is the state of that moment, and every later change has its own webhook.)
 * ``source`` is ``EVENT_SOURCE_STRIPE_BACKFILL``.
 
 Runs and resumption
@@ -46,7 +48,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -227,7 +231,7 @@ class StripeReader:
 
     async def customer(self, customer_id: str) -> Page:
         try:
-            found = await self._call(lambda: self._client.v1.customers.retrieve_async(customer_id))
+            found, round_trip = await self._call(lambda: self._client.v1.customers.retrieve_async(customer_id))
         except stripe.InvalidRequestError as exc:
             if exc.http_status == 404:
                 raise ConfigurationError(f"--customer {customer_id}: no such customer in Stripe") from None
@@ -236,7 +240,7 @@ class StripeReader:
         assert response is not None  # a retrieve always carries its response
         body = response.data
         gone = isinstance(body, dict) and body.get("deleted")
-        return Page([] if gone else [dict(body)], False, self._answered_at(response), _api_version(response))  # type: ignore[arg-type]
+        return Page([] if gone else [dict(body)], False, self._read_at(response, round_trip), _api_version(response))  # type: ignore[arg-type]
 
     async def objects(self, kind: str, customer_id: str, starting_after: str | None, limit: int) -> Page:
         params: dict[str, Any] = {"customer": customer_id, "limit": limit}
@@ -253,16 +257,18 @@ class StripeReader:
             raise DependencyUnavailable("stripe", self._where, f"InvalidRequestError: {exc.user_message or exc}") from None
 
     async def _list(self, call: Callable[[], Awaitable[Any]]) -> Page:
-        listed = await self._call(call)
+        listed, round_trip = await self._call(call)
         response = listed.last_response
         assert response is not None
         body = response.data  # the JSON as Stripe sent it, like a webhook's data.object
-        return Page(list(body["data"]), bool(body.get("has_more")), self._answered_at(response), _api_version(response))
+        return Page(list(body["data"]), bool(body.get("has_more")), self._read_at(response, round_trip), _api_version(response))
 
-    async def _call(self, call: Callable[[], Awaitable[Any]]) -> Any:
+    async def _call(self, call: Callable[[], Awaitable[Any]]) -> tuple[Any, float]:
+        """The call's result and its round trip in seconds, retried as `Backoff` says."""
         for attempt in range(self._backoff.attempts + 1):
             try:
-                return await call()
+                started = time.monotonic()
+                return await call(), time.monotonic() - started
             except stripe.StripeError as exc:
                 if isinstance(exc, stripe.InvalidRequestError) and exc.http_status == 404:
                     raise  # the caller names what was not found
@@ -281,12 +287,15 @@ class StripeReader:
                 await self._sleep(delay)
         raise AssertionError("unreachable")
 
-    def _answered_at(self, response: Any) -> int:
-        """Stripe's clock when it answered (the Date header), the clock of every event's `created`."""
+    def _read_at(self, response: Any, round_trip: float) -> int:
+        """A second on Stripe's clock (the clock of every event's `created`) no later than
+        the read: the answer's Date header (whole seconds, so at most the answer's time)
+        minus the round trip, rounded up. Stripe read the objects at some point of that
+        round trip, so every change after the read has a `created` at or after this."""
         date = _header(response, "date")
         if not date:
             raise DependencyUnavailable("stripe", self._where, "an answer without a Date header: no time to order the snapshot by")
-        return int(parsedate_to_datetime(date).timestamp())
+        return int(parsedate_to_datetime(date).timestamp()) - math.ceil(round_trip)
 
 
 def _api_version(response: Any) -> str:

@@ -266,7 +266,7 @@ async def test_rate_limits_are_retried_with_backoff_until_the_attempts_run_out()
             raise stripe.RateLimitError("Too many requests", http_status=429)
         return "ok"
 
-    assert await reader._call(limited_twice) == "ok"  # noqa: SLF001 - the retry policy alone
+    assert (await reader._call(limited_twice))[0] == "ok"  # noqa: SLF001 - the retry policy alone
     assert reader.retries == 2 and 0.5 <= slept[0] <= 1 and 1 <= slept[1] <= 2
 
     async def always_limited() -> str:
@@ -286,3 +286,21 @@ async def test_an_error_that_retrying_cannot_fix_stops_at_once() -> None:
     with pytest.raises(DependencyUnavailable, match="AuthenticationError"):
         await reader._call(refused)  # noqa: SLF001
     assert reader.retries == 0
+
+
+class Answer:
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+
+def test_the_read_time_is_the_answers_date_less_the_round_trip_rounded_up() -> None:
+    """The Date header is whole seconds at most the answer's time; the objects were read
+    at some point of the round trip before it. So the second taken is no later than the
+    read, and every change after the read has a `created` at or after it."""
+    reader = StripeReader(stripe.StripeClient("sk_test_unused"))
+    date = {"Date": "Mon, 07 Dec 2026 05:41:08 GMT"}
+    at = 1_796_622_068
+    assert reader._read_at(Answer(date), 0.004) == at - 1  # noqa: SLF001
+    assert reader._read_at(Answer(date), 1.5) == at - 2  # noqa: SLF001
+    with pytest.raises(DependencyUnavailable, match="without a Date header"):
+        reader._read_at(Answer({}), 0.1)  # noqa: SLF001
