@@ -172,6 +172,19 @@ async def test_an_interrupted_run_resumes_after_the_last_page_the_broker_acknowl
     assert not checkpoint.path.exists()
 
 
+async def test_a_page_the_broker_did_not_acknowledge_is_not_checkpointed(tmp_path: Path) -> None:
+    class DownOnSecondPage(Collect):
+        async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+            if self.batches:
+                raise DependencyUnavailable("kafka", "fake", "not acknowledged")
+            await super().publish(messages)
+
+    checkpoint = Checkpoint(tmp_path / "cp")
+    with pytest.raises(DependencyUnavailable, match="kafka"):
+        await backfill(fleet(7), DownOnSecondPage(), Topics(), Options(apply=True, page_size=3), checkpoint=checkpoint, now=NOW)
+    assert checkpoint.read() == "cus_002"
+
+
 async def test_a_dry_run_publishes_nothing_and_keeps_no_checkpoint(tmp_path: Path) -> None:
     checkpoint = Checkpoint(tmp_path / "cp")
     checkpoint.write("cus_005")
