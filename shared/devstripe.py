@@ -39,7 +39,7 @@ class LocalStripe:
     def start(self, timeout: float = 20.0) -> None:
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "localstripe", "--port", str(self.port), "--from-scratch"],
+                self.command(),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -58,6 +58,10 @@ class LocalStripe:
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.1)
         raise DependencyUnavailable("localstripe", self.api_base, f"no answer in {timeout:.0f} s")
+
+    def command(self) -> list[str]:
+        """The child's command line (a test may start localstripe differently)."""
+        return [sys.executable, "-m", "localstripe", "--port", str(self.port), "--from-scratch"]
 
     def stop(self, timeout: float = 5.0) -> None:
         process, self._process = self._process, None

@@ -13,10 +13,12 @@ class EventSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_SOURCE_STRIPE_WEBHOOK: _ClassVar[EventSource]
     EVENT_SOURCE_API: _ClassVar[EventSource]
     EVENT_SOURCE_DUNNING: _ClassVar[EventSource]
+    EVENT_SOURCE_STRIPE_BACKFILL: _ClassVar[EventSource]
 EVENT_SOURCE_UNSPECIFIED: EventSource
 EVENT_SOURCE_STRIPE_WEBHOOK: EventSource
 EVENT_SOURCE_API: EventSource
 EVENT_SOURCE_DUNNING: EventSource
+EVENT_SOURCE_STRIPE_BACKFILL: EventSource
 
 class PaymentEvent(_message.Message):
     __slots__ = ("event_type", "user_id", "family_id", "feature_code", "plan_id", "subscription_id", "amount", "currency", "status", "expires_at", "metadata", "event_id", "created", "customer_id", "source", "api_version", "livemode", "object_type", "object_id", "invoice_id", "charge_id", "payment_intent_id", "checkout_session_id", "price_id", "product_id", "period_start", "period_end", "cancel_at_period_end", "cancel_at", "canceled_at", "trial_end", "amount_refunded", "failure_code", "failure_message", "attempt_count", "next_payment_attempt", "billing_reason", "mode", "customer_email", "description", "actor", "reason", "dispute_id")
