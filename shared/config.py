@@ -62,6 +62,11 @@ class Topics:
         return f"{self.prefix}usage-events"
 
     @property
+    def usage_thresholds(self) -> str:
+        """usage.threshold_crossed events (payment.v1.UsageThresholdCrossed), keyed by subject."""
+        return f"{self.prefix}usage-thresholds"
+
+    @property
     def dunning_events(self) -> str:
         return f"{self.prefix}dunning-events"
 
@@ -74,7 +79,8 @@ class Topics:
         return f"{topic}.dlq"
 
     def all(self) -> list[str]:
-        base = [self.payment_events, self.usage_events, self.dunning_events, self.stripe_raw_events]
+        base = [self.payment_events, self.usage_events, self.dunning_events, self.stripe_raw_events,
+                self.usage_thresholds]
         return base + [self.dlq(t) for t in base]
 
 
