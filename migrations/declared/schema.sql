@@ -387,3 +387,18 @@ CREATE TABLE usage_thresholds (
     crossed_at        timestamptz NOT NULL,      -- that increment's time (from the log)
     PRIMARY KEY (scope, subject_type, subject_id, member_id, feature_code, period_start, threshold)
 );
+
+-- ---------------------------------------------------------------- 0011: entitlement history
+-- What CheckEntitlement(as_of) reads: the snapshot fields deciding expiry, per history
+-- entry, and every paid invoice's period end (paid_periods keeps only the maximum).
+ALTER TABLE subscription_history ADD COLUMN current_period_end timestamptz;
+ALTER TABLE subscription_history ADD COLUMN cancel_at_period_end boolean NOT NULL DEFAULT false;
+ALTER TABLE subscription_history ADD COLUMN cancel_at timestamptz;
+CREATE TABLE paid_period_events (
+    subscription_id   text NOT NULL,
+    event_id          text NOT NULL,
+    event_created     timestamptz NOT NULL,
+    customer_id       text NOT NULL,
+    paid_through      timestamptz NOT NULL,
+    PRIMARY KEY (subscription_id, event_id)
+);
