@@ -394,6 +394,10 @@ CREATE TABLE usage_thresholds (
 ALTER TABLE subscription_history ADD COLUMN current_period_end timestamptz;
 ALTER TABLE subscription_history ADD COLUMN cancel_at_period_end boolean NOT NULL DEFAULT false;
 ALTER TABLE subscription_history ADD COLUMN cancel_at timestamptz;
+-- A status set by our dunning scheduler (dunning.escalated / restored): the entry's price
+-- and expiry fields are copies of whatever snapshot the worker held when it applied it,
+-- so readers take them from the newest real snapshot before it instead.
+ALTER TABLE subscription_history ADD COLUMN status_only boolean NOT NULL DEFAULT false;
 CREATE TABLE paid_period_events (
     subscription_id   text NOT NULL,
     event_id          text NOT NULL,

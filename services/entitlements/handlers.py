@@ -90,6 +90,7 @@ Handler = Callable[[Event, State, Customer | None, Catalog], Changes]
 # 9999-12-31T23:59:59Z: the last second Python's datetime (and so the repository) can hold.
 MAX_TIME = 253_402_300_799
 TERMINAL_STATUSES = frozenset({"canceled", "incomplete_expired"})
+DUNNING_STATUS_TYPES = frozenset({"dunning.escalated", "dunning.restored"})
 _CURRENCY = re.compile(r"^[a-z]{3}$")
 
 
@@ -292,6 +293,7 @@ def _history_entry(event: Event) -> HistoryEntry:
     return HistoryEntry(
         _version(event), event.subscription_id, event.customer_id, status, event.price_id,
         _time(event.period_end, "period_end"), event.cancel_at_period_end, _time(event.cancel_at, "cancel_at"),
+        event.event_type in DUNNING_STATUS_TYPES,
     )
 
 

@@ -106,6 +106,7 @@ class HistoryEntry:
     current_period_end: int | None = None
     cancel_at_period_end: bool = False
     cancel_at: int | None = None
+    status_only: bool = False  # a dunning decision: only its status is its own
 
 
 @dataclass(frozen=True, slots=True)

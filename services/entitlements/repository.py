@@ -223,10 +223,10 @@ def _subscription(row: Row) -> Subscription:
 
 
 def _history_entry(row: Row) -> HistoryEntry:
-    event_created, event_id, sub_id, customer_id, status, price_id, period_end, cancel_at_end, cancel_at = row
+    event_created, event_id, sub_id, customer_id, status, price_id, period_end, cancel_at_end, cancel_at, only = row
     return HistoryEntry(
         Version(_ts(event_created), event_id), sub_id, customer_id, status, price_id,
-        _ts_or_none(period_end), bool(cancel_at_end), _ts_or_none(cancel_at),
+        _ts_or_none(period_end), bool(cancel_at_end), _ts_or_none(cancel_at), bool(only),
     )
 
 
@@ -520,6 +520,7 @@ def _history_params(e: HistoryEntry) -> dict[str, Any]:
         "current_period_end": _dt_or_none(e.current_period_end),
         "cancel_at_period_end": e.cancel_at_period_end,
         "cancel_at": _dt_or_none(e.cancel_at),
+        "status_only": e.status_only,
     }
 
 
