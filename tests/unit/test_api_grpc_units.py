@@ -142,3 +142,16 @@ def test_the_best_allowed_answer_of_user_and_family_wins() -> None:
     denied = answer(allowed=False, status="revoked", plan_id="basic")
     allowed = answer(plan_id="pro", usage_limit=6)
     assert decide([denied, allowed], "seats", FACTS, NOW).plan_id == "pro"
+
+
+def test_a_decision_carries_the_writers_rule_and_says_how_the_clock_changed_it() -> None:
+    rule = "past_due: grace 7 days, then reduced"
+    grace = answer(access_level="grace", grace_until=NOW + 10, after_grace="suspended", level_after_grace="reduced",
+                   rule=rule, plan_version="sha256:x", source="subscription:sub_1")
+    during = decide([grace], "priority_support", FACTS, NOW)
+    assert (during.rule, during.plan_version, during.source, during.clock) == (rule, "sha256:x", "subscription:sub_1", "")
+    assert decide([grace], "priority_support", FACTS, NOW + 10).clock == "grace_ended"
+    assert decide([answer(expires_at=NOW - 1, rule="active: full")], "priority_support", FACTS, NOW).clock == "expired"
+    free = decide([], "projects", FACTS, NOW)
+    assert (free.rule, free.source) == ("default_plan: free", "")
+    assert free.plan_version == decide([], "api_calls", FACTS, NOW).plan_version != ""
