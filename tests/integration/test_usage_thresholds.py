@@ -179,3 +179,47 @@ async def test_a_replay_of_the_usage_log_reproduces_the_thresholds_table_and_pub
         live = replay.table_fingerprints(conn, "public", ("usage_thresholds",))
         rebuilt = replay.table_fingerprints(conn, schema, ("usage_thresholds",))
     assert rebuilt == live
+
+
+async def test_the_usage_service_as_served_publishes_a_crossing_through_its_outbox_relay(
+    broker: str, template_database: str
+) -> None:
+    """services/usage/bootstrap.serve, as `paymentsvc serve usage` runs it: its relay
+    publishes what its projection staged."""
+    from pydantic import SecretStr
+
+    from domain.usage.model import event_id_for
+    from services.usage import bootstrap
+    from shared.config import Settings, Topics
+    from shared.devbroker import ensure_topics, free_port
+    from shared.kafka import make_producer
+    from tests.conftest import fresh_database
+    from tests.integration.test_api_grpc import private_redis
+
+    topics = Topics(prefix=f"t{secrets.token_hex(4)}.")
+    await ensure_topics(broker, topics.all(), partitions=1)
+    user, key = random_id("user_"), random_id("idem_")
+    increment = events_pb2.UsageEvent(
+        event_id=event_id_for(key), idempotency_key=key, subject_type="user", subject_id=user, user_id=user,
+        feature_code="api_calls", amount=900, period_start=1_924_992_000, period_end=1_927_670_400,
+        created_ms=1_924_992_000_000, limit=1000, plan_id="free",
+    )
+    with private_redis() as (redis_url, _process), fresh_database(template_database) as url:
+        settings = Settings(
+            database_url=SecretStr(url), redis_url=SecretStr(redis_url), kafka_bootstrap_servers=broker,
+            kafka_topic_prefix=topics.prefix, usage_port=free_port(),
+        )
+        stop = asyncio.Event()
+        served = asyncio.create_task(bootstrap.serve(settings, stop))
+        try:
+            producer = make_producer(broker)
+            await producer.start()
+            await producer.send_and_wait(topics.usage_events, increment.SerializeToString(), key=user.encode())
+            await producer.stop()
+            records = await read_topic(broker, topics.usage_thresholds, expect=1, timeout=60)
+        finally:
+            stop.set()
+            await asyncio.wait_for(served, 60)
+        assert [events_pb2.UsageThresholdCrossed.FromString(r.value).threshold for r in records] == ["80%"]
+        assert dict(records[0].headers)["event-type"] == b"usage.threshold_crossed"
+        assert outbox_left(url) == 0
