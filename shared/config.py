@@ -79,9 +79,9 @@ class Topics:
         return f"{topic}.dlq"
 
     def all(self) -> list[str]:
-        base = [self.payment_events, self.usage_events, self.dunning_events, self.stripe_raw_events,
-                self.usage_thresholds]
-        return base + [self.dlq(t) for t in base]
+        base = [self.payment_events, self.usage_events, self.dunning_events, self.stripe_raw_events]
+        # usage-thresholds is only published here (nothing of ours consumes it): no DLQ.
+        return base + [self.usage_thresholds] + [self.dlq(t) for t in base]
 
 
 def _split_commas(value: Any) -> Any:
