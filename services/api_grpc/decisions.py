@@ -46,6 +46,7 @@ class Decision:
     plan_version: str = ""
     source: str = ""
     clock: str = ""
+    grace_until: int = 0
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ def evaluate(
         plan_version=str(answer.get("plan_version") or ""),
         source=str(answer.get("source") or ""),
         clock=clock,
+        grace_until=int(grace_until or 0),
     )
 
 

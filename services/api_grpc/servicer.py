@@ -75,6 +75,7 @@ def check_response(
             rule=decision.rule, plan_id=decision.plan_id, plan_version=decision.plan_version,
             source=decision.source, deciding_event_id=decision.decided_by_event_id, clock=decision.clock,
         ),
+        grace_until=decision.grace_until,
     )
 
 

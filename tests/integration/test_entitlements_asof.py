@@ -184,6 +184,7 @@ async def test_as_of_names_the_events_it_rests_on_and_explains_the_rule(
     assert list(grace.evidence) == ids_until
     d = grace.decision
     assert (d.rule, d.source, d.clock) == ("past_due: grace 7 days, then reduced", f"subscription:{ids.sub}", "")
+    assert d.grace_until == FAILED + 1 + 7 * DAY  # past_due since its event, grace 7 days
     assert d.decided_by_event_id == events[5].event_id and d.plan_version.startswith("sha256:")
     reduced = (await api.check_as_of(subject, "export_pdf", FAILED + 9 * DAY, 5.0)).decision
     assert (reduced.rule, reduced.clock, reduced.access_level) == ("past_due: grace 7 days, then reduced",

@@ -151,6 +151,7 @@ def test_a_decision_carries_the_writers_rule_and_says_how_the_clock_changed_it()
     during = decide([grace], "priority_support", FACTS, NOW)
     assert (during.rule, during.plan_version, during.source, during.clock) == (rule, "sha256:x", "subscription:sub_1", "")
     assert decide([grace], "priority_support", FACTS, NOW + 10).clock == "grace_ended"
+    assert during.grace_until == decide([grace], "priority_support", FACTS, NOW + 10).grace_until == NOW + 10
     assert decide([answer(expires_at=NOW - 1, rule="active: full")], "priority_support", FACTS, NOW).clock == "expired"
     free = decide([], "projects", FACTS, NOW)
     assert (free.rule, free.source) == ("default_plan: free", "")

@@ -227,7 +227,7 @@ class Explanation(_message.Message):
     def __init__(self, rule: _Optional[str] = ..., plan_id: _Optional[str] = ..., plan_version: _Optional[str] = ..., source: _Optional[str] = ..., deciding_event_id: _Optional[str] = ..., clock: _Optional[str] = ...) -> None: ...
 
 class CheckEntitlementResponse(_message.Message):
-    __slots__ = ("allowed", "reason", "plan_id", "status", "expires_at", "access_level", "decided_by_event_id", "usage_limit", "limit_period", "freshness", "feature_code", "subject", "explanation", "evidence_event_ids", "as_of")
+    __slots__ = ("allowed", "reason", "plan_id", "status", "expires_at", "access_level", "decided_by_event_id", "usage_limit", "limit_period", "freshness", "feature_code", "subject", "explanation", "evidence_event_ids", "as_of", "grace_until")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +243,7 @@ class CheckEntitlementResponse(_message.Message):
     EXPLANATION_FIELD_NUMBER: _ClassVar[int]
     EVIDENCE_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
     AS_OF_FIELD_NUMBER: _ClassVar[int]
+    GRACE_UNTIL_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reason: str
     plan_id: str
@@ -258,7 +259,8 @@ class CheckEntitlementResponse(_message.Message):
     explanation: Explanation
     evidence_event_ids: _containers.RepeatedScalarFieldContainer[str]
     as_of: int
-    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[str] = ..., plan_id: _Optional[str] = ..., status: _Optional[str] = ..., expires_at: _Optional[int] = ..., access_level: _Optional[str] = ..., decided_by_event_id: _Optional[str] = ..., usage_limit: _Optional[int] = ..., limit_period: _Optional[str] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ..., feature_code: _Optional[str] = ..., subject: _Optional[_Union[Subject, _Mapping]] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ..., evidence_event_ids: _Optional[_Iterable[str]] = ..., as_of: _Optional[int] = ...) -> None: ...
+    grace_until: int
+    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[str] = ..., plan_id: _Optional[str] = ..., status: _Optional[str] = ..., expires_at: _Optional[int] = ..., access_level: _Optional[str] = ..., decided_by_event_id: _Optional[str] = ..., usage_limit: _Optional[int] = ..., limit_period: _Optional[str] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ..., feature_code: _Optional[str] = ..., subject: _Optional[_Union[Subject, _Mapping]] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ..., evidence_event_ids: _Optional[_Iterable[str]] = ..., as_of: _Optional[int] = ..., grace_until: _Optional[int] = ...) -> None: ...
 
 class BulkCheckEntitlementsRequest(_message.Message):
     __slots__ = ("subjects", "feature_codes")
