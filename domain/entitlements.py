@@ -12,7 +12,7 @@ Redis layout:
 * key `{prefix}ent:{subject_type}:{subject_id}`, a hash with a TTL of REDIS_TTL_S;
 * field `<feature_code>`: compact JSON `{"allowed", "status", "access_level", "plan_id",
   "expires_at", "usage_limit", "limit_period", "enforcement", "decided_by_event_id",
-  "source", "grace_until", "after_grace", "level_after_grace"}` for the best row of that feature (an allowed
+  "source", "grace_until", "after_grace", "level_after_grace", "rule", "plan_version"}` for the best row of that feature (an allowed
   one first, then the highest limit, the latest expiry, the newest event). Readers must
   still check `expires_at` (Unix seconds or null) against their clock, and once
   `grace_until` has passed treat the status as `after_grace` ("active"/"suspended")
@@ -23,6 +23,7 @@ Redis layout:
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
@@ -35,7 +36,7 @@ import orjson
 from psycopg import AsyncConnection
 from psycopg.rows import tuple_row
 
-from shared.catalog import SECONDS_PER_DAY, Catalog
+from shared.catalog import SECONDS_PER_DAY, Catalog, Plan
 from shared.sqlfile import load_queries
 
 REDIS_TTL_S = 24 * 3600
@@ -201,6 +202,7 @@ def _rank(row: SubjectRow) -> tuple[bool, float, float, Any]:
 def answer(row: SubjectRow, catalog: Catalog) -> dict[str, Any]:
     """The JSON answer for one feature of a subject (see the module docstring)."""
     grace_until, after_grace, level_after_grace = _grace(row, catalog)
+    plan = catalog.plans.get(row.plan_id)
     return {
         "allowed": _allowed(row),
         "status": row.status,
@@ -215,7 +217,44 @@ def answer(row: SubjectRow, catalog: Catalog) -> dict[str, Any]:
         "grace_until": grace_until,
         "after_grace": after_grace,
         "level_after_grace": level_after_grace,
+        "rule": rule_text(row, plan),
+        "plan_version": plan_version(plan) if plan is not None else "",
     }
+
+
+def rule_text(row: SubjectRow, plan: Plan | None) -> str:
+    """The catalog rule that decided the row, machine-readable and stable:
+    `<subscription status>: <level>` or `<status>: grace <n> days, then <level>` (the plan's
+    access policy), `; <feature> needs <min_access>` when the level lacks the feature,
+    `one_time: full` for a one-time purchase, `<status>: revoked` for a feature the
+    subscription ended or a later plan lacks."""
+    if row.source_type != "subscription":
+        return "one_time: full"
+    status = row.subscription_status or ""
+    if row.status == "revoked":
+        return f"{status}: revoked"
+    rule = plan.access_policy.get(status) if plan is not None else None  # type: ignore[call-overload]
+    if rule is None:
+        return f"{status}: not in the access policy, blocked"
+    text = f"{status}: grace {rule.grace_days} days, then {rule.then}" if rule.grace_days else f"{status}: {rule.level}"
+    feature = plan.features.get(row.feature_code) if plan is not None else None
+    if row.status == "suspended" and feature is not None:
+        text += f"; {row.feature_code} needs {feature.min_access}"
+    return text
+
+
+_PLAN_VERSIONS: dict[int, tuple[Plan, str]] = {}
+
+
+def plan_version(plan: Plan) -> str:
+    """A content hash of the plan's effective definition (features, limits, policies):
+    which version of the plan decided, since the catalog has no version numbers."""
+    known = _PLAN_VERSIONS.get(id(plan))
+    if known is not None and known[0] is plan:
+        return known[1]
+    version = "sha256:" + hashlib.sha256(plan.model_dump_json().encode()).hexdigest()[:16]
+    _PLAN_VERSIONS[id(plan)] = (plan, version)
+    return version
 
 
 def _grace(row: SubjectRow, catalog: Catalog) -> tuple[int | None, str | None, str | None]:

@@ -13,6 +13,7 @@ events use them to decide a subscription's plan and access level.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -188,12 +189,55 @@ class Feature(_Model):
     allow_release: Flag = False
     member_cap: Count | None = None
     min_access: MinAccess = "full"
+    # Usage thresholds that emit `usage.threshold_crossed` (docs/catalog.md "Alerts"),
+    # kept in their canonical spelling: "80%" (of the limit) or "1000" (units).
+    alerts: tuple[str, ...] = ()
+
+    @field_validator("alerts", mode="before")
+    @classmethod
+    def _alert_specs(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise ValueError("alerts must be a list, e.g. [80%, 100%, 1000]")
+        problems: list[tuple[Loc, str]] = []
+        specs: list[str] = []
+        for index, item in enumerate(value):
+            spec = _alert_spec(item)
+            if spec is None:
+                problems.append(((index,), f"{item!r} is no threshold: write a percentage of the limit "
+                                           "from 1% to 1000% (80%) or an amount of at least 1 (1000)"))
+            elif spec in specs:
+                problems.append(((index,), f"threshold {spec} is listed twice"))
+            else:
+                specs.append(spec)
+        _raise_if(problems)
+        return tuple(specs)
 
     @model_validator(mode="after")
     def _period_needs_limit(self) -> Feature:
+        problems: list[tuple[Loc, str]] = []
         if self.period != "none" and self.limit is None:
-            raise _Problems([(("limit",), f"a limit is required when period is {self.period!r}")])
+            problems.append((("limit",), f"a limit is required when period is {self.period!r}"))
+        if self.limit is None and self.member_cap is None:
+            problems += [
+                (("alerts", index), f"a percentage threshold ({spec}) needs a limit or a member_cap")
+                for index, spec in enumerate(self.alerts)
+                if spec.endswith("%")
+            ]
+        _raise_if(problems)
         return self
+
+    def thresholds(self, limit: int | None) -> list[tuple[str, int]]:
+        """(spec, units) of each alert against `limit` (None: unlimited, where only the
+        absolute amounts apply). A percentage is rounded up: 80% of 5 is 4 units."""
+        out = []
+        for spec in self.alerts:
+            if not spec.endswith("%"):
+                out.append((spec, int(spec)))
+            elif limit is not None:
+                out.append((spec, -(-limit * int(spec[:-1]) // 100)))
+        return out
 
     @property
     def metered(self) -> bool:
@@ -261,6 +305,20 @@ class DunningPolicy(_Model):
 
 
 AccessPolicy = dict[SubscriptionStatus, AccessRule]
+_PERCENT = re.compile(r"^([1-9][0-9]{0,3})\s*%$")
+
+
+def _alert_spec(item: Any) -> str | None:
+    """The canonical spelling of one threshold, or None if it is none."""
+    if isinstance(item, bool):  # YAML's yes/no: never a threshold
+        return None
+    if isinstance(item, int):
+        return str(item) if item >= 1 else None
+    if isinstance(item, str):
+        match = _PERCENT.match(item.strip())
+        if match and int(match.group(1)) <= 1000:
+            return f"{int(match.group(1))}%"
+    return None
 
 
 class Plan(_Model):

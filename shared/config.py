@@ -69,6 +69,11 @@ class Topics:
         return f"{self.prefix}usage-events"
 
     @property
+    def usage_thresholds(self) -> str:
+        """usage.threshold_crossed events (payment.v1.UsageThresholdCrossed), keyed by subject."""
+        return f"{self.prefix}usage-thresholds"
+
+    @property
     def dunning_events(self) -> str:
         return f"{self.prefix}dunning-events"
 
@@ -82,7 +87,8 @@ class Topics:
 
     def all(self) -> list[str]:
         base = [self.payment_events, self.usage_events, self.dunning_events, self.stripe_raw_events]
-        return base + [self.dlq(t) for t in base]
+        # usage-thresholds is only published here (nothing of ours consumes it): no DLQ.
+        return base + [self.usage_thresholds] + [self.dlq(t) for t in base]
 
 
 def _split_commas(value: Any) -> Any:

@@ -53,6 +53,7 @@ CE_SPECVERSION = b"1.0"
 CE_SOURCES = {
     "PaymentEvent": "/paymentsvc/payment-events",
     "UsageEvent": "/paymentsvc/usage-events",
+    "UsageThresholdCrossed": "/paymentsvc/usage-thresholds",
     "DunningEvent": "/paymentsvc/dunning-events",
     "StripeEvent": "/paymentsvc/stripe-raw-events",
 }

@@ -265,6 +265,8 @@ def usage_event(outcome: Outcome) -> events_pb2.UsageEvent:
         used_after=outcome.used,
         limit=p.limit,
         over_soft_limit=answer(outcome).over_soft_limit,
+        plan_id=p.plan_id,
+        member_cap=p.member_cap if p.member is not None and p.member_cap >= 0 else None,
     )
 
 

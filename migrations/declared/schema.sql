@@ -365,3 +365,44 @@ CREATE TABLE cache_refresh_pending (
 
 -- ---------------------------------------------------------------- 0008: inbox age
 CREATE INDEX processed_events_age ON processed_events (consumer, processed_at);
+
+-- ---------------------------------------------------------------- 0010: usage thresholds
+-- Each usage threshold (catalog `alerts`) crossed, at most once per scope, subject,
+-- member, feature and period.
+CREATE TABLE usage_thresholds (
+    scope             text NOT NULL CHECK (scope IN ('pool', 'member')),
+    subject_type      text NOT NULL CHECK (subject_type IN ('user', 'family')),
+    subject_id        text NOT NULL,
+    member_id         text NOT NULL DEFAULT '',  -- the member (scope member); '' for the pool
+    feature_code      text NOT NULL,
+    period_start      timestamptz NOT NULL,
+    threshold         text NOT NULL,             -- as the catalog writes it: '80%' or '1000'
+    period_end        timestamptz NOT NULL,
+    plan_id           text NOT NULL,
+    threshold_units   bigint NOT NULL,
+    usage             bigint NOT NULL,           -- the counter right after the crossing increment
+    usage_limit       bigint,                    -- limit (pool) or member cap (member); NULL: none
+    event_id          text NOT NULL,             -- the usage event that crossed it
+    user_id           text,                      -- who made that increment
+    crossed_at        timestamptz NOT NULL,      -- that increment's time (from the log)
+    PRIMARY KEY (scope, subject_type, subject_id, member_id, feature_code, period_start, threshold)
+);
+
+-- ---------------------------------------------------------------- 0011: entitlement history
+-- What CheckEntitlement(as_of) reads: the snapshot fields deciding expiry, per history
+-- entry, and every paid invoice's period end (paid_periods keeps only the maximum).
+ALTER TABLE subscription_history ADD COLUMN current_period_end timestamptz;
+ALTER TABLE subscription_history ADD COLUMN cancel_at_period_end boolean NOT NULL DEFAULT false;
+ALTER TABLE subscription_history ADD COLUMN cancel_at timestamptz;
+-- A status set by our dunning scheduler (dunning.escalated / restored): the entry's price
+-- and expiry fields are copies of whatever snapshot the worker held when it applied it,
+-- so readers take them from the newest real snapshot before it instead.
+ALTER TABLE subscription_history ADD COLUMN status_only boolean NOT NULL DEFAULT false;
+CREATE TABLE paid_period_events (
+    subscription_id   text NOT NULL,
+    event_id          text NOT NULL,
+    event_created     timestamptz NOT NULL,
+    customer_id       text NOT NULL,
+    paid_through      timestamptz NOT NULL,
+    PRIMARY KEY (subscription_id, event_id)
+);

@@ -14,11 +14,13 @@ They are what the worker last decided; the reader still applies its clock:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from domain.entitlements import plan_version
 from services.api_grpc.errors import InvalidArgument
 from shared.catalog import Catalog, Feature
 
@@ -38,6 +40,13 @@ class Decision:
     decided_by_event_id: str
     usage_limit: int
     limit_period: str
+    # The explanation (proto Explanation): the catalog rule, the plan's version, the
+    # source that decided and how the clock changed the stored answer.
+    rule: str = ""
+    plan_version: str = ""
+    source: str = ""
+    clock: str = ""
+    grace_until: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,14 +119,16 @@ def evaluate(
     level = str(answer.get("access_level") or "blocked")
     allowed = bool(answer.get("allowed"))
     grace_until = answer.get("grace_until")
+    clock = ""
     if grace_until is not None and now >= grace_until and answer.get("after_grace"):
         status = str(answer["after_grace"])
         level = _level_after_grace(answer)
         allowed = status == "active"
+        clock = "grace_ended"
     expires_at = answer.get("expires_at")
     reason = "granted" if allowed else (status or "no_entitlement")
     if allowed and expires_at is not None and now >= expires_at:
-        allowed, status, reason = False, "expired", "expired"
+        allowed, status, reason, clock = False, "expired", "expired", "expired"
     if allowed and level == "grace":
         reason = "grace"
     return Decision(
@@ -130,6 +141,11 @@ def evaluate(
         decided_by_event_id=str(answer.get("decided_by_event_id") or ""),
         usage_limit=wire_limit(answer.get("usage_limit"), feature_code, metered),
         limit_period=str(answer.get("limit_period") or "none"),
+        rule=str(answer.get("rule") or ""),
+        plan_version=str(answer.get("plan_version") or ""),
+        source=str(answer.get("source") or ""),
+        clock=clock,
+        grace_until=int(grace_until or 0),
     )
 
 
@@ -149,6 +165,8 @@ def free_plan(catalog: Catalog, feature_code: str, metered: frozenset[str]) -> D
         decided_by_event_id="",
         usage_limit=wire_limit(feature.limit, feature_code, metered),
         limit_period=feature.period,
+        rule=f"default_plan: {plan.id}",
+        plan_version=plan_version(plan),
     )
 
 
@@ -169,14 +187,4 @@ def _rank(decision: Decision) -> tuple[float, float]:
 
 
 def _with_event(decision: Decision, event_id: str) -> Decision:
-    return Decision(
-        decision.allowed,
-        decision.reason,
-        decision.plan_id,
-        decision.status,
-        decision.expires_at,
-        decision.access_level,
-        event_id,
-        decision.usage_limit,
-        decision.limit_period,
-    )
+    return dataclasses.replace(decision, decided_by_event_id=event_id)

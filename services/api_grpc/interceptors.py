@@ -55,6 +55,7 @@ SCOPES: dict[str, str] = {
     "BulkCheckEntitlements": "read",
     "ListEntitlements": "read",
     "ListSubscriptions": "read",
+    "ListAccessChanges": "read",
     "GetPayment": "read",
     "GetPaymentsByCustomer": "read",
     "ListPayments": "read",

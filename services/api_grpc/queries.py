@@ -19,6 +19,7 @@ from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from domain.entitlements import SubjectRow, read_subjects
+from domain.entitlements_asof import History, read_access_changes, read_history
 from services.api_grpc.validation import SubjectKey
 from shared.db import timed_connection
 from shared.sqlfile import load_queries
@@ -83,6 +84,19 @@ class Queries:
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             rows = await read_subjects(conn, subjects)
             return rows, await _watermark(conn)
+
+    async def history(self, user_id: str | None, family_id: str | None, at: int, timeout: float) -> History:
+        """The subject's recorded entitlement history until `at`, from one snapshot."""
+        async with self._connection(timeout) as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            return await read_history(conn, user_id, family_id, at)
+
+    async def access_changes(
+        self, user_id: str | None, family_id: str | None, since: int, until: int, after: Sequence[Any] | None,
+        limit: int, timeout: float,
+    ) -> list[Row]:
+        async with self._connection(timeout) as conn:
+            return await read_access_changes(conn, user_id, family_id, since, until, after, limit)
 
     async def payment(self, payment_id: str, timeout: float) -> Row | None:
         rows = await self._fetch("get_payment", {"payment_id": payment_id}, timeout)

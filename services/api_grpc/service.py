@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from domain.entitlements import WATERMARK_FIELD, subject_hash
+from domain.entitlements_asof import rows_as_of
 from domain.payments import PAYMENT_STATUSES
 from services.api_grpc import commands, decisions, validation
 from services.api_grpc.cache import CacheUnavailable, EntitlementCache, Fields
@@ -109,6 +110,19 @@ class Page:
 
 
 @dataclass(frozen=True, slots=True)
+class PastAnswer:
+    """CheckEntitlement as of a moment: the decision then and the events it rests on."""
+
+    decision: Decision
+    evidence: tuple[str, ...]
+    freshness: Watermark | None
+
+
+# ListAccessChanges without `until`: no end (the last second a timestamptz can hold here).
+_NO_END = 253_402_300_799
+
+
+@dataclass(frozen=True, slots=True)
 class CreatedPayment:
     payment: Row
     client_secret: str
@@ -173,6 +187,27 @@ class PaymentApi:
         _count_go_checks(from_cache)
         GO_ENTITLEMENT_DURATION.observe(time.perf_counter() - started)
         return decision, fresh
+
+    async def check_as_of(self, subject: SubjectIds, feature_code: str, as_of: int, timeout: float) -> PastAnswer:
+        """The answer the projection would have given at `as_of` (domain/entitlements_asof.py),
+        from Postgres only: the cache holds the present. Raises InvalidArgument for a time
+        in the future or before 1970."""
+        decisions.require_known(feature_code, self.facts.known)
+        if as_of <= 0 or as_of > self.clock():
+            raise InvalidArgument("as_of must be a Unix time in seconds, not in the future")
+        catalog = self.facts.catalog
+        history = await self.queries.history(subject.user_id or None, subject.family_id or None, as_of, timeout)
+        moment = rows_as_of(history, catalog, as_of)
+        answers: list[decisions.Answer | None] = []
+        for key in subject.keys():
+            fields = subject_hash([r for r in moment.rows if (r.subject_type, r.subject_id) == key], catalog)
+            answers.append(orjson.loads(fields[feature_code]) if feature_code in fields else None)
+        decision = decisions.decide(answers, feature_code, self.facts, as_of)
+        evidence = moment.evidence.get(decision.source, ())
+        if not evidence and decision.decided_by_event_id:  # the default plan after a paid one ended
+            evidence = next((ids for ids in moment.evidence.values() if decision.decided_by_event_id in ids), ())
+        _count_check(decision.reason)
+        return PastAnswer(decision, evidence, await self.freshness.get(timeout))
 
     async def bulk_check(
         self, subjects: Sequence[SubjectIds], feature_codes: Sequence[str], timeout: float
@@ -268,6 +303,26 @@ class PaymentApi:
             page_size + 1, timeout,
         )
         return await self._page(rows, page_size, fingerprint, lambda r: [r["subscription_id"]], timeout)
+
+    async def list_access_changes(
+        self, subject: SubjectIds, since: int, until: int, page_size: int, token: str, timeout: float
+    ) -> Page:
+        """Oldest first, since <= changed_at < until (0: open)."""
+        if since < 0 or until < 0 or (until and until <= since):
+            raise InvalidArgument("since and until must be Unix seconds with since < until (0: open)")
+        fingerprint = query_fingerprint("access_changes", {"s": subject.keys(), "since": since, "until": until})
+        after = self.tokens.decode(token, fingerprint)
+        if after is not None and (len(after) != 3 or not isinstance(after[0], int)):
+            raise InvalidArgument("page_token is malformed")
+        rows = await self.queries.access_changes(
+            subject.user_id or None, subject.family_id or None, since, until or _NO_END, after, page_size + 1, timeout
+        )
+        catalog = self.facts.catalog
+        for row in rows:
+            plan = catalog.plan_for_price(row.pop("price_id") or "")
+            row["plan_id"] = plan.id if plan else ""
+        cursor = ["changed_at", "subscription_id", "event_id"]
+        return await self._page(rows, page_size, fingerprint, lambda r: [r[c] for c in cursor], timeout)
 
     # ------------------------------------------------------------ payments
 

@@ -71,6 +71,19 @@ def check_response(
         freshness=freshness(mark),
         feature_code=feature_code,
         subject=service_pb2.Subject(user_id=subject.user_id, family_id=subject.family_id),
+        explanation=service_pb2.Explanation(
+            rule=decision.rule, plan_id=decision.plan_id, plan_version=decision.plan_version,
+            source=decision.source, deciding_event_id=decision.decided_by_event_id, clock=decision.clock,
+        ),
+        grace_until=decision.grace_until,
+    )
+
+
+def access_change_message(row: Row) -> service_pb2.AccessChange:
+    return service_pb2.AccessChange(
+        subscription_id=row["subscription_id"], event_id=row["event_id"], changed_at=int(row["changed_at"]),
+        from_level=row["from_level"], to_level=row["to_level"], status=row["status"],
+        plan_id=row.get("plan_id") or "", user_id=row.get("user_id") or "", family_id=row.get("family_id") or "",
     )
 
 
@@ -147,8 +160,14 @@ class PaymentServicer(service_pb2_grpc.PaymentServiceServicer):
         self, request: service_pb2.CheckEntitlementRequest, context: Context
     ) -> service_pb2.CheckEntitlementResponse:
         subject = _subject(request.subject)
-        decision, mark = await self._api.check(subject, request.feature_code, _timeout(context))
-        return check_response(decision, request.feature_code, subject, mark)
+        if not request.HasField("as_of"):
+            decision, mark = await self._api.check(subject, request.feature_code, _timeout(context))
+            return check_response(decision, request.feature_code, subject, mark)
+        past = await self._api.check_as_of(subject, request.feature_code, request.as_of, _timeout(context))
+        response = check_response(past.decision, request.feature_code, subject, past.freshness)
+        response.evidence_event_ids.extend(past.evidence)
+        response.as_of = request.as_of
+        return response
 
     async def BulkCheckEntitlements(  # noqa: N802
         self, request: service_pb2.BulkCheckEntitlementsRequest, context: Context
@@ -183,6 +202,20 @@ class PaymentServicer(service_pb2_grpc.PaymentServiceServicer):
         page = await self._api.list_subscriptions(subject, size, request.page_token, _timeout(context))
         return service_pb2.ListSubscriptionsResponse(
             subscriptions=[subscription_message(r) for r in page.rows],
+            next_page_token=page.next_page_token,
+            freshness=freshness(page.freshness),
+        )
+
+    async def ListAccessChanges(  # noqa: N802
+        self, request: service_pb2.ListAccessChangesRequest, context: Context
+    ) -> service_pb2.ListAccessChangesResponse:
+        subject = _subject(request.subject)
+        size = validation.page_size(request.page_size)
+        page = await self._api.list_access_changes(
+            subject, request.since, request.until, size, request.page_token, _timeout(context)
+        )
+        return service_pb2.ListAccessChangesResponse(
+            changes=[access_change_message(r) for r in page.rows],
             next_page_token=page.next_page_token,
             freshness=freshness(page.freshness),
         )

@@ -30,6 +30,7 @@ TABLES = (
     "subscriptions",
     "subscription_history",
     "paid_periods",
+    "paid_period_events",
     "one_time_grants",
     "access_changes",
     "entitlements",

@@ -90,6 +90,7 @@ Handler = Callable[[Event, State, Customer | None, Catalog], Changes]
 # 9999-12-31T23:59:59Z: the last second Python's datetime (and so the repository) can hold.
 MAX_TIME = 253_402_300_799
 TERMINAL_STATUSES = frozenset({"canceled", "incomplete_expired"})
+DUNNING_STATUS_TYPES = frozenset({"dunning.escalated", "dunning.restored"})
 _CURRENCY = re.compile(r"^[a-z]{3}$")
 
 
@@ -273,8 +274,8 @@ def on_invoice_paid(
     stored = state.paid.get(event.subscription_id)
     paid = seen.merge(stored)
     if paid == stored:
-        return Changes()
-    changes = Changes(paid_periods=(paid,))
+        return Changes(paid_events=(seen,))
+    changes = Changes(paid_periods=(paid,), paid_events=(seen,))
     sub = state.subscriptions.get(event.subscription_id)
     if sub is None:
         return changes  # kept until the subscription's own events arrive
@@ -290,7 +291,9 @@ def _history_entry(event: Event) -> HistoryEntry:
     if not event.price_id:
         raise InvalidEvent("a subscription event without a price")
     return HistoryEntry(
-        _version(event), event.subscription_id, event.customer_id, status, event.price_id
+        _version(event), event.subscription_id, event.customer_id, status, event.price_id,
+        _time(event.period_end, "period_end"), event.cancel_at_period_end, _time(event.cancel_at, "cancel_at"),
+        event.event_type in DUNNING_STATUS_TYPES,
     )
 
 
@@ -324,7 +327,8 @@ def _snapshot(event: Event, entry: HistoryEntry) -> Subscription:
 
 def _history(state: State, sub: Subscription) -> tuple[HistoryEntry, ...]:
     """The subscription's history; a row stored without one stands for its own entry."""
-    own = HistoryEntry(sub.version, sub.subscription_id, sub.customer_id, sub.status, sub.price_id)
+    own = HistoryEntry(sub.version, sub.subscription_id, sub.customer_id, sub.status, sub.price_id,
+                       sub.current_period_end, sub.cancel_at_period_end, sub.cancel_at)
     return state.history.get(sub.subscription_id) or (own,)
 
 

@@ -95,13 +95,18 @@ class Subscription:
 
 @dataclass(frozen=True, order=True, slots=True)
 class HistoryEntry:
-    """One customer.subscription.* event: the status and price it reported."""
+    """One customer.subscription.* event: the status and price it reported, and the
+    snapshot fields that decide expiry (read back by CheckEntitlement as_of)."""
 
     version: Version
     subscription_id: str
     customer_id: str
     status: str
     price_id: str
+    current_period_end: int | None = None
+    cancel_at_period_end: bool = False
+    cancel_at: int | None = None
+    status_only: bool = False  # a dunning decision: only its status is its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,6 +308,7 @@ class Changes:
     payments: tuple[Payment, ...] = ()
     catalog_misses: tuple[CatalogMiss, ...] = ()
     mapped_customers: tuple[str, ...] = ()
+    paid_events: tuple[PaidPeriod, ...] = ()  # every paid invoice (append-only history)
 
     def then(self, later: Changes) -> Changes:
         """Both, `later` winning where they touch the same row."""
@@ -335,6 +341,8 @@ class State:
     payments: dict[str, Payment] = field(default_factory=dict)
     catalog_misses: dict[str, CatalogMiss] = field(default_factory=dict)
     mapped_customers: set[str] = field(default_factory=set)
+    # Paid invoices seen by this batch (never loaded: the table is append-only).
+    paid_events: dict[tuple[str, str], PaidPeriod] = field(default_factory=dict)
 
     def copy(self) -> State:
         """A copy whose dicts can change independently (rows are immutable)."""
@@ -369,6 +377,7 @@ class State:
         for miss in changes.catalog_misses:
             self.catalog_misses[miss.price_id] = miss.merge(self.catalog_misses.get(miss.price_id))
         self.mapped_customers.update(changes.mapped_customers)
+        self._put(self.paid_events, changes.paid_events, lambda p: (p.subscription_id, p.version.event_id))
 
     @staticmethod
     def _put(target: dict[Any, Any], rows: Iterable[Any], key: Any) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -223,9 +223,10 @@ def _subscription(row: Row) -> Subscription:
 
 
 def _history_entry(row: Row) -> HistoryEntry:
-    event_created, event_id, sub_id, customer_id, status, price_id = row
+    event_created, event_id, sub_id, customer_id, status, price_id, period_end, cancel_at_end, cancel_at, only = row
     return HistoryEntry(
-        Version(_ts(event_created), event_id), sub_id, customer_id, status, price_id
+        Version(_ts(event_created), event_id), sub_id, customer_id, status, price_id,
+        _ts_or_none(period_end), bool(cancel_at_end), _ts_or_none(cancel_at), bool(only),
     )
 
 
@@ -367,6 +368,7 @@ class Writes:
     payments_gone: list[str]
     catalog_misses: list[CatalogMiss]
     mapped_customers: list[Customer]
+    paid_events: list[PaidPeriod] = field(default_factory=list)
 
     @property
     def subjects(self) -> set[SubjectKey]:
@@ -405,6 +407,7 @@ def diff(before: State, after: State) -> Writes:
         mapped_customers=[
             after.customers[c] for c in sorted(after.mapped_customers) if c in after.customers
         ],
+        paid_events=_changed(before.paid_events, after.paid_events),
     )
 
 
@@ -446,6 +449,7 @@ async def save(conn: AsyncConnection[Any], writes: Writes) -> None:
         ("upsert_subscription", [_subscription_params(s) for s in writes.subscriptions]),
         ("insert_history", [_history_params(e) for e in writes.history]),
         ("upsert_paid_period", [_paid_params(p) for p in writes.paid_periods]),
+        ("insert_paid_events", [_paid_event_params(p) for p in writes.paid_events]),
         ("upsert_grant", [_grant_params(g) for g in writes.grants]),
         ("upsert_entitlement", [_entitlement_params(e) for e in writes.entitlements]),
         ("upsert_access_change", [_access_change_params(a) for a in writes.access_changes]),
@@ -513,6 +517,20 @@ def _history_params(e: HistoryEntry) -> dict[str, Any]:
         "customer_id": e.customer_id,
         "status": e.status,
         "price_id": e.price_id,
+        "current_period_end": _dt_or_none(e.current_period_end),
+        "cancel_at_period_end": e.cancel_at_period_end,
+        "cancel_at": _dt_or_none(e.cancel_at),
+        "status_only": e.status_only,
+    }
+
+
+def _paid_event_params(p: PaidPeriod) -> dict[str, Any]:
+    return {
+        "subscription_id": p.subscription_id,
+        "event_id": p.version.event_id,
+        "event_created": _dt(p.version.created),
+        "customer_id": p.customer_id,
+        "paid_through": _dt(p.paid_through),
     }
 
 

@@ -14,11 +14,15 @@ from psycopg import AsyncConnection
 from redis.asyncio import Redis
 
 from domain.usage.model import Keys
-from services.usage import rebuild
+from services.usage import rebuild, thresholds
 from services.usage.projection import UsageProjection
+from shared import db
 from shared.catalog import load_catalog
 from shared.config import Settings
+from shared.devbroker import wait_for_broker
 from shared.health import redis_probe
+from shared.kafka import make_producer
+from shared.outbox import OutboxRelay
 from shared.replay import ProjectionSpec
 from shared.workerapp import serve_projection
 
@@ -26,7 +30,7 @@ log = logging.getLogger("usage")
 WATCH_EVERY_S = 10.0
 
 # Every table this projection writes; replay rebuilds and verifies exactly these.
-TABLES = ("usage_records", "usage_aggregates", "usage_member_aggregates")
+TABLES = ("usage_records", "usage_aggregates", "usage_member_aggregates", "usage_thresholds")
 
 
 def _redis(settings: Settings) -> Redis:
@@ -76,28 +80,43 @@ async def _watch(settings: Settings, redis: Redis, stop: asyncio.Event) -> None:
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    """Project usage-events until `stop`; see shared/workerapp.py for the lifecycle."""
+    """Project usage-events until `stop`, and publish the thresholds crossed on
+    usage-thresholds through the outbox; see shared/workerapp.py for the lifecycle."""
+    catalog = load_catalog(settings.catalog_path)
+    await wait_for_broker(settings.kafka_bootstrap_servers, timeout=settings.startup_timeout_s)
     redis = _redis(settings)
+    producer = make_producer(settings.kafka_bootstrap_servers)
+    await producer.start()
+    pool = await db.open_pool(settings.database_url.get_secret_value(), max_size=2, name="paymentsvc-usage-outbox",
+                              statement_timeout_ms=settings.db_statement_timeout_ms)
+    relay = OutboxRelay(pool, UsageProjection.name,
+                        thresholds.sender(producer, settings.topics.usage_thresholds, settings.publish_timeout_s))
     watchdog = asyncio.create_task(_watch(settings, redis, stop))
     try:
-        await serve_projection(
-            settings, stop, UsageProjection(),
-            topic=settings.topics.usage_events,
-            port=settings.usage_port,
-            extra_probes={"redis": redis_probe(redis)},
-        )
+        # A TaskGroup: if either part fails, the other is cancelled and the error raised.
+        async with asyncio.TaskGroup() as group:
+            group.create_task(serve_projection(
+                settings, stop, UsageProjection(catalog, relay),
+                topic=settings.topics.usage_events,
+                port=settings.usage_port,
+                extra_probes={"redis": redis_probe(redis)},
+            ))
+            group.create_task(relay.run(stop))
     finally:
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
+        await pool.close()
+        await producer.stop()
         await redis.aclose()
 
 
 def replay_spec(settings: Settings) -> ProjectionSpec:
-    """The projection as a rebuild runs it (it has no side effects in any mode)."""
+    """The projection as a rebuild runs it: thresholds recorded, nothing published."""
+    catalog = load_catalog(settings.catalog_path)
     return ProjectionSpec(
         name="usage",
         topic=settings.topics.usage_events,
         tables=TABLES,
-        make=UsageProjection,
+        make=lambda: UsageProjection(catalog, None),
     )

@@ -107,7 +107,8 @@ def json_type(field: FieldDescriptor) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     "descriptor",
-    [events_pb2.PaymentEvent.DESCRIPTOR, events_pb2.UsageEvent.DESCRIPTOR, events_pb2.DunningEvent.DESCRIPTOR],
+    [events_pb2.PaymentEvent.DESCRIPTOR, events_pb2.UsageEvent.DESCRIPTOR, events_pb2.UsageThresholdCrossed.DESCRIPTOR,
+     events_pb2.DunningEvent.DESCRIPTOR],
     ids=lambda d: d.name,
 )
 def test_each_payload_schema_lists_exactly_the_fields_of_its_protobuf_message(
@@ -121,7 +122,7 @@ def test_each_payload_schema_lists_exactly_the_fields_of_its_protobuf_message(
     assert documented == declared
 
 
-@pytest.mark.parametrize("message", ["PaymentEvent", "UsageEvent", "DunningEvent", "StripeRawEvent"])
+@pytest.mark.parametrize("message", ["PaymentEvent", "UsageEvent", "UsageThresholdCrossed", "DunningEvent", "StripeRawEvent"])
 def test_the_documented_cloudevents_source_is_the_one_the_producers_set(document: dict[str, Any], message: str) -> None:
     headers = resolve(document, document["components"]["messages"][message]["headers"])
     parts = [resolve(document, part) for part in headers.get("allOf", [headers])]

@@ -219,6 +219,54 @@ async def test_an_expired_subscription_falls_back_to_the_free_plan_or_is_denied(
     assert (paid_only.allowed, paid_only.reason, paid_only.plan_id) == (False, "expired", "pro")
 
 
+async def test_every_answer_explains_itself_and_as_of_answers_a_past_moment_with_its_events(
+    stub, stack: Stack
+) -> None:
+    def ask(feature: str, as_of: int | None = None) -> service_pb2.CheckEntitlementRequest:
+        request = service_pb2.CheckEntitlementRequest(subject=subject(stack.live, user=True), feature_code=feature)
+        if as_of is not None:
+            request.as_of = as_of
+        return request
+
+    now = await stub.CheckEntitlement(ask("priority_support"), metadata=auth(READ))
+    e = now.explanation
+    assert (e.rule, e.plan_id, e.source, e.deciding_event_id, e.clock) == (
+        "active: full", "pro", f"subscription:{stack.live.sub}", now.decided_by_event_id, "")
+    assert e.plan_version.startswith("sha256:") and now.as_of == 0 and not now.evidence_event_ids
+    then = await stub.CheckEntitlement(ask("priority_support", int(time.time()) - 1), metadata=auth(READ))
+    assert (then.allowed, then.reason, then.plan_id, then.access_level, then.decided_by_event_id) == (
+        now.allowed, now.reason, now.plan_id, now.access_level, now.decided_by_event_id)
+    assert then.explanation == now.explanation and then.expires_at == now.expires_at
+    assert list(then.evidence_event_ids) == [now.decided_by_event_id]  # the subscription's one event
+    before = await stub.CheckEntitlement(ask("projects", int(time.time()) - 3600), metadata=auth(READ))
+    assert (before.reason, before.plan_id, before.explanation.rule, list(before.evidence_event_ids)) == (
+        "free_plan", "free", "default_plan: free", [])
+    await expect_code(stub.CheckEntitlement(ask("projects", int(time.time()) + 3600), metadata=auth(READ)),
+                      Code.INVALID_ARGUMENT, "as_of")
+
+
+async def test_list_access_changes_pages_a_subjects_changes_over_a_time_range(stub, stack: Stack) -> None:
+    def page(token: str = "", since: int = 0, until: int = 0) -> Any:
+        return stub.ListAccessChanges(
+            service_pb2.ListAccessChangesRequest(subject=subject(stack.old), since=since, until=until, page_size=1,
+                                                 page_token=token), metadata=auth(READ))
+
+    changes, token = [], ""
+    while True:
+        answer = await page(token)
+        changes += answer.changes
+        token = answer.next_page_token
+        if not token:
+            break
+    assert len(changes) >= 3 and changes[0].from_level == "blocked"
+    assert [c.changed_at for c in changes] == sorted(c.changed_at for c in changes)
+    assert all(c.subscription_id == stack.old.sub and c.event_id.startswith("evt_") for c in changes)
+    assert all(a.to_level == b.from_level for a, b in zip(changes, changes[1:], strict=False))
+    later = await page(since=changes[1].changed_at)
+    assert later.changes[0] == changes[1]
+    await expect_code(page(since=10, until=5), Code.INVALID_ARGUMENT, "since")
+
+
 async def test_a_subject_without_rows_gets_the_free_plan_and_a_cache_fill(stub, stack: Stack) -> None:
     family = random_id("family_")
     request = service_pb2.CheckEntitlementRequest(subject=service_pb2.Subject(family_id=family), feature_code="api_calls")

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 from psycopg import sql
 from redis.asyncio import Redis
 
+from domain.entitlements import plan_version
 from payment.v1 import events_pb2
 from paymentsvc.dev.samples import sample_event
 from services.entitlements.bootstrap import TABLES
@@ -466,6 +467,8 @@ async def test_the_redis_hash_matches_postgres(
             "grace_until": None,
             "after_grace": None,
             "level_after_grace": None,
+            "rule": "active: full",  # the explanation (domain/entitlements.py rule_text)
+            "plan_version": plan_version(catalog.plan(plan)),
         }
     assert set(cached["_watermark"]) == {"created", "event_id"}
     assert 0 < await redis.ttl(key) <= 24 * 3600

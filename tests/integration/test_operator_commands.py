@@ -112,7 +112,7 @@ CASES = [
     Case("migrate", ("migrate",), a_fresh_database_name, r"applied \d+ migration\(s\)"),
     Case("migrate-again", ("migrate",), nothing, r"applied 0 migration\(s\)"),
     Case("catalog-load", ("catalog", "load"), nothing, r"loaded 3 plans, .*"),
-    Case("topics-create", ("topics", "create"), a_new_topic_prefix, r"created 8 topic\(s\): .*payment-events.*"),
+    Case("topics-create", ("topics", "create"), a_new_topic_prefix, r"created 9 topic\(s\): .*payment-events.*"),
     Case(
         "replay-entitlements", ("replay", "entitlements", "--into", "chaos_check"), a_live_entitlements_projection,
         r"chaos_check equals the live entitlements projection \(\d+ tables\)", progress="events",

@@ -31,7 +31,7 @@ from services.api_grpc.server import RateLimitConfig, Server, build_server
 from services.api_grpc.service import PaymentApi
 from services.api_grpc.usage import KafkaUsageBus, UsageApi, UsageBus, UsageStore
 from services.api_grpc.validation import SubjectIds
-from services.usage import rebuild
+from services.usage import rebuild, thresholds
 from services.usage.bootstrap import connector
 from services.usage.projection import UsageProjection
 from shared.breaker import Breaker
@@ -41,6 +41,7 @@ from shared.consumer import KafkaDeadLetters, LoopPolicy, run_live
 from shared.db import make_pool
 from shared.devbroker import DevBroker, ensure_topics
 from shared.kafka import make_producer
+from shared.outbox import OutboxRelay
 from shared.worker import BatchProcessor
 from tests.conftest import fresh_database, random_id
 from tests.integration.test_api_grpc import KEYS, READ, WRITE, auth, private_redis
@@ -69,21 +70,26 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def usage_worker(broker: str, topic: str, database_url: str) -> AsyncIterator[None]:
+async def usage_worker(broker: str, topic: str, database_url: str, thresholds_topic: str) -> AsyncIterator[None]:
+    """The usage worker as bootstrap runs it: the catalog's thresholds, published on
+    `thresholds_topic` through the outbox."""
     pool = make_pool(database_url, max_size=2)
     await pool.open(wait=True)
     producer = make_producer(broker)
     await producer.start()
     stop = asyncio.Event()
-    processor = BatchProcessor(UsageProjection(), pool, KafkaDeadLetters(producer))
+    relay = OutboxRelay(pool, UsageProjection.name, thresholds.sender(producer, thresholds_topic))
+    processor = BatchProcessor(UsageProjection(CATALOG, relay), pool, KafkaDeadLetters(producer))
     task = asyncio.create_task(
         run_live(processor, pool, broker, topic, f"g-{random.getrandbits(32):x}", stop, LoopPolicy(max_batch=500), 6000)
     )
+    relaying = asyncio.create_task(relay.run(stop, 0.5))
     try:
         yield
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+        await asyncio.wait_for(relaying, 30)
         await producer.stop()
         await pool.close()
 
@@ -107,7 +113,7 @@ async def stack(broker: str, template_database: str) -> AsyncIterator[Stack]:
             apply_catalog(conn, CATALOG)
         redis = Redis.from_url(redis_url)
         async with entitlements_worker(broker, topics.payment_events, url, redis, prefix) as progress, \
-                usage_worker(broker, topics.usage_events, url):
+                usage_worker(broker, topics.usage_events, url, topics.usage_thresholds):
             producer = make_producer(broker)
             await producer.start()
             await publish(producer, topics.payment_events, events)
@@ -586,7 +592,8 @@ async def test_a_replay_of_usage_events_rebuilds_the_postgres_side(served: Serve
     for amount in (3, 4):
         await served.stub.IncrementUsage(inc(user, amount=amount), metadata=auth(WRITE))
     await until_recorded(stack.database_url, user, "api_calls", 7)
-    spec = replay.ProjectionSpec(name="usage", topic=stack.topics.usage_events, tables=TABLES, make=UsageProjection)
+    spec = replay.ProjectionSpec(name="usage", topic=stack.topics.usage_events, tables=TABLES,
+                                 make=lambda: UsageProjection(CATALOG, None))
     schema = f"rebuild_{secrets.token_hex(3)}"
     await replay.rebuild(stack.database_url, stack.broker, spec, schema, progress="never")
     with psycopg.connect(stack.database_url) as conn:

@@ -153,3 +153,17 @@ def test_payment_amount_dollars_is_in_the_major_unit_as_the_go_service_reported_
     from services.api_grpc.service import major_units
 
     assert major_units(amount, currency) == dollars
+
+
+def test_a_decision_carries_the_writers_rule_and_says_how_the_clock_changed_it() -> None:
+    rule = "past_due: grace 7 days, then reduced"
+    grace = answer(access_level="grace", grace_until=NOW + 10, after_grace="suspended", level_after_grace="reduced",
+                   rule=rule, plan_version="sha256:x", source="subscription:sub_1")
+    during = decide([grace], "priority_support", FACTS, NOW)
+    assert (during.rule, during.plan_version, during.source, during.clock) == (rule, "sha256:x", "subscription:sub_1", "")
+    assert decide([grace], "priority_support", FACTS, NOW + 10).clock == "grace_ended"
+    assert during.grace_until == decide([grace], "priority_support", FACTS, NOW + 10).grace_until == NOW + 10
+    assert decide([answer(expires_at=NOW - 1, rule="active: full")], "priority_support", FACTS, NOW).clock == "expired"
+    free = decide([], "projects", FACTS, NOW)
+    assert (free.rule, free.source) == ("default_plan: free", "")
+    assert free.plan_version == decide([], "api_calls", FACTS, NOW).plan_version != ""

@@ -247,6 +247,42 @@ def test_a_boolean_is_not_accepted_as_a_limit(tmp_path: Path) -> None:
     assert ":19: plans.basic.features.api_calls.limit:" in message
 
 
+def test_alerts_are_percentages_of_the_limit_or_amounts_rounded_up_to_whole_units() -> None:
+    text = replace_line(19, "      api_calls: {limit: 5, period: month, alerts: [80%, 100 %, 1000]}")
+    feature = parse_catalog(text).plan("basic").features["api_calls"]
+    assert feature.alerts == ("80%", "100%", "1000")
+    assert feature.thresholds(5) == [("80%", 4), ("100%", 5), ("1000", 1000)]
+    assert feature.thresholds(None) == [("1000", 1000)]  # unlimited: only amounts apply
+
+
+@pytest.mark.parametrize(
+    ("alerts", "says"),
+    [
+        ("[80%, 0%]", "alerts.1: '0%' is no threshold"),
+        ("[1001%]", "alerts.0: '1001%' is no threshold"),
+        ("[80%, eighty]", "alerts.1: 'eighty' is no threshold"),
+        ("[0]", "alerts.0: 0 is no threshold"),
+        ("[yes]", "alerts.0: True is no threshold"),
+        ("[80%, 80 %]", "alerts.1: threshold 80% is listed twice"),
+        ("80%", "alerts: alerts must be a list"),
+    ],
+)
+def test_a_bad_threshold_is_refused_on_its_line(tmp_path: Path, alerts: str, says: str) -> None:
+    message = error_of(tmp_path, replace_line(19, f"      api_calls: {{limit: 100, period: month, alerts: {alerts}}}"))
+    assert f":19: plans.basic.features.api_calls.{says}" in message
+
+
+def test_a_threshold_in_a_block_list_is_refused_on_its_own_line(tmp_path: Path) -> None:
+    text = replace_line(19, "      api_calls:\n        limit: 100\n        period: month\n        alerts:\n"
+                            "          - 80%\n          - 150 percent")
+    assert ":24: plans.basic.features.api_calls.alerts.1: '150 percent' is no threshold" in error_of(tmp_path, text)
+
+
+def test_a_percentage_threshold_needs_a_limit(tmp_path: Path) -> None:
+    message = error_of(tmp_path, replace_line(20, "      export_pdf: {min_access: reduced, alerts: [1000, 50%]}"))
+    assert ":20: plans.basic.features.export_pdf.alerts.1: a percentage threshold (50%) needs a limit" in message
+
+
 def test_an_unknown_status_in_the_access_policy_is_rejected(tmp_path: Path) -> None:
     message = error_of(tmp_path, replace_line(4, "    activ: full"))
     assert ":4: defaults.access_policy.activ: Input should be" in message

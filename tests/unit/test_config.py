@@ -68,7 +68,7 @@ def test_a_port_that_is_not_a_number_is_rejected(monkeypatch: pytest.MonkeyPatch
 def test_topic_names_take_the_configured_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     s = settings(monkeypatch, KAFKA_TOPIC_PREFIX="staging.")
     assert s.topics.payment_events == "staging.payment-events"
-    assert "staging.payment-events.dlq" in s.topics.all() and len(s.topics.all()) == 8
+    assert "staging.payment-events.dlq" in s.topics.all() and len(s.topics.all()) == 9
 
 
 @pytest.mark.parametrize(

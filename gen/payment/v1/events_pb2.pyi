@@ -118,7 +118,7 @@ class PaymentEvent(_message.Message):
     def __init__(self, event_type: _Optional[str] = ..., user_id: _Optional[str] = ..., family_id: _Optional[str] = ..., feature_code: _Optional[str] = ..., plan_id: _Optional[str] = ..., subscription_id: _Optional[str] = ..., amount: _Optional[int] = ..., currency: _Optional[str] = ..., status: _Optional[str] = ..., expires_at: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., event_id: _Optional[str] = ..., created: _Optional[int] = ..., customer_id: _Optional[str] = ..., source: _Optional[_Union[EventSource, str]] = ..., api_version: _Optional[str] = ..., livemode: _Optional[bool] = ..., object_type: _Optional[str] = ..., object_id: _Optional[str] = ..., invoice_id: _Optional[str] = ..., charge_id: _Optional[str] = ..., payment_intent_id: _Optional[str] = ..., checkout_session_id: _Optional[str] = ..., price_id: _Optional[str] = ..., product_id: _Optional[str] = ..., period_start: _Optional[int] = ..., period_end: _Optional[int] = ..., cancel_at_period_end: _Optional[bool] = ..., cancel_at: _Optional[int] = ..., canceled_at: _Optional[int] = ..., trial_end: _Optional[int] = ..., amount_refunded: _Optional[int] = ..., failure_code: _Optional[str] = ..., failure_message: _Optional[str] = ..., attempt_count: _Optional[int] = ..., next_payment_attempt: _Optional[int] = ..., billing_reason: _Optional[str] = ..., mode: _Optional[str] = ..., customer_email: _Optional[str] = ..., description: _Optional[str] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., dispute_id: _Optional[str] = ...) -> None: ...
 
 class UsageEvent(_message.Message):
-    __slots__ = ("event_id", "idempotency_key", "subject_type", "subject_id", "user_id", "family_id", "feature_code", "amount", "period_start", "period_end", "created_ms", "metadata", "used_after", "limit", "over_soft_limit")
+    __slots__ = ("event_id", "idempotency_key", "subject_type", "subject_id", "user_id", "family_id", "feature_code", "amount", "period_start", "period_end", "created_ms", "metadata", "used_after", "limit", "over_soft_limit", "plan_id", "member_cap")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,8 @@ class UsageEvent(_message.Message):
     USED_AFTER_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     OVER_SOFT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_CAP_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     idempotency_key: str
     subject_type: str
@@ -156,7 +158,45 @@ class UsageEvent(_message.Message):
     used_after: int
     limit: int
     over_soft_limit: bool
-    def __init__(self, event_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., subject_type: _Optional[str] = ..., subject_id: _Optional[str] = ..., user_id: _Optional[str] = ..., family_id: _Optional[str] = ..., feature_code: _Optional[str] = ..., amount: _Optional[int] = ..., period_start: _Optional[int] = ..., period_end: _Optional[int] = ..., created_ms: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., used_after: _Optional[int] = ..., limit: _Optional[int] = ..., over_soft_limit: _Optional[bool] = ...) -> None: ...
+    plan_id: str
+    member_cap: int
+    def __init__(self, event_id: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., subject_type: _Optional[str] = ..., subject_id: _Optional[str] = ..., user_id: _Optional[str] = ..., family_id: _Optional[str] = ..., feature_code: _Optional[str] = ..., amount: _Optional[int] = ..., period_start: _Optional[int] = ..., period_end: _Optional[int] = ..., created_ms: _Optional[int] = ..., metadata: _Optional[_Mapping[str, str]] = ..., used_after: _Optional[int] = ..., limit: _Optional[int] = ..., over_soft_limit: _Optional[bool] = ..., plan_id: _Optional[str] = ..., member_cap: _Optional[int] = ...) -> None: ...
+
+class UsageThresholdCrossed(_message.Message):
+    __slots__ = ("event_id", "scope", "subject_type", "subject_id", "user_id", "family_id", "feature_code", "plan_id", "period_start", "period_end", "threshold", "threshold_units", "usage", "limit", "crossing_event_id", "created_ms")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_CODE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_START_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_END_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_UNITS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CROSSING_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    scope: str
+    subject_type: str
+    subject_id: str
+    user_id: str
+    family_id: str
+    feature_code: str
+    plan_id: str
+    period_start: int
+    period_end: int
+    threshold: str
+    threshold_units: int
+    usage: int
+    limit: int
+    crossing_event_id: str
+    created_ms: int
+    def __init__(self, event_id: _Optional[str] = ..., scope: _Optional[str] = ..., subject_type: _Optional[str] = ..., subject_id: _Optional[str] = ..., user_id: _Optional[str] = ..., family_id: _Optional[str] = ..., feature_code: _Optional[str] = ..., plan_id: _Optional[str] = ..., period_start: _Optional[int] = ..., period_end: _Optional[int] = ..., threshold: _Optional[str] = ..., threshold_units: _Optional[int] = ..., usage: _Optional[int] = ..., limit: _Optional[int] = ..., crossing_event_id: _Optional[str] = ..., created_ms: _Optional[int] = ...) -> None: ...
 
 class DunningEvent(_message.Message):
     __slots__ = ("event_id", "kind", "case_id", "invoice_id", "customer_id", "subscription_id", "user_id", "family_id", "attempt", "next_attempt_at", "state", "error", "created", "amount", "currency", "plan_id")

@@ -201,15 +201,33 @@ class CreateCheckoutSessionResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
 
 class CheckEntitlementRequest(_message.Message):
-    __slots__ = ("subject", "feature_code")
+    __slots__ = ("subject", "feature_code", "as_of")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     FEATURE_CODE_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
     subject: Subject
     feature_code: str
-    def __init__(self, subject: _Optional[_Union[Subject, _Mapping]] = ..., feature_code: _Optional[str] = ...) -> None: ...
+    as_of: int
+    def __init__(self, subject: _Optional[_Union[Subject, _Mapping]] = ..., feature_code: _Optional[str] = ..., as_of: _Optional[int] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("rule", "plan_id", "plan_version", "source", "deciding_event_id", "clock")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DECIDING_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    plan_id: str
+    plan_version: str
+    source: str
+    deciding_event_id: str
+    clock: str
+    def __init__(self, rule: _Optional[str] = ..., plan_id: _Optional[str] = ..., plan_version: _Optional[str] = ..., source: _Optional[str] = ..., deciding_event_id: _Optional[str] = ..., clock: _Optional[str] = ...) -> None: ...
 
 class CheckEntitlementResponse(_message.Message):
-    __slots__ = ("allowed", "reason", "plan_id", "status", "expires_at", "access_level", "decided_by_event_id", "usage_limit", "limit_period", "freshness", "feature_code", "subject")
+    __slots__ = ("allowed", "reason", "plan_id", "status", "expires_at", "access_level", "decided_by_event_id", "usage_limit", "limit_period", "freshness", "feature_code", "subject", "explanation", "evidence_event_ids", "as_of", "grace_until")
     ALLOWED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +240,10 @@ class CheckEntitlementResponse(_message.Message):
     FRESHNESS_FIELD_NUMBER: _ClassVar[int]
     FEATURE_CODE_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    EXPLANATION_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_EVENT_IDS_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_FIELD_NUMBER: _ClassVar[int]
+    GRACE_UNTIL_FIELD_NUMBER: _ClassVar[int]
     allowed: bool
     reason: str
     plan_id: str
@@ -234,7 +256,11 @@ class CheckEntitlementResponse(_message.Message):
     freshness: Freshness
     feature_code: str
     subject: Subject
-    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[str] = ..., plan_id: _Optional[str] = ..., status: _Optional[str] = ..., expires_at: _Optional[int] = ..., access_level: _Optional[str] = ..., decided_by_event_id: _Optional[str] = ..., usage_limit: _Optional[int] = ..., limit_period: _Optional[str] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ..., feature_code: _Optional[str] = ..., subject: _Optional[_Union[Subject, _Mapping]] = ...) -> None: ...
+    explanation: Explanation
+    evidence_event_ids: _containers.RepeatedScalarFieldContainer[str]
+    as_of: int
+    grace_until: int
+    def __init__(self, allowed: _Optional[bool] = ..., reason: _Optional[str] = ..., plan_id: _Optional[str] = ..., status: _Optional[str] = ..., expires_at: _Optional[int] = ..., access_level: _Optional[str] = ..., decided_by_event_id: _Optional[str] = ..., usage_limit: _Optional[int] = ..., limit_period: _Optional[str] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ..., feature_code: _Optional[str] = ..., subject: _Optional[_Union[Subject, _Mapping]] = ..., explanation: _Optional[_Union[Explanation, _Mapping]] = ..., evidence_event_ids: _Optional[_Iterable[str]] = ..., as_of: _Optional[int] = ..., grace_until: _Optional[int] = ...) -> None: ...
 
 class BulkCheckEntitlementsRequest(_message.Message):
     __slots__ = ("subjects", "feature_codes")
@@ -353,6 +379,52 @@ class ListSubscriptionsResponse(_message.Message):
     next_page_token: str
     freshness: Freshness
     def __init__(self, subscriptions: _Optional[_Iterable[_Union[Subscription, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ...) -> None: ...
+
+class AccessChange(_message.Message):
+    __slots__ = ("subscription_id", "event_id", "changed_at", "from_level", "to_level", "status", "plan_id", "user_id", "family_id")
+    SUBSCRIPTION_ID_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_AT_FIELD_NUMBER: _ClassVar[int]
+    FROM_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    TO_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_ID_FIELD_NUMBER: _ClassVar[int]
+    subscription_id: str
+    event_id: str
+    changed_at: int
+    from_level: str
+    to_level: str
+    status: str
+    plan_id: str
+    user_id: str
+    family_id: str
+    def __init__(self, subscription_id: _Optional[str] = ..., event_id: _Optional[str] = ..., changed_at: _Optional[int] = ..., from_level: _Optional[str] = ..., to_level: _Optional[str] = ..., status: _Optional[str] = ..., plan_id: _Optional[str] = ..., user_id: _Optional[str] = ..., family_id: _Optional[str] = ...) -> None: ...
+
+class ListAccessChangesRequest(_message.Message):
+    __slots__ = ("subject", "since", "until", "page_size", "page_token")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    subject: Subject
+    since: int
+    until: int
+    page_size: int
+    page_token: str
+    def __init__(self, subject: _Optional[_Union[Subject, _Mapping]] = ..., since: _Optional[int] = ..., until: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListAccessChangesResponse(_message.Message):
+    __slots__ = ("changes", "next_page_token", "freshness")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FRESHNESS_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedCompositeFieldContainer[AccessChange]
+    next_page_token: str
+    freshness: Freshness
+    def __init__(self, changes: _Optional[_Iterable[_Union[AccessChange, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., freshness: _Optional[_Union[Freshness, _Mapping]] = ...) -> None: ...
 
 class UsagePeriod(_message.Message):
     __slots__ = ("feature_code", "period_start", "period_end", "used", "limit")

@@ -84,6 +84,11 @@ class PaymentServiceStub:
                 request_serializer=payment_dot_v1_dot_service__pb2.ListSubscriptionsRequest.SerializeToString,
                 response_deserializer=payment_dot_v1_dot_service__pb2.ListSubscriptionsResponse.FromString,
                 _registered_method=True)
+        self.ListAccessChanges = channel.unary_unary(
+                '/payment.v1.PaymentService/ListAccessChanges',
+                request_serializer=payment_dot_v1_dot_service__pb2.ListAccessChangesRequest.SerializeToString,
+                response_deserializer=payment_dot_v1_dot_service__pb2.ListAccessChangesResponse.FromString,
+                _registered_method=True)
         self.ListUsage = channel.unary_unary(
                 '/payment.v1.PaymentService/ListUsage',
                 request_serializer=payment_dot_v1_dot_service__pb2.ListUsageRequest.SerializeToString,
@@ -166,6 +171,14 @@ class PaymentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAccessChanges(self, request, context):
+        """The access level changes of a subject's subscriptions over a time range, with
+        the event behind each, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListUsage(self, request, context):
         """Usage and quotas.
         """
@@ -237,6 +250,11 @@ def add_PaymentServiceServicer_to_server(servicer, server):
                     servicer.ListSubscriptions,
                     request_deserializer=payment_dot_v1_dot_service__pb2.ListSubscriptionsRequest.FromString,
                     response_serializer=payment_dot_v1_dot_service__pb2.ListSubscriptionsResponse.SerializeToString,
+            ),
+            'ListAccessChanges': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAccessChanges,
+                    request_deserializer=payment_dot_v1_dot_service__pb2.ListAccessChangesRequest.FromString,
+                    response_serializer=payment_dot_v1_dot_service__pb2.ListAccessChangesResponse.SerializeToString,
             ),
             'ListUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.ListUsage,
@@ -524,6 +542,33 @@ class PaymentService:
             '/payment.v1.PaymentService/ListSubscriptions',
             payment_dot_v1_dot_service__pb2.ListSubscriptionsRequest.SerializeToString,
             payment_dot_v1_dot_service__pb2.ListSubscriptionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAccessChanges(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/payment.v1.PaymentService/ListAccessChanges',
+            payment_dot_v1_dot_service__pb2.ListAccessChangesRequest.SerializeToString,
+            payment_dot_v1_dot_service__pb2.ListAccessChangesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,7 +23,8 @@ WHERE customer_id = ANY(%(customer_ids)b::text[])
 
 -- name: load_history
 -- Sorted by version in Python: ORDER BY on text follows the collation, not code points.
-SELECT event_created, event_id, subscription_id, customer_id, status, price_id
+SELECT event_created, event_id, subscription_id, customer_id, status, price_id,
+       current_period_end, cancel_at_period_end, cancel_at, status_only
 FROM subscription_history
 WHERE customer_id = ANY(%(customer_ids)b::text[])
    OR subscription_id = ANY(%(subscription_ids)b::text[]);
@@ -137,9 +138,18 @@ SET customer_id = EXCLUDED.customer_id,
 -- name: insert_history
 -- Append-only; DO NOTHING also absorbs an entry that occurs twice in one batch.
 INSERT INTO subscription_history (subscription_id, event_id, event_created, customer_id,
-                                  status, price_id)
-SELECT subscription_id, event_id, event_created, customer_id, status, price_id
+                                  status, price_id, current_period_end, cancel_at_period_end,
+                                  cancel_at, status_only)
+SELECT subscription_id, event_id, event_created, customer_id, status, price_id,
+       current_period_end, coalesce(cancel_at_period_end, false), cancel_at, coalesce(status_only, false)
 FROM json_populate_recordset(NULL::subscription_history, %(rows)s)
+ON CONFLICT (subscription_id, event_id) DO NOTHING;
+
+-- name: insert_paid_events
+-- Every paid invoice's period end, append-only (CheckEntitlement as_of reads it).
+INSERT INTO paid_period_events (subscription_id, event_id, event_created, customer_id, paid_through)
+SELECT subscription_id, event_id, event_created, customer_id, paid_through
+FROM json_populate_recordset(NULL::paid_period_events, %(rows)s)
 ON CONFLICT (subscription_id, event_id) DO NOTHING;
 
 -- name: upsert_paid_period
