@@ -351,6 +351,35 @@ async def replay(
             "replay_schema": schema, "spec": spec}
 
 
+# --replay-modes: the rebuild as it was before it was built for bulk, then its bulk parts
+# added one by one; each into a fresh schema of the same database, from the same topic.
+REPLAY_MODES: dict[str, dict[str, Any]] = {
+    "as live (500, sync, 1 lane, all indexes)": {"batch": 500, "settings": {}, "lanes": 1, "deferred": ()},
+    "2,000 per batch, synchronous_commit off": {"lanes": 1, "deferred": ()},
+    "+ indexes after the load": {"lanes": 1},
+    "+ 3 lanes (bulk, as paymentsvc runs it)": {},
+}
+
+
+async def replay_modes(database_url: str, bootstrap: str, topic: str, catalog: Catalog, tag: str, rounds: int) -> dict[str, list[float]]:
+    """Every mode of REPLAY_MODES in turn, `rounds` times (ABCD ABCD: the machine's drift
+    falls on every mode alike); events/s of each run, index builds included."""
+    rates: dict[str, list[float]] = {mode: [] for mode in REPLAY_MODES}
+    for r in range(rounds):
+        for i, (mode, options) in enumerate(REPLAY_MODES.items()):
+            options = dict(options)
+            spec = ProjectionSpec(
+                name="entitlements", topic=topic, tables=TABLES, make=lambda: EntitlementsProjection(catalog, None),
+                lanes=REPLAY_LANES, deferred_indexes=options.pop("deferred", DEFERRED_INDEXES),
+            )
+            schema = f"bench_mode{i}_{r}_{tag}"
+            await asyncio.to_thread(prepare_schema, database_url, schema)
+            figures = await rebuild(database_url, bootstrap, spec, schema, progress="never", prepare=False, **options)
+            rates[mode].append(figures["events_per_s"])
+            print(f"replay mode {mode!r}, round {r + 1}: {figures['events_per_s']:,.0f} ev/s", flush=True)
+    return rates
+
+
 async def delete_keys(redis: Redis, prefix: str) -> int:
     deleted, batch = 0, []
     async for key in redis.scan_iter(match=f"{prefix}*", count=1000):
@@ -408,6 +437,8 @@ async def run(args: argparse.Namespace, database_url: str, catalog: Catalog, mes
                     database_url, bootstrap, topic, catalog, f"bench_replay_{tag}", n,
                     args.replay_time_limit or args.time_limit, args.replay_lanes,
                 ))
+            if args.replay_modes:
+                figures["replay_modes"] = await replay_modes(database_url, bootstrap, topic, catalog, tag, args.replay_modes)
     finally:
         try:
             figures["redis_deleted"] = await delete_keys(redis, redis_prefix)
@@ -535,6 +566,8 @@ def report(figures: dict[str, Any], args: argparse.Namespace, n: int, generated_
         measured = "measured" if n >= 1_000_000 and figures["replay_complete"] else "at that rate"
         rows.append((f"replay of 1M events ({measured})", minutes(eta) if eta != float("inf") else "never",
                      graded(-eta, (-REPLAY_GOAL_S[0], -REPLAY_GOAL_S[1]), "{}", minutes)))
+    for mode, rates in figures.get("replay_modes", {}).items():
+        rows.append((f"replay mode: {mode}", " / ".join(f"{rate:,.0f}" for rate in rates) + " ev/s", ""))
     width = max(len(r[0]) for r in rows)
     print(f"{'figure':<{width}} | {'value':>32} | floor and goal")
     print(f"{'-' * width}-+-{'-' * 32}-+-{'-' * 34}")
@@ -556,6 +589,9 @@ def main() -> None:
     parser.add_argument("--replay-time-limit", type=float, default=None,
                         help="seconds the replay may take (default: --time-limit); for a 1M-event replay "
                              "behind a worker phase cut short")
+    parser.add_argument("--replay-modes", type=int, default=0, metavar="ROUNDS",
+                        help="then replay ROUNDS more times in each of REPLAY_MODES (as live, then the bulk "
+                             "parts one by one), alternating, and print each mode's rates")
     parser.add_argument("--replay-lanes", type=int, default=None,
                         help="partition lanes of the replay (default: the projection's, REPLAY_LANES)")
     args = parser.parse_args()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,6 +103,7 @@ def prepare_schema(database_url: str, schema: str) -> None:
 async def rebuild(
     database_url: str, bootstrap: str, spec: ProjectionSpec, schema: str, *, progress: str = "auto",
     until: dict[int, int] | None = None, prepare: bool = True, lanes: int | None = None,
+    batch: int = BULK_BATCH, settings: Mapping[str, str] = BULK_SETTINGS,
 ) -> dict[str, float]:
     """Apply `spec.topic` from its start (or the schema's marks) into `schema`. Returns figures.
 
@@ -110,7 +111,7 @@ async def rebuild(
     without waiting for the WAL flush (`BULK_SETTINGS`), the partitions split over
     `lanes` (default `spec.lanes`) concurrent loops on their own connections, and, into
     a schema without marks (a load from offset 0), `spec.deferred_indexes` built once
-    after the load.
+    after the load. `batch`, `settings` and `lanes` are there to compare (bench/project.py).
     A crash of the rebuild or of the server is safe for what it leaves: each transaction
     holds its rows with its inbox rows and marks, and a lost asynchronous commit loses
     all of them together. But the schema of an interrupted fresh rebuild lacks its
@@ -125,12 +126,12 @@ async def rebuild(
     count = max(1, min(lanes or spec.lanes, len(partitions)))
     groups = [partitions[i::count] for i in range(count)]
     pool = db.make_pool(
-        database_url, schema=schema, max_size=len(groups) + 1, name=f"replay-{spec.name}", settings=BULK_SETTINGS
+        database_url, schema=schema, max_size=len(groups) + 1, name=f"replay-{spec.name}", settings=settings
     )
     await pool.open(wait=True)
     letters = _NoDeadLetters()
     started = time.perf_counter()
-    policy = LoopPolicy(max_batch=BULK_BATCH)
+    policy = LoopPolicy(max_batch=batch)
     try:
         with event_bar(progress) as bar:
             # The total stays unknown (None) until the first batch has read the log's end.
