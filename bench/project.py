@@ -485,7 +485,9 @@ def checks(database_url: str, figures: dict[str, Any], customers: int, n: int) -
     found: list[Check] = [
         ("subscriptions == customers", f"{subscriptions:,} / {customers:,}", whole(subscriptions == customers)),
         ("entitlements rows > 0", f"{entitlements:,}", entitlements > 0),
-        ("payments rows > 0", f"{payments:,}", payments > 0),
+        # The first payment comes with a customer's 8th event: a worker phase cut short
+        # (the 1M run's) may end before any.
+        ("payments rows > 0", f"{payments:,}", payments > 0 if live_complete or payments else None),
         ("processed_events == N", f"{processed:,} / {n:,}", whole(processed == n)),
         ("applied == N, none dead-lettered",
          f"{timed.applied:,} applied, {timed.duplicates} duplicates, {timed.dead_letters} dead letters",
