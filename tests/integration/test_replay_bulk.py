@@ -5,6 +5,7 @@ run a one-lane spec; these run the entitlements projection's own lanes and defer
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import psycopg
@@ -21,6 +22,7 @@ from shared.db import make_pool
 from tests.integration.test_entitlements_worker import (
     CATALOG,
     entitlements_worker,
+    processed,
     publish,
     spec,
     stories,
@@ -78,6 +80,30 @@ async def test_a_rebuild_in_lanes_with_deferred_indexes_equals_live_and_ends_wit
     # A catch-up round (the schema holds marks) keeps the indexes: it drops none.
     await replay.rebuild(live_db, broker, bulk, "rebuild_bulk", progress="never", prepare=False)
     assert indexes(live_db, "rebuild_bulk") == indexes(live_db, "public")
+
+
+async def test_a_swap_of_a_bulk_rebuild_in_lanes_during_live_traffic_loses_no_event_and_applies_none_twice(
+    broker: str, topics: Topics, live_db: str, producer: AIOKafkaProducer
+) -> None:
+    bulk = dataclasses.replace(spec(topics.payment_events), lanes=REPLAY_LANES, deferred_indexes=DEFERRED_INDEXES)
+    first, second = stories(6), stories(6)
+    async with entitlements_worker(broker, topics.payment_events, live_db) as progress:
+        await publish(producer, topics.payment_events, first)
+        await until_processed(live_db, len(first))
+
+        async def trickle() -> None:
+            for i in range(0, len(second), 11):
+                await publish(producer, topics.payment_events, second[i : i + 11])
+                await progress.until_finished(len(first) + min(i + 11, len(second)))
+
+        sender = asyncio.create_task(trickle())
+        await replay.rebuild(live_db, broker, bulk, "rebuild_bulk_b", progress="never")
+        await replay.swap(live_db, broker, bulk, "rebuild_bulk_b", progress="never")
+        await sender
+        await until_processed(live_db, len(first) + len(second))
+    await replay.rebuild(live_db, broker, bulk, "rebuild_bulk_check", progress="never")
+    assert replay.verify(live_db, bulk, "rebuild_bulk_check") == []
+    assert processed(live_db) == len(first) + len(second)
 
 
 def test_an_index_that_is_unique_or_missing_is_never_deferred_and_nothing_is_dropped(live_db: str) -> None:
