@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from opentelemetry import trace
 
 from payment.v1 import events_pb2
 from shared import tracing
@@ -29,15 +30,17 @@ SCHEMA_VERSION = b"1"
 def event_headers(event_id: str, event_type: str, message: str, traceparent: str = "") -> list[tuple[str, bytes]]:
     """The headers of every protobuf message on our topics (DESIGN.md, "Topics").
 
-    `message` names the payment.v1 message type; `traceparent` is the W3C header
-    value to carry (a new trace when empty).
+    `message` names the payment.v1 message type; `traceparent` is a W3C header
+    value to carry as is; when empty, the current trace context is injected through
+    the global propagator (`traceparent`, and `tracestate` if any; shared/tracing.py).
+    `publish_all` replaces it with its produce span's context.
     """
     return [
         ("event-id", event_id.encode()),
         ("event-type", event_type.encode()),
         ("schema-version", SCHEMA_VERSION),
         ("content-type", f"application/x-protobuf; messageType=payment.v1.{message}".encode()),
-        ("traceparent", (traceparent or tracing.child_traceparent()).encode()),
+        *tracing.trace_headers(traceparent),
     ]
 
 
@@ -79,22 +82,52 @@ async def publish_all(
     then nothing may be assumed sent.
     """
     started = time.perf_counter()
+    spans = [_produce_span(m.topic) for m in messages]
     try:
         async with asyncio.timeout(timeout_s):
-            acks = [
-                await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
-                for m in messages
-            ]
+            acks = []
+            for m, span in zip(messages, spans, strict=True):
+                # Each message carries its own produce span's context, a child of the caller's.
+                with trace.use_span(span, end_on_exit=False):
+                    headers = list(tracing.with_trace_headers(m.headers))
+                acks.append(await producer.send(m.topic, m.value, key=m.key, headers=headers))
             metadata = await asyncio.gather(*acks)
     except TimeoutError as exc:
+        _end_spans(spans, "no acknowledgement")
         raise PublishFailed(f"no acknowledgement from the broker in {timeout_s:g} s") from exc
     except KafkaError as exc:
+        _end_spans(spans, type(exc).__name__)
         raise PublishFailed(f"broker refused the message: {type(exc).__name__}") from exc
+    except BaseException:
+        _end_spans(spans, "cancelled")
+        raise
+    for span, md in zip(spans, metadata, strict=True):
+        if span.is_recording():
+            span.set_attribute("messaging.destination.partition.id", str(md.partition))
+            span.set_attribute("messaging.kafka.offset", md.offset)
+        span.end()
     elapsed = time.perf_counter() - started
     for m in messages:
         PUBLISH_LATENCY.labels(m.topic).observe(elapsed)
         EVENTS_PUBLISHED.labels(m.topic, m.event_type).inc()
     return [(md.partition, md.offset) for md in metadata]
+
+
+def _produce_span(topic: str) -> trace.Span:
+    """A PRODUCER span for one message, child of the current context (messaging conventions)."""
+    span = tracing.tracer().start_span(f"send {topic}", kind=trace.SpanKind.PRODUCER)
+    if span.is_recording():  # attributes only where they are kept
+        span.set_attribute("messaging.system", "kafka")
+        span.set_attribute("messaging.operation.type", "send")
+        span.set_attribute("messaging.destination.name", topic)
+    return span
+
+
+def _end_spans(spans: Sequence[trace.Span], error: str) -> None:
+    for span in spans:
+        if span.is_recording():
+            span.set_status(trace.Status(trace.StatusCode.ERROR, error))
+        span.end()
 
 
 async def publish(

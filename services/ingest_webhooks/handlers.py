@@ -29,6 +29,7 @@ from services.ingest_webhooks.normalize import (
 )
 from shared.config import Topics
 from shared.kafka import OutgoingMessage, event_headers
+from shared.tracing import trace_headers
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -113,7 +114,7 @@ def payment_event_message(normalized: events_pb2.PaymentEvent, topics: Topics, t
 def _raw_message(
     key: str, event_type: str, api_version: str, raw_body: bytes, topics: Topics, traceparent: str
 ) -> OutgoingMessage:
-    trace = (("traceparent", traceparent.encode()),) if traceparent else ()
+    trace = tuple(trace_headers(traceparent))
     ids = (("event-id", key.encode()), ("event-type", event_type.encode())) if event_type else ()
     return OutgoingMessage(
         topic=topics.stripe_raw_events,
