@@ -61,8 +61,7 @@ def _env(environ: Mapping[str, str], name: str) -> str:
     return environ.get(name, "").strip()
 
 
-def setup(service: str, *, exporter: object | None = None, environ: Mapping[str, str] | None = None,
-          install_global: bool = True) -> TracerProvider | None:
+def setup(service: str, *, exporter: object | None = None, install_global: bool = True) -> TracerProvider | None:
     """Configure tracing for this process from the OTEL_* variables; see the module doc.
 
     `exporter` (a SpanExporter, e.g. the SDK's InMemorySpanExporter in tests) is used
@@ -72,7 +71,7 @@ def setup(service: str, *, exporter: object | None = None, environ: Mapping[str,
     more than once: the global can be set only once per process).
     """
     global _tracer
-    environ = os.environ if environ is None else environ
+    environ = os.environ  # the SDK's own readers (sampler, resource, exporter) read it too
     if _env(environ, "OTEL_SDK_DISABLED").lower() == "true":
         return None
     # Imported here: a process that never sets tracing up never loads the SDK.
