@@ -149,12 +149,14 @@ class BatchProcessor(Generic[M]):
     def _decode(self, messages: Sequence[RawMessage], poison: list[DeadLetter]) -> list[Envelope[M]]:
         events = []
         for m in messages:
+            headers = dict(m.headers)
             try:
-                event_id, event_type, message = self.projection.decode(m.value, dict(m.headers))
+                event_id, event_type, message = self.projection.decode(m.value, headers)
             except Exception as exc:  # undecodable: poison, never fatal
                 poison.append(DeadLetter(m, f"cannot decode: {exc}"[:1000], type(exc).__name__))
                 continue
-            events.append(Envelope(event_id, event_type, message, m.topic, m.partition, m.offset, m.key))
+            traceparent = _text(headers.get("traceparent")) or ""
+            events.append(Envelope(event_id, event_type, message, m.topic, m.partition, m.offset, m.key, traceparent))
         return events
 
     def _check_dead_letters(self, letters: list[DeadLetter], messages: Sequence[RawMessage]) -> None:

@@ -365,3 +365,7 @@ CREATE TABLE cache_refresh_pending (
 
 -- ---------------------------------------------------------------- 0008: inbox age
 CREATE INDEX processed_events_age ON processed_events (consumer, processed_at);
+
+-- ---------------------------------------------------------------- 0010: trace context
+ALTER TABLE dunning_cases ADD COLUMN traceparent text;
+ALTER TABLE outbox ADD COLUMN traceparent text;

@@ -19,9 +19,26 @@ from redis.asyncio import Redis
 
 from paymentsvc.dev.samples import sample_event
 from paymentsvc.dev.webhooks import encode_event
+from services.dunning.events import KafkaPublisher as DunningPublisher
+from services.dunning.events import notice_sender
+from services.dunning.projection import DunningProjection
+from services.dunning.scheduler import Scheduler, SchedulerConfig, StripeInvoices
 from shared import tracing
 from shared.config import Topics
+from shared.db import make_pool
+from shared.kafka import make_producer
+from shared.outbox import OutboxRelay
+from shared.worker import BatchProcessor, RawMessage
 from tests.integration.test_api_grpc import WRITE, auth
+from tests.integration.test_dunning_scheduler import CATALOG, T0
+from tests.integration.test_dunning_support import (
+    DAY,
+    Clock,
+    NoDeadLetters,
+    RecordingPublisher,
+    failure,
+    fake_stripe,
+)
 from tests.integration.test_entitlements_worker import entitlements_worker, live_db  # noqa: F401 - fixture
 from tests.integration.test_ingest_webhooks import Ingester, signed_headers, start_ingester
 from tests.integration.test_usage_api import Stack, inc, stack, usage_server  # noqa: F401 - fixture
@@ -151,3 +168,44 @@ async def test_with_no_otel_variable_nothing_is_recorded_but_the_callers_trace_i
     carried = headers_of(record)["traceparent"]
     assert carried.startswith(f"00-{trace_id}-") and carried.endswith("-00")  # ours, not recorded
     assert caller_span not in carried
+
+
+async def test_a_dunning_case_keeps_its_trace_its_notices_and_scheduler_steps_continue_it(
+    spans: InMemorySpanExporter, database_url: str, broker: str, topics: Topics,
+) -> None:
+    header, trace_id, caller_span = traceparent()
+    invoice = f"in_{secrets.token_hex(6)}"
+    pool = make_pool(database_url, max_size=4)
+    await pool.open(wait=True)
+    producer = make_producer(broker)
+    await producer.start()
+    try:
+        publisher = DunningPublisher(producer, topics)
+        # The flush after the commit fails (broker down): the notices stay in the outbox...
+        failing = OutboxRelay(pool, "dunning", notice_sender(RecordingPublisher(fail=True)))
+        processor = BatchProcessor(DunningProjection(CATALOG, failing), pool, NoDeadLetters())
+        failed = failure(invoice, T0)
+        message = RawMessage(topics.payment_events, 0, 0, failed.customer_id.encode(), failed.SerializeToString(),
+                             headers=(("traceparent", header.encode()),))
+        await processor.process([message])  # opens the case
+        # ... and the background relay publishes them later, outside any span.
+        assert await OutboxRelay(pool, "dunning", notice_sender(publisher)).flush() == 2
+        async with fake_stripe() as stripe_fake:
+            scheduler = Scheduler(pool, StripeInvoices("sk_test_fake", stripe_fake.url, timeout_s=5), publisher,
+                                  CATALOG, clock=Clock(T0 + DAY), config=SchedulerConfig(owner="tracing-test"))
+            report = await scheduler.tick()
+        assert report.attempts, report
+    finally:
+        await producer.stop()
+        await pool.close()
+    found = spans.get_finished_spans()
+
+    # The notices the projection staged are published under the trace of the event.
+    notices = await read_topic(broker, topics.dunning_events, expect=3)
+    assert {headers_of(r)["traceparent"].split("-")[1] for r in notices} == {trace_id}
+    # The scheduler's step continues it, from the traceparent stored with the case.
+    [step] = named(found, "dunning attempt")
+    assert hex_ids(step)[0] == trace_id and parent_id(step) == caller_span
+    [decision] = await read_topic(broker, topics.payment_events, expect=1)
+    [produce] = [s for s in named(found, f"send {topics.payment_events}") if parent_id(s) == hex_ids(step)[1]]
+    assert headers_of(decision)["traceparent"] == f"00-{trace_id}-{hex_ids(produce)[1]}-01"
