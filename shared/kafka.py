@@ -82,15 +82,13 @@ async def publish_all(
     then nothing may be assumed sent.
     """
     started = time.perf_counter()
-    spans = [_produce_span(m.topic) for m in messages]
+    spans, headers = traced_headers(messages)
     try:
         async with asyncio.timeout(timeout_s):
-            acks = []
-            for m, span in zip(messages, spans, strict=True):
-                # Each message carries its own produce span's context, a child of the caller's.
-                with trace.use_span(span, end_on_exit=False):
-                    headers = list(tracing.with_trace_headers(m.headers))
-                acks.append(await producer.send(m.topic, m.value, key=m.key, headers=headers))
+            acks = [
+                await producer.send(m.topic, m.value, key=m.key, headers=h)
+                for m, h in zip(messages, headers, strict=True)
+            ]
             metadata = await asyncio.gather(*acks)
     except TimeoutError as exc:
         _end_spans(spans, "no acknowledgement")
@@ -101,7 +99,7 @@ async def publish_all(
     except BaseException:
         _end_spans(spans, "cancelled")
         raise
-    for span, md in zip(spans, metadata, strict=True):
+    for span, md in zip(spans, metadata, strict=False):  # no spans when not traced
         if span.is_recording():
             span.set_attribute("messaging.destination.partition.id", str(md.partition))
             span.set_attribute("messaging.kafka.offset", md.offset)
@@ -111,6 +109,25 @@ async def publish_all(
         PUBLISH_LATENCY.labels(m.topic).observe(elapsed)
         EVENTS_PUBLISHED.labels(m.topic, m.event_type).inc()
     return [(md.partition, md.offset) for md in metadata]
+
+
+def traced_headers(messages: Sequence[OutgoingMessage]) -> tuple[list[trace.Span], list[list[tuple[str, bytes]]]]:
+    """The produce spans of `messages` (started) and their headers, each message carrying
+    its own produce span's context.
+
+    A child of a span that is not recorded is not recorded either (every built-in sampler
+    decides by the parent or by the trace id): then no produce span is made and the
+    messages keep the context their headers were built under, the caller's span.
+    """
+    current = trace.get_current_span()
+    if not current.is_recording() and current.get_span_context().is_valid:
+        return [], [list(m.headers) for m in messages]
+    spans = [_produce_span(m.topic) for m in messages]
+    headers = []
+    for m, span in zip(messages, spans, strict=True):
+        with trace.use_span(span, end_on_exit=False):
+            headers.append(list(tracing.with_trace_headers(m.headers)))
+    return spans, headers
 
 
 def _produce_span(topic: str) -> trace.Span:

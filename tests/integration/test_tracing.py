@@ -11,12 +11,14 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
 
+import grpc
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 from redis.asyncio import Redis
 
+from payment.v1 import service_pb2
 from paymentsvc.dev.samples import sample_event
 from paymentsvc.dev.webhooks import encode_event
 from services.dunning.events import KafkaPublisher as DunningPublisher
@@ -136,8 +138,13 @@ async def test_increment_usage_is_a_server_span_of_the_callers_trace_and_its_eve
     user = f"user_{secrets.token_hex(6)}"
     async with usage_server(stack) as served:
         answer = await served.stub.IncrementUsage(inc(user, amount=3), metadata=auth(WRITE) + (("traceparent", header),))
+        with pytest.raises(grpc.aio.AioRpcError):  # no key: the caller's error, not the server's
+            await served.stub.CheckQuota(service_pb2.CheckQuotaRequest(), metadata=(("traceparent", header),))
     assert answer.allowed
     found = spans.get_finished_spans()
+    [refused] = named(found, "payment.v1.PaymentService/CheckQuota")
+    assert refused.attributes is not None and refused.attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAUTHENTICATED.value[0]
+    assert refused.status.status_code is StatusCode.UNSET and hex_ids(refused)[0] == trace_id
 
     [server] = named(found, "payment.v1.PaymentService/IncrementUsage")
     assert server.kind is SpanKind.SERVER
