@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -124,7 +125,8 @@ def _exporter_from_env(environ: Mapping[str, str]) -> object | None:
 def _fresh_traceparent() -> str:
     # No context at all (the SDK disabled, or code outside any span): still give the
     # message a trace id of its own so its consumers can correlate their logs.
-    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-00"
+    # random.getrandbits, as the SDK's own id generator: os.urandom is a system call each.
+    return f"00-{random.getrandbits(128) or 1:032x}-{random.getrandbits(64) or 1:016x}-00"
 
 
 def trace_headers(traceparent: str = "") -> list[tuple[str, bytes]]:
