@@ -36,7 +36,7 @@ async def run_until_signalled(name: str, settings: Settings) -> None:
         await module.serve(settings, stop)
     finally:
         if provider is not None:
-            provider.shutdown()  # exports the spans still batched
+            tracing.shutdown(provider)  # exports the spans still batched, within a bound
 
 
 def _tune_gc() -> None:

@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import random
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -49,7 +50,7 @@ _tracer: Tracer = trace.get_tracer(_INSTRUMENTATION)
 
 __all__ = [
     "Link", "SpanKind", "TRACE_HEADERS", "continued", "current_traceparent", "extract_headers",
-    "Status", "StatusCode", "links_of", "setup", "trace_headers", "tracer", "with_trace_headers",
+    "Status", "StatusCode", "links_of", "setup", "shutdown", "trace_headers", "tracer", "with_trace_headers",
 ]
 
 
@@ -85,7 +86,9 @@ def setup(service: str, *, exporter: object | None = None, install_global: bool 
     chosen = exporter if exporter is not None else _exporter_from_env(environ)
     # Nothing exported: drop every span (non-recording spans still carry ids).
     sampler = _get_from_env_or_default() if chosen is not None else ALWAYS_OFF
-    provider = TracerProvider(sampler=sampler, resource=Resource.create(attributes))
+    # shutdown_on_exit=False: `shutdown` below bounds the final export; the SDK's own exit
+    # hook would wait for an unreachable collector again.
+    provider = TracerProvider(sampler=sampler, resource=Resource.create(attributes), shutdown_on_exit=False)
     if isinstance(chosen, SpanExporter):
         processor = SimpleSpanProcessor(chosen) if exporter is not None else BatchSpanProcessor(chosen)
         provider.add_span_processor(processor)
@@ -95,6 +98,17 @@ def setup(service: str, *, exporter: object | None = None, install_global: bool 
     log.debug("tracing set up", extra={"exporter": type(chosen).__name__ if chosen else "none",
                                        "sampler": sampler.get_description()})
     return provider
+
+
+def shutdown(provider: TracerProvider, timeout_s: float = 2.0) -> None:
+    """Export what is still batched, for at most `timeout_s`: a collector that does not
+    answer must not hold a stopping process past its grace period (the exporter alone
+    retries for about 7 s). Spans not exported by then are lost, and logged as such."""
+    worker = threading.Thread(target=provider.shutdown, name="otel-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.warning("spans not exported within the shutdown deadline; dropped", extra={"deadline_s": timeout_s})
 
 
 def _exporter_from_env(environ: Mapping[str, str]) -> object | None:

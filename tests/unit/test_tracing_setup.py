@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 import orjson
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared import tracing
@@ -101,3 +103,23 @@ def test_a_json_log_line_inside_a_span_has_its_trace_and_span_ids() -> None:
         line = orjson.loads(JsonFormatter().format(record))
     context = span.get_span_context()
     assert (line["trace_id"], line["span_id"]) == (f"{context.trace_id:032x}", f"{context.span_id:016x}")
+
+
+class _Hung(SpanExporter):
+    """A collector that never answers."""
+
+    def export(self, spans: object) -> SpanExportResult:
+        time.sleep(30)
+        return SpanExportResult.FAILURE
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_shutdown_gives_up_on_a_collector_that_does_not_answer_within_its_deadline() -> None:
+    made = TracerProvider(shutdown_on_exit=False)
+    made.add_span_processor(BatchSpanProcessor(_Hung()))
+    made.get_tracer("t").start_span("pending").end()
+    started = time.monotonic()
+    tracing.shutdown(made, timeout_s=0.3)
+    assert time.monotonic() - started < 2
