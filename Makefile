@@ -112,6 +112,7 @@ bench: preflight
 	$(BIN)/python bench/grpc_checks.py
 	$(BIN)/python bench/usage.py
 	$(BIN)/python bench/write_shapes.py
+	$(BIN)/python bench/tracing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .dev

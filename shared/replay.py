@@ -31,8 +31,9 @@ from shared.projection import Projection
 from shared.worker import QUERIES, BatchProcessor, DeadLetter
 
 CATALOG_TABLES = ("pricing_zones", "plans", "plan_prices", "plan_features")
-# Columns whose value is the wall clock of the write, not a fact from the log.
-VOLATILE_COLUMNS = frozenset({"applied_at", "processed_at"})
+# Columns whose value is the wall clock of the write, not a fact from the log; and the
+# trace context kept for telemetry (migration 0010), which rows written before it lack.
+VOLATILE_COLUMNS = frozenset({"applied_at", "processed_at", "traceparent"})
 
 
 @dataclass(frozen=True)
