@@ -191,6 +191,14 @@ def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVI
 @app.command()
 def dev(
     log_dir: Annotated[Path, typer.Option(help="Where the children write their logs.")] = Path(".dev"),
+    embedded: Annotated[
+        bool,
+        typer.Option(
+            "--embedded",
+            help="Start our own Postgres (cluster kept in LOG_DIR/postgres) and Redis, whatever "
+            "DATABASE_URL and REDIS_URL say. Without it, they start only when unset and nothing answers.",
+        ),
+    ] = False,
 ) -> None:
     """Run the whole stack on embedded defaults (see README), until Ctrl-C."""
     from paymentsvc.devstack import run_dev
@@ -199,7 +207,7 @@ def dev(
     logs.configure("INFO", "console", "dev")
     # The broker's first probes are refused while Tansu starts; that is expected.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    asyncio.run(run_dev(log_dir))
+    asyncio.run(run_dev(log_dir, embedded=embedded))
 
 
 @app.command()

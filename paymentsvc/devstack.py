@@ -1,10 +1,11 @@
 """`paymentsvc dev`: the whole stack in one process tree, on embedded defaults.
 
-It checks Postgres and Redis, migrates, loads the catalog, starts Tansu (unless
+It picks Postgres and Redis (the machine's, or embedded ones it starts: see
+paymentsvc/devstores.py), checks them, migrates, loads the catalog, starts Tansu (unless
 KAFKA_BOOTSTRAP_SERVERS is set) and localstripe (unless STRIPE_SECRET_KEY is
 set), then runs every built service as a child `paymentsvc serve NAME` and
 waits for each one's /health/ready. Ctrl-C stops the children, then the
-broker and localstripe, each by its own pid.
+broker and localstripe, then the embedded stores, each by its own pid.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
+from paymentsvc.devstores import DevStores, dev_stores
 from shared import db, migrate
 from shared.config import SERVICE_PORTS, Settings
 from shared.devbroker import broker_for, die_with_parent
@@ -120,8 +122,17 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
-async def run_dev(log_dir: Path) -> None:
+async def run_dev(log_dir: Path, embedded: bool = False) -> None:
     env = dev_environment(dict(os.environ))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # Outermost, so the stores stop last, after every service that uses them.
+    with dev_stores(env, log_dir, force=embedded) as stores:
+        for note in stores.notes:
+            console.print(note)
+        await _run_dev(env, log_dir, stores)
+
+
+async def _run_dev(env: dict[str, str], log_dir: Path, stores: DevStores) -> None:
     os.environ.update(env)
     settings = Settings()
     database_url = settings.database_url.get_secret_value()
@@ -153,14 +164,15 @@ async def run_dev(log_dir: Path) -> None:
     try:
         async with broker_for(settings, log_dir=log_dir) as bootstrap:
             env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
-            await _run_services(settings, env, stripe, log_dir, fresh)
+            await _run_services(settings, env, stripe, log_dir, fresh, stores)
     finally:
         if stripe:
             stripe.stop()
 
 
 async def _run_services(
-    settings: Settings, env: dict[str, str], stripe: LocalStripe | None, log_dir: Path, fresh: bool
+    settings: Settings, env: dict[str, str], stripe: LocalStripe | None, log_dir: Path, fresh: bool,
+    stores: DevStores,
 ) -> None:
     children: dict[str, subprocess.Popen[bytes]] = {}
     names = list(SERVICE_PORTS)
@@ -189,6 +201,8 @@ async def _run_services(
             table.add_row(name, listens, "yes" if ready else "NO", str(log_dir / f"{name}.log"))
             if not ready:
                 raise DependencyUnavailable(name, f"127.0.0.1:{port}", f"not ready; see {log_dir / (name + '.log')}")
+        for row in stores.rows:
+            table.add_row(*row)
         table.add_row("kafka", env["KAFKA_BOOTSTRAP_SERVERS"], "yes", "embedded: its log starts empty" if fresh else "")
         if fresh:
             table.add_row("projections", "postgres + redis", "fresh", "cleared at start: built from this run's log only")
@@ -201,7 +215,7 @@ async def _run_services(
                     settings.stripe_webhook_secrets[0].get_secret_value(),
                 )
         console.print(table)
-        _write_stack_file(log_dir / "stack.json", settings, names, env, stripe)
+        _write_stack_file(log_dir / "stack.json", settings, names, env, stripe, stores)
         console.print("Ctrl-C stops everything.")
         await _wait_for_signal_or_exit(children)
     finally:
@@ -209,7 +223,8 @@ async def _run_services(
 
 
 def _write_stack_file(
-    path: Path, settings: Settings, names: list[str], env: dict[str, str], stripe: LocalStripe | None
+    path: Path, settings: Settings, names: list[str], env: dict[str, str], stripe: LocalStripe | None,
+    stores: DevStores,
 ) -> None:
     """Where everything listens, for scripts and tests (no secrets)."""
     stack = {
@@ -217,6 +232,7 @@ def _write_stack_file(
         "kafka_bootstrap_servers": env["KAFKA_BOOTSTRAP_SERVERS"],
         "stripe_api_base": stripe.api_base if stripe else env.get("STRIPE_API_BASE", ""),
         "pid": os.getpid(),
+        "embedded": stores.stack(),
     }
     path.write_text(json.dumps(stack, indent=2))
 
