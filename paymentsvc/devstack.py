@@ -128,7 +128,7 @@ async def run_dev(log_dir: Path, embedded: bool = False) -> None:
     # Outermost, so the stores stop last, after every service that uses them.
     with dev_stores(env, log_dir, force=embedded) as stores:
         for note in stores.notes:
-            console.print(note)
+            console.print(note, soft_wrap=True)  # one line each, paths unbroken
         await _run_dev(env, log_dir, stores)
 
 

@@ -125,7 +125,10 @@ class EmbeddedPostgres:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120, **self._as_server_user())  # type: ignore[call-overload]
         if done.returncode != 0:
             shutil.rmtree(self.data, ignore_errors=True)  # a half-made cluster would not start either
-            raise _unavailable(f"initdb failed: {(done.stderr or done.stdout).strip()[-500:]}")
+            why = (done.stderr or done.stdout).strip()[-500:]
+            if self._user is not None:
+                why += f" (as root, initdb runs as {self._user.pw_name}, who must be able to reach {self.data})"
+            raise _unavailable(f"initdb failed: {why}")
         return True
 
     def start(self, timeout: float = 60.0) -> None:
