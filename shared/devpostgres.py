@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import psycopg
@@ -77,15 +78,20 @@ class EmbeddedPostgres:
     As root, `base_dir` is handed to the server user, so its parents must let that user through.
 
     `durable=False` turns off fsync and friends: for a test session's throwaway cluster.
+    `settings` are more server settings (`-c name=value`).
     """
 
-    def __init__(self, base_dir: Path, port: int | None = None, host: str = "127.0.0.1", durable: bool = True) -> None:
+    def __init__(
+        self, base_dir: Path, port: int | None = None, host: str = "127.0.0.1", durable: bool = True,
+        settings: Mapping[str, str] | None = None,
+    ) -> None:
         self.base_dir = base_dir
         self.data = base_dir / "data"
         self.log_path = base_dir / "postgres.log"
         self.host = host
         self.port = port or free_port(host)
         self.durable = durable
+        self.settings = dict(settings or {})
         self._user = server_user()
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -145,6 +151,8 @@ class EmbeddedPostgres:
         if not self.durable:
             for setting in ("fsync=off", "synchronous_commit=off", "full_page_writes=off"):
                 options += ["-c", setting]
+        for name, value in self.settings.items():
+            options += ["-c", f"{name}={value}"]
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(  # type: ignore[call-overload]
                 [str(postgres_bin_dir() / "postgres"), "-D", str(self.data), *options],
