@@ -47,6 +47,13 @@ def postgres_bin_dir() -> Path:
     return path
 
 
+def server_major() -> str:
+    """The major version of the embedded server ("18"), as initdb writes it into PG_VERSION."""
+    done = subprocess.run([str(postgres_bin_dir() / "postgres"), "--version"], capture_output=True, text=True, timeout=30)
+    # "postgres (PostgreSQL) 18.6"
+    return done.stdout.split()[-1].split(".")[0]
+
+
 def _unavailable(detail: str, hint: str = "") -> DependencyUnavailable:
     # Not the machine's service: the usual "start it with pg_ctlcluster" hint would mislead.
     return DependencyUnavailable("postgres", WHERE, detail, hint=hint)
@@ -123,6 +130,12 @@ class EmbeddedPostgres:
             for path in (self.base_dir, *self.base_dir.rglob("*")):
                 os.chown(path, self._user.pw_uid, self._user.pw_gid)
         if self.initialized:
+            made_by = (self.data / "PG_VERSION").read_text().strip()
+            if made_by != server_major():
+                raise _unavailable(
+                    f"the cluster in {self.data} was made by PostgreSQL {made_by}, the installed server is "
+                    f"{server_major()}", f"run `rm -r {self.base_dir}` (or make clean) to start a new one",
+                )
             return False
         command = [
             str(postgres_bin_dir() / "initdb"), "-D", str(self.data), "-U", "postgres",
@@ -143,6 +156,8 @@ class EmbeddedPostgres:
         Raises DependencyUnavailable if it exits or does not answer within `timeout`.
         """
         self.init()
+        # postgres removes a stale one itself; a live one means another server has this cluster.
+        locked = (self.data / "postmaster.pid").exists()
         options = [
             "-p", str(self.port),
             "-c", f"listen_addresses={self.host}",  # loopback only: trust auth must not reach a network
@@ -171,7 +186,10 @@ class EmbeddedPostgres:
             except psycopg.OperationalError as exc:
                 assert self._process is not None
                 if self._process.poll() is not None:
-                    raise _unavailable(f"postgres exited with {self._process.returncode}; see {self.log_path}") from exc
+                    why = f"postgres exited with {self._process.returncode}; see {self.log_path}"
+                    if locked:
+                        why += f" (is another `paymentsvc dev` running on {self.base_dir}?)"
+                    raise _unavailable(why) from exc
                 if time.monotonic() > deadline:
                     self.stop()
                     raise _unavailable(f"no answer in {timeout:.0f} s; see {self.log_path}") from exc

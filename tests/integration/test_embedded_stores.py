@@ -19,6 +19,7 @@ import redis
 
 from shared.devpostgres import EmbeddedPostgres, postgres_bin_dir
 from shared.devredis import EmbeddedRedis
+from shared.errors import DependencyUnavailable
 from tests.support.private_postgres import PrivatePostgres
 
 pytestmark = pytest.mark.integration
@@ -96,3 +97,19 @@ def test_a_fault_tests_private_postgres_runs_on_the_embedded_binaries_too(base_d
         psycopg.connect(private.url).close()
     finally:
         private.destroy()
+
+
+def test_a_second_server_on_a_running_cluster_is_refused_with_the_reason(base_dir: Path) -> None:
+    with EmbeddedPostgres(base_dir / "pg") as running:
+        second = EmbeddedPostgres(base_dir / "pg")
+        with pytest.raises(DependencyUnavailable, match=r"another `paymentsvc dev` running on"):
+            second.start(timeout=20)
+        psycopg.connect(running.url).close()  # the first one is untouched
+
+
+def test_a_cluster_of_another_postgresql_major_is_refused_with_the_remedy(base_dir: Path) -> None:
+    cluster = EmbeddedPostgres(base_dir / "pg")
+    cluster.init()
+    (cluster.data / "PG_VERSION").write_text("17\n")
+    with pytest.raises(DependencyUnavailable, match=r"made by PostgreSQL 17, the installed server is 18.*rm -r"):
+        EmbeddedPostgres(base_dir / "pg").start()
