@@ -104,6 +104,9 @@ def _choose_stores(config: pytest.Config) -> None:
         os.environ[variable] = server.url  # for `tests.conftest` imported by test modules, and children
         if name == "postgres":
             ADMIN_URL = server.url
+            # What the benchmarks' smoke runs (tests/bench) and other children use when unset.
+            os.environ.setdefault("DATABASE_URL", server.url_for("paymentsvc"))
+            os.environ.setdefault("BENCH_ADMIN_DATABASE_URL", server.url)
         else:
             REDIS_URL = server.url
         said.append(f"{name} embedded at 127.0.0.1:{server.port} (nothing answers at {where})")
