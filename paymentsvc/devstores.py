@@ -31,7 +31,8 @@ from shared.errors import DependencyUnavailable
 DATABASE_NAME = "paymentsvc"
 
 
-def _default(name: str) -> str:
+def default_url(name: str) -> str:
+    """The default of a Settings URL (DATABASE_URL, REDIS_URL) by its field name."""
     default = Settings.model_fields[name].default
     return str(default.get_secret_value() if hasattr(default, "get_secret_value") else default)
 
@@ -78,7 +79,7 @@ def choose_stores(
             return True, "--embedded" + (f"; {var} ignored" if env.get(var) else "")
         if env.get(var):
             return False, f"{var}"
-        default = _default(setting)
+        default = default_url(setting)
         if up(default):
             return False, "the machine's (default address)"
         return True, f"{var} unset and nothing answers at its default"
@@ -126,7 +127,7 @@ def dev_stores(env: dict[str, str], log_dir: Path, force: bool) -> Iterator[DevS
             stores.rows.append(("postgres", f"127.0.0.1:{stores.postgres.port}", "embedded", str(stores.postgres.log_path)))
             stores.notes.append(f"postgres: embedded ({choice.postgres_reason}), {kept} in {stores.postgres.data}")
         else:
-            where = db.describe(env.get("DATABASE_URL") or _default("database_url"))
+            where = db.describe(env.get("DATABASE_URL") or default_url("database_url"))
             stores.rows.append(("postgres", where, "yes", choice.postgres_reason))
         if choice.embed_redis:
             stores.redis = EmbeddedRedis(log_dir / "redis")
@@ -135,7 +136,7 @@ def dev_stores(env: dict[str, str], log_dir: Path, force: bool) -> Iterator[DevS
             stores.rows.append(("redis", f"127.0.0.1:{stores.redis.port}", "embedded", str(stores.redis.log_path)))
             stores.notes.append(f"redis: embedded ({choice.redis_reason}), starts empty and keeps nothing")
         else:
-            where = (env.get("REDIS_URL") or _default("redis_url")).split("@")[-1].removeprefix("redis://")
+            where = (env.get("REDIS_URL") or default_url("redis_url")).split("@")[-1].removeprefix("redis://")
             stores.rows.append(("redis", where, "yes", choice.redis_reason))
         yield stores
     finally:

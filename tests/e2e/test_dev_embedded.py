@@ -32,6 +32,7 @@ import redis
 
 from payment.v1 import service_pb2, service_pb2_grpc
 from paymentsvc.devstack import DEV_API_KEY, DEV_WEBHOOK_SECRET
+from paymentsvc.devstores import default_url, postgres_answers, redis_answers
 from shared.devbroker import free_port
 from tests.conftest import random_id
 from tests.support.net import refusing_port
@@ -103,12 +104,12 @@ def plan_of(grpc_port: int, user: str) -> tuple[bool, str]:
 class EmbeddedDevRun:
     """One `paymentsvc dev --embedded` until stop(), which checks that it left nothing behind."""
 
-    def __init__(self, env: dict[str, str], log_dir: Path, name: str) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, name: str, flags: tuple[str, ...] = ("--embedded",)) -> None:
         self.env, self.log_dir = env, log_dir
         self.output = log_dir / f"{name}.out"
         (log_dir / "stack.json").unlink(missing_ok=True)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "paymentsvc.cli", "dev", "--embedded", "--log-dir", str(log_dir)],
+            [sys.executable, "-m", "paymentsvc.cli", "dev", *flags, "--log-dir", str(log_dir)],
             cwd=ROOT, env=env, stdout=open(self.output, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
         )
         eventually_sync(self._started, timeout=120, what="the dev stack's stack.json")
@@ -215,3 +216,55 @@ def test_embedded_dev_runs_a_webhook_to_the_api_without_the_machines_postgres_an
             assert plan_of(grpc_port, user) == (True, "free")  # no subscription: the free plan
         finally:
             second.stop()
+
+
+DEFAULTS_ANSWER = postgres_answers(default_url("database_url")) or redis_answers(default_url("redis_url"))
+
+
+@pytest.mark.skipif(DEFAULTS_ANSWER, reason="a Postgres or Redis answers at its default address on this machine "
+                    "(the next test runs this one in a network namespace of its own where it can)")
+def test_automatic_plain_paymentsvc_dev_on_a_machine_with_nothing_at_the_defaults_starts_its_own(log_dir: Path) -> None:
+    """`make dev` as a newcomer without Postgres and Redis: no flag, no variable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(NOT_INHERITED)}
+    env.update({p: str(free_port()) for p in PORTS})
+    customer, user = random_id("cus_"), random_id("user_")
+    run = EmbeddedDevRun(env, log_dir, "run", flags=())
+    try:
+        assert run.said("postgres: embedded (DATABASE_URL unset and nothing answers at its default), a new cluster")
+        assert run.said("redis: embedded (REDIS_URL unset and nothing answers at its default)")
+        run.send(customer, user)
+        assert eventually_sync(lambda: plan_of(int(env["GRPC_PORT"]), user) == (True, "basic"), timeout=60,
+                               what="the subscription answered by the gRPC API", interval=0.5)
+    finally:
+        run.stop()
+
+
+def network_namespace() -> list[str] | None:
+    """A command prefix that runs in a new network namespace with loopback up, or None where it cannot."""
+    unshare, ip = shutil.which("unshare"), shutil.which("ip")
+    if os.geteuid() != 0 or unshare is None or ip is None:
+        return None
+    prefix = [unshare, "--net", "sh", "-c", f'{ip} link set lo up && exec "$@"', "sh"]
+    if subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode != 0:
+        return None
+    return prefix
+
+
+def test_automatic_the_newcomer_test_passes_in_a_network_namespace_where_nothing_answers(log_dir: Path) -> None:
+    """The test above, where it can run on any machine: in a network namespace of its own, no
+    server of the machine answers anywhere, so the rule's automatic branch is taken for real."""
+    prefix = network_namespace()
+    if prefix is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root with unshare and ip: the network namespace must be available")
+        pytest.skip("needs root, unshare and ip (a network namespace of its own)")
+    # Not CI: inside, the session has no machine's services to insist on; it embeds its own.
+    env = {k: v for k, v in os.environ.items() if not k.startswith((*NOT_INHERITED, "CI"))}
+    done = subprocess.run(
+        [*prefix, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "automatic_plain",
+         str(Path(__file__).relative_to(ROOT))],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "1 passed" in output, output[-4000:]
+    assert "stores: postgres embedded" in output  # the inner session had no Postgres either
