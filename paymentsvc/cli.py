@@ -190,7 +190,6 @@ def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVI
 
 @app.command()
 def dev(
-    log_dir: Annotated[Path, typer.Option(help="Where the children write their logs.")] = Path(".dev"),
     embedded: Annotated[
         bool,
         typer.Option(
@@ -199,6 +198,7 @@ def dev(
             "DATABASE_URL and REDIS_URL say. Without it, they start only when unset and nothing answers.",
         ),
     ] = False,
+    log_dir: Annotated[Path, typer.Option(help="Where the children write their logs.")] = Path(".dev"),
 ) -> None:
     """Run the whole stack on embedded defaults (see README), until Ctrl-C."""
     from paymentsvc.devstack import run_dev

@@ -20,17 +20,20 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from rich.console import Console
 from rich.table import Table
 
-from paymentsvc.devstores import DevStores, dev_stores
 from shared import db, migrate
 from shared.config import SERVICE_PORTS, Settings
 from shared.devbroker import broker_for, die_with_parent
 from shared.devstripe import DEV_SECRET_KEY, LocalStripe
 from shared.errors import DependencyUnavailable
+
+if TYPE_CHECKING:
+    from paymentsvc.devstores import DevStores
 
 # Stated in the README. Only `paymentsvc dev` uses them, and only when unset.
 DEV_WEBHOOK_SECRET = "whsec_paymentsvc_dev"
@@ -123,6 +126,8 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]]) -> None:
 
 
 async def run_dev(log_dir: Path, embedded: bool = False) -> None:
+    from paymentsvc.devstores import dev_stores
+
     env = dev_environment(dict(os.environ))
     log_dir.mkdir(parents=True, exist_ok=True)
     # Outermost, so the stores stop last, after every service that uses them.
@@ -164,7 +169,7 @@ async def _run_dev(env: dict[str, str], log_dir: Path, stores: DevStores) -> Non
     try:
         async with broker_for(settings, log_dir=log_dir) as bootstrap:
             env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
-            await _run_services(settings, env, stripe, log_dir, fresh, stores)
+            await _run_services(settings, env, stripe, log_dir, fresh, stores=stores)
     finally:
         if stripe:
             stripe.stop()
@@ -172,7 +177,7 @@ async def _run_dev(env: dict[str, str], log_dir: Path, stores: DevStores) -> Non
 
 async def _run_services(
     settings: Settings, env: dict[str, str], stripe: LocalStripe | None, log_dir: Path, fresh: bool,
-    stores: DevStores,
+    stores: DevStores | None = None,
 ) -> None:
     children: dict[str, subprocess.Popen[bytes]] = {}
     names = list(SERVICE_PORTS)
@@ -201,7 +206,7 @@ async def _run_services(
             table.add_row(name, listens, "yes" if ready else "NO", str(log_dir / f"{name}.log"))
             if not ready:
                 raise DependencyUnavailable(name, f"127.0.0.1:{port}", f"not ready; see {log_dir / (name + '.log')}")
-        for row in stores.rows:
+        for row in stores.rows if stores else ():
             table.add_row(*row)
         table.add_row("kafka", env["KAFKA_BOOTSTRAP_SERVERS"], "yes", "embedded: its log starts empty" if fresh else "")
         if fresh:
@@ -215,7 +220,9 @@ async def _run_services(
                     settings.stripe_webhook_secrets[0].get_secret_value(),
                 )
         console.print(table)
-        _write_stack_file(log_dir / "stack.json", settings, names, env, stripe, stores)
+        _write_stack_file(log_dir / "stack.json", settings, names, env, stripe)
+        if stores:
+            _add_stores_to_stack_file(log_dir / "stack.json", stores)
         console.print("Ctrl-C stops everything.")
         await _wait_for_signal_or_exit(children)
     finally:
@@ -223,8 +230,7 @@ async def _run_services(
 
 
 def _write_stack_file(
-    path: Path, settings: Settings, names: list[str], env: dict[str, str], stripe: LocalStripe | None,
-    stores: DevStores,
+    path: Path, settings: Settings, names: list[str], env: dict[str, str], stripe: LocalStripe | None
 ) -> None:
     """Where everything listens, for scripts and tests (no secrets)."""
     stack = {
@@ -232,9 +238,18 @@ def _write_stack_file(
         "kafka_bootstrap_servers": env["KAFKA_BOOTSTRAP_SERVERS"],
         "stripe_api_base": stripe.api_base if stripe else env.get("STRIPE_API_BASE", ""),
         "pid": os.getpid(),
-        "embedded": stores.stack(),
     }
     path.write_text(json.dumps(stack, indent=2))
+
+
+def _add_stores_to_stack_file(path: Path, stores: DevStores) -> None:
+    """The embedded Postgres and Redis (URLs without secrets, pids), under "embedded"."""
+    stack = json.loads(path.read_text())
+    stack["embedded"] = stores.stack()
+    # Replaced whole, so a script that polls for the key never reads half a file.
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps(stack, indent=2))
+    part.replace(path)
 
 
 async def _wait_for_signal_or_exit(children: dict[str, subprocess.Popen[bytes]]) -> None:

@@ -112,13 +112,17 @@ class EmbeddedDevRun:
             [sys.executable, "-m", "paymentsvc.cli", "dev", *flags, "--log-dir", str(log_dir)],
             cwd=ROOT, env=env, stdout=open(self.output, "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
         )
-        eventually_sync(self._started, timeout=120, what="the dev stack's stack.json")
-        self.stack = json.loads((log_dir / "stack.json").read_text())
+        self.stack: dict = eventually_sync(self._started, timeout=120, what="the dev stack's stack.json")  # type: ignore[type-arg]
 
-    def _started(self) -> bool:
+    def _started(self) -> dict | None:  # type: ignore[type-arg]
+        """stack.json once it lists the embedded stores (they are added to it last)."""
         if self.process.poll() is not None:
             raise AssertionError(f"paymentsvc dev exited {self.process.returncode}:\n{self.text()[-3000:]}")
-        return (self.log_dir / "stack.json").exists()
+        try:
+            stack = json.loads((self.log_dir / "stack.json").read_text())
+        except (FileNotFoundError, ValueError):  # not yet, or being written
+            return None
+        return stack if "embedded" in stack else None
 
     def text(self) -> str:
         return self.output.read_text(errors="replace")
