@@ -36,6 +36,7 @@ from paymentsvc.devstores import default_url, postgres_answers, redis_answers
 from shared.devbroker import free_port
 from tests.conftest import random_id
 from tests.support.net import refusing_port
+from tests.support.netns import require_network_namespace, without_ci
 from tests.support.processes import ROOT
 from tests.support.wait import eventually_sync
 
@@ -243,27 +244,11 @@ def test_automatic_plain_paymentsvc_dev_on_a_machine_with_nothing_at_the_default
         run.stop()
 
 
-def network_namespace() -> list[str] | None:
-    """A command prefix that runs in a new network namespace with loopback up, or None where it cannot."""
-    unshare, ip = shutil.which("unshare"), shutil.which("ip")
-    if os.geteuid() != 0 or unshare is None or ip is None:
-        return None
-    prefix = [unshare, "--net", "sh", "-c", f'{ip} link set lo up && exec "$@"', "sh"]
-    if subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode != 0:
-        return None
-    return prefix
-
-
 def test_automatic_the_newcomer_test_passes_in_a_network_namespace_where_nothing_answers(log_dir: Path) -> None:
     """The test above, where it can run on any machine: in a network namespace of its own, no
     server of the machine answers anywhere, so the rule's automatic branch is taken for real."""
-    prefix = network_namespace()
-    if prefix is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI runs as root with unshare and ip: the network namespace must be available")
-        pytest.skip("needs root, unshare and ip (a network namespace of its own)")
-    # Not CI: inside, the session has no machine's services to insist on; it embeds its own.
-    env = {k: v for k, v in os.environ.items() if not k.startswith((*NOT_INHERITED, "CI"))}
+    prefix = require_network_namespace()
+    env = without_ci({k: v for k, v in os.environ.items() if not k.startswith(NOT_INHERITED)})
     done = subprocess.run(
         [*prefix, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "automatic_plain",
          str(Path(__file__).relative_to(ROOT))],
