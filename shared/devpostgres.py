@@ -126,9 +126,8 @@ class EmbeddedPostgres:
     def init(self) -> bool:
         """Run initdb unless the cluster exists. Returns whether it ran."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        if self._user is not None:
-            for path in (self.base_dir, *self.base_dir.rglob("*")):
-                os.chown(path, self._user.pw_uid, self._user.pw_gid)
+        if self._user is not None:  # initdb makes data/ inside, as that user
+            os.chown(self.base_dir, self._user.pw_uid, self._user.pw_gid)
         if self.initialized:
             made_by = (self.data / "PG_VERSION").read_text().strip()
             if made_by != server_major():
