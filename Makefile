@@ -32,7 +32,8 @@ tools:
 preflight: install
 	@$(BIN)/python -m paymentsvc.preflight
 
-## Run the whole stack on embedded defaults (own Kafka-compatible broker and fake Stripe).
+## Run the whole stack on embedded defaults (own Kafka-compatible broker and fake Stripe;
+## own Postgres and Redis where the machine has none: README, "the machine's, or embedded").
 dev: preflight
 	$(BIN)/paymentsvc dev
 
