@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from opentelemetry import trace
+from opentelemetry.context import Context
 
 from payment.v1 import events_pb2
 from shared import tracing
@@ -153,21 +154,34 @@ def traced_headers(messages: Sequence[OutgoingMessage]) -> tuple[list[trace.Span
     A child of a span that is not recorded is not recorded either (every built-in sampler
     decides by the parent or by the trace id): then no produce span is made and the
     messages keep the context their headers were built under, the caller's span.
+
+    Outside any valid span, a message that carries a valid `traceparent` (given
+    explicitly, as event_headers allows) gets a produce span that continues it, so its
+    trace goes on instead of being replaced by an unrelated one.
     """
     current = trace.get_current_span()
     if not current.is_recording() and current.get_span_context().is_valid:
         return [], [list(m.headers) for m in messages]
-    spans = [_produce_span(m.topic) for m in messages]
-    headers = []
-    for m, span in zip(messages, spans, strict=True):
+    outside = not current.get_span_context().is_valid
+    spans, headers = [], []
+    for m in messages:
+        carried = tracing.extract_headers(m.headers) if outside else None
+        if carried is not None and not trace.get_current_span(carried).get_span_context().is_valid:
+            carried = None
+        span = _produce_span(m.topic, carried)
+        spans.append(span)
+        if carried is not None and not span.get_span_context().is_valid:
+            headers.append(list(m.headers))  # no tracer to continue it with: carried as is
+            continue
         with trace.use_span(span, end_on_exit=False):
             headers.append(list(tracing.with_trace_headers(m.headers)))
     return spans, headers
 
 
-def _produce_span(topic: str) -> trace.Span:
-    """A PRODUCER span for one message, child of the current context (messaging conventions)."""
-    span = tracing.tracer().start_span(f"send {topic}", kind=trace.SpanKind.PRODUCER)
+def _produce_span(topic: str, parent: Context | None = None) -> trace.Span:
+    """A PRODUCER span for one message, child of `parent` or else of the current context
+    (messaging conventions)."""
+    span = tracing.tracer().start_span(f"send {topic}", context=parent, kind=trace.SpanKind.PRODUCER)
     if span.is_recording():  # attributes only where they are kept
         span.set_attribute("messaging.system", "kafka")
         span.set_attribute("messaging.operation.type", "send")

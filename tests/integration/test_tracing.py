@@ -18,13 +18,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from redis.asyncio import Redis
 
-from payment.v1 import service_pb2
+from payment.v1 import events_pb2, service_pb2
 from paymentsvc.dev.samples import sample_event
 from paymentsvc.dev.webhooks import encode_event
 from services.dunning.events import KafkaPublisher as DunningPublisher
 from services.dunning.events import notice_sender
 from services.dunning.projection import DunningProjection
 from services.dunning.scheduler import Scheduler, SchedulerConfig, StripeInvoices
+from services.usage import thresholds
+from services.usage.projection import UsageProjection
 from shared import tracing
 from shared.config import Topics
 from shared.db import make_pool
@@ -41,6 +43,7 @@ from tests.integration.test_dunning_support import (
     failure,
     fake_stripe,
 )
+from tests.integration.test_entitlements_worker import CATALOG as USAGE_CATALOG
 from tests.integration.test_entitlements_worker import entitlements_worker, live_db  # noqa: F401 - fixture
 from tests.integration.test_ingest_webhooks import Ingester, signed_headers, start_ingester
 from tests.integration.test_usage_api import Stack, inc, stack, usage_server  # noqa: F401 - fixture
@@ -216,3 +219,39 @@ async def test_a_dunning_case_keeps_its_trace_its_notices_and_scheduler_steps_co
     [decision] = await read_topic(broker, topics.payment_events, expect=1)
     [produce] = [s for s in named(found, f"send {topics.payment_events}") if parent_id(s) == hex_ids(step)[1]]
     assert headers_of(decision)["traceparent"] == f"00-{trace_id}-{hex_ids(produce)[1]}-01"
+
+
+async def test_a_threshold_crossing_continues_the_trace_of_the_usage_event_that_crossed_it(
+    spans: InMemorySpanExporter, database_url: str, broker: str, topics: Topics,
+) -> None:
+    """Issue 14: a caused event continues its cause. The crossing event is not the first of
+    its batch, so the batch span (the first message's trace) is not the one to carry."""
+    first_header, first_trace, _ = traceparent()
+    header, trace_id, _ = traceparent()
+    user = f"user_{secrets.token_hex(6)}"
+
+    def usage(n: int, amount: int, carried: str) -> RawMessage:
+        event = events_pb2.UsageEvent(
+            event_id=f"ue_{secrets.token_hex(6)}", idempotency_key=f"idem_{secrets.token_hex(6)}",
+            subject_type="user", subject_id=user, user_id=user, feature_code="api_calls", amount=amount,
+            period_start=1_924_992_000, period_end=1_927_670_400, created_ms=1_924_992_000_000 + n,
+            limit=1000, plan_id="free",
+        )
+        return RawMessage(topics.usage_events, 0, n, user.encode(), event.SerializeToString(),
+                          headers=(("traceparent", carried.encode()),))
+
+    pool = make_pool(database_url, max_size=4)
+    await pool.open(wait=True)
+    producer = make_producer(broker)
+    await producer.start()
+    try:
+        staged = OutboxRelay(pool, UsageProjection.name, thresholds.sender(producer, topics.usage_thresholds))
+        processor = BatchProcessor(UsageProjection(USAGE_CATALOG, staged), pool, NoDeadLetters())
+        await processor.process([usage(0, 100, first_header), usage(1, 800, header)])  # 900 of 1000: 80%
+    finally:
+        await producer.stop()
+        await pool.close()
+    [crossed] = await read_topic(broker, topics.usage_thresholds, expect=1)
+    assert events_pb2.UsageThresholdCrossed.FromString(crossed.value).threshold == "80%"
+    carried = headers_of(crossed)["traceparent"].split("-")[1]
+    assert carried == trace_id != first_trace

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -16,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from shared import tracing
 from shared.errors import ConfigurationError
-from shared.kafka import event_headers
+from shared.kafka import OutgoingMessage, event_headers, publish_all
 from shared.logs import JsonFormatter
 
 
@@ -123,3 +124,39 @@ def test_shutdown_gives_up_on_a_collector_that_does_not_answer_within_its_deadli
     started = time.monotonic()
     tracing.shutdown(made, timeout_s=0.3)
     assert time.monotonic() - started < 2
+
+
+class _AckingProducer:
+    """Just enough of AIOKafkaProducer for publish_all: every send is acknowledged."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[tuple[str, bytes]]] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None,
+                   headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future[object]:
+        self.sent.append(list(headers or []))
+        acked: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        acked.set_result(type("Metadata", (), {"partition": 0, "offset": len(self.sent) - 1})())
+        return acked
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+async def test_publish_all_outside_any_span_continues_an_explicit_traceparent(
+    recorded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """event_headers carries a given traceparent as is; the produce span continues it
+    instead of starting an unrelated trace (recorded, or with no OTEL variable at all)."""
+    exporter = InMemorySpanExporter()
+    if recorded:
+        monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+    provider(exporter=exporter)
+    given = "00-" + "ab" * 16 + "-" + "cd" * 8 + ("-01" if recorded else "-00")
+    producer = _AckingProducer()
+    headers = tuple(event_headers("evt_1", "t", "PaymentEvent", traceparent=given))
+    await publish_all(producer, [OutgoingMessage("topic", b"k", b"v", headers)])  # type: ignore[arg-type]
+    [sent] = producer.sent
+    assert dict(sent)["traceparent"].decode().split("-")[1] == "ab" * 16
+    if recorded:
+        [produce] = exporter.get_finished_spans()
+        assert produce.parent is not None and produce.parent.span_id == int("cd" * 8, 16)
+        assert dict(sent)["traceparent"].decode() == f"00-{'ab' * 16}-{produce.context.span_id:016x}-01"  # type: ignore[union-attr]
