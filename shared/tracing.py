@@ -9,9 +9,11 @@ the standard variables:
   `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, else
   none. `OTEL_EXPORTER_OTLP_PROTOCOL` picks `grpc` (default) or `http/protobuf`; the
   exporter reads its own `OTEL_EXPORTER_OTLP_*` variables (headers, timeout, ...).
-- with no exporter nothing is exported and the sampler drops every span (ALWAYS_OFF):
-  spans are non-recording, so a request costs an id and a context switch, not a span,
-  while the ids still travel in the headers and the JSON logs (`shared/logs.py`);
+- with no exporter nothing is exported, and the sampler is `parentbased_always_off`: a
+  trace that starts here is dropped (non-recording spans: a request costs an id and a
+  context switch, not a span, while the ids still travel in the headers and the JSON
+  logs, `shared/logs.py`), and a caller's sampling decision is kept and passed on, so
+  downstream services that trace still see the trace their caller chose to sample;
 - with an exporter, `OTEL_TRACES_SAMPLER` (+ `_ARG`), default `parentbased_always_on`;
   `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` name the resource (default
   service name: `paymentsvc-<service>`); `OTEL_BSP_*` tune the batch processor.
@@ -80,12 +82,14 @@ def setup(service: str, *, exporter: object | None = None, install_global: bool 
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, _get_from_env_or_default
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, _get_from_env_or_default
 
     attributes = {} if _env(environ, "OTEL_SERVICE_NAME") else {SERVICE_NAME: f"paymentsvc-{service}"}
     chosen = exporter if exporter is not None else _exporter_from_env(environ)
-    # Nothing exported: drop every span (non-recording spans still carry ids).
-    sampler = _get_from_env_or_default() if chosen is not None else ALWAYS_OFF
+    # Nothing exported: drop the traces that start here (non-recording spans still carry
+    # ids), but keep a caller's decision: ALWAYS_OFF would turn its sampled flag to 00 on
+    # every message we publish, and parent-based consumers downstream would drop it.
+    sampler = _get_from_env_or_default() if chosen is not None else ParentBased(ALWAYS_OFF)
     # shutdown_on_exit=False: `shutdown` below bounds the final export; the SDK's own exit
     # hook would wait for an unreachable collector again.
     provider = TracerProvider(sampler=sampler, resource=Resource.create(attributes), shutdown_on_exit=False)

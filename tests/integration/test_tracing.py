@@ -161,7 +161,7 @@ async def test_increment_usage_is_a_server_span_of_the_callers_trace_and_its_eve
     assert carried == [f"00-{trace_id}-{hex_ids(produce)[1]}-01"]
 
 
-async def test_with_no_otel_variable_nothing_is_recorded_but_the_callers_trace_id_still_travels(
+async def test_with_no_otel_variable_nothing_is_exported_but_the_callers_trace_and_decision_still_travel(
     monkeypatch: pytest.MonkeyPatch, ingester: Ingester, topics: Topics, broker: str,
 ) -> None:
     for name in [n for n in os.environ if n.startswith("OTEL_")]:
@@ -169,14 +169,15 @@ async def test_with_no_otel_variable_nothing_is_recorded_but_the_callers_trace_i
     monkeypatch.setattr(tracing, "_tracer", tracing.tracer())
     provider = tracing.setup("test", install_global=False)
     assert provider is not None
-    assert provider.sampler.get_description() == "AlwaysOffSampler"
-    header, trace_id, caller_span = traceparent()
+    assert provider.sampler.get_description().startswith("ParentBased{root:AlwaysOffSampler,")
+    header, trace_id, caller_span = traceparent()  # sampled by the caller
     body = encode_event(sample_event("customer.subscription.created"))
     status, _ = await ingester.post(body, signed_headers(body) | {"traceparent": header})
     assert status == 200
     [record] = await read_topic(broker, topics.payment_events, expect=1)
     carried = headers_of(record)["traceparent"]
-    assert carried.startswith(f"00-{trace_id}-") and carried.endswith("-00")  # ours, not recorded
+    # our span's id, and the caller's decision (sampled) passed on, not reset to 00
+    assert carried.startswith(f"00-{trace_id}-") and carried.endswith("-01")
     assert caller_span not in carried
 
 

@@ -42,10 +42,22 @@ def processors(made: TracerProvider) -> list[object]:
 def test_with_no_variable_nothing_is_exported_and_every_span_is_dropped() -> None:
     made = provider()
     assert processors(made) == []
-    assert made.sampler.get_description() == "AlwaysOffSampler"
+    assert made.sampler.get_description().startswith("ParentBased{root:AlwaysOffSampler,")
     assert made.resource.attributes["service.name"] == "paymentsvc-ingest_webhooks"
     with tracing.tracer().start_as_current_span("x") as span:
         assert not span.is_recording() and span.get_span_context().is_valid
+        # a trace that starts here is not sampled (the sampled bit of the W3C flags is clear)
+        assert int(tracing.current_traceparent().rsplit("-", 1)[1], 16) & 1 == 0
+
+
+@pytest.mark.parametrize("flags", ["01", "00"])
+def test_with_no_variable_a_callers_sampling_decision_is_passed_on_not_reset(flags: str) -> None:
+    """Parent-based consumers downstream keep what the caller chose to sample."""
+    provider()
+    caller = f"00-{'ab' * 16}-{'cd' * 8}-{flags}"
+    with tracing.tracer().start_as_current_span("x", context=tracing.extract_headers({"traceparent": caller})):
+        carried = tracing.current_traceparent()
+    assert carried.startswith(f"00-{'ab' * 16}-") and carried.endswith(f"-{flags}")
 
 
 def test_an_otlp_endpoint_exports_with_the_sampler_and_service_name_of_the_variables(
