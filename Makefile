@@ -32,7 +32,8 @@ tools:
 preflight: install
 	@$(BIN)/python -m paymentsvc.preflight
 
-## Run the whole stack on embedded defaults (own Kafka-compatible broker and fake Stripe).
+## Run the whole stack on embedded defaults (own Kafka-compatible broker and fake Stripe;
+## own Postgres and Redis where the machine has none: README, "the machine's, or embedded").
 dev: preflight
 	$(BIN)/paymentsvc dev
 
@@ -112,6 +113,7 @@ bench: preflight
 	$(BIN)/python bench/grpc_checks.py
 	$(BIN)/python bench/usage.py
 	$(BIN)/python bench/write_shapes.py
+	$(BIN)/python bench/tracing.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .dev

@@ -73,6 +73,9 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str, no_near: bo
     from shared.catalog import load_catalog
     from shared.config import DEFAULT_CATALOG_PATH
     from shared.db import open_pool
+    from shared.tracing import setup as setup_tracing
+
+    setup_tracing("api_grpc")  # as the runner does: the OTEL_* variables of this run decide
 
     class NoBus:
         async def publish(self, *args: Any) -> None:

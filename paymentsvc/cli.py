@@ -214,6 +214,14 @@ def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVI
 
 @app.command()
 def dev(
+    embedded: Annotated[
+        bool,
+        typer.Option(
+            "--embedded",
+            help="Start our own Postgres (cluster kept in LOG_DIR/postgres) and Redis, whatever "
+            "DATABASE_URL and REDIS_URL say. Without it, they start only when unset and nothing answers.",
+        ),
+    ] = False,
     log_dir: Annotated[Path, typer.Option(help="Where the children write their logs.")] = Path(".dev"),
     with_prometheus: Annotated[bool, typer.Option(help="Also run Prometheus (Debian's package) scraping every service, with the alert rules.")] = False,
 ) -> None:
@@ -224,7 +232,7 @@ def dev(
     logs.configure("INFO", "console", "dev")
     # The broker's first probes are refused while Tansu starts; that is expected.
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    asyncio.run(run_dev(log_dir, with_prometheus))
+    asyncio.run(run_dev(log_dir, with_prometheus, embedded=embedded))
 
 
 @app.command()

@@ -1,10 +1,11 @@
 """`paymentsvc dev`: the whole stack in one process tree, on embedded defaults.
 
-It checks Postgres and Redis, migrates, loads the catalog, starts Tansu (unless
+It picks Postgres and Redis (the machine's, or embedded ones it starts: see
+paymentsvc/devstores.py), checks them, migrates, loads the catalog, starts Tansu (unless
 KAFKA_BOOTSTRAP_SERVERS is set) and localstripe (unless STRIPE_SECRET_KEY is
 set), then runs every built service as a child `paymentsvc serve NAME` and
 waits for each one's /health/ready. Ctrl-C stops the children, then the
-broker and localstripe, each by its own pid.
+broker and localstripe, then the embedded stores, each by its own pid.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from rich.console import Console
@@ -30,6 +32,9 @@ from shared.config import SERVICE_PORTS, Settings
 from shared.devbroker import broker_for, die_with_parent
 from shared.devstripe import DEV_SECRET_KEY, LocalStripe
 from shared.errors import DependencyUnavailable
+
+if TYPE_CHECKING:
+    from paymentsvc.devstores import DevStores
 
 # Stated in the README. Only `paymentsvc dev` uses them, and only when unset.
 DEV_WEBHOOK_SECRET = "whsec_paymentsvc_dev"
@@ -121,8 +126,19 @@ def _stop_children(children: dict[str, subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
-async def run_dev(log_dir: Path, with_prometheus: bool = False) -> None:
+async def run_dev(log_dir: Path, with_prometheus: bool = False, embedded: bool = False) -> None:
+    from paymentsvc.devstores import dev_stores
+
     env = dev_environment(dict(os.environ))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # Outermost, so the stores stop last, after every service that uses them.
+    with dev_stores(env, log_dir, force=embedded) as stores:
+        for note in stores.notes:
+            console.print(note, soft_wrap=True)  # one line each, paths unbroken
+        await _run_dev(env, log_dir, stores, with_prometheus)
+
+
+async def _run_dev(env: dict[str, str], log_dir: Path, stores: DevStores, with_prometheus: bool = False) -> None:
     os.environ.update(env)
     settings = Settings()
     database_url = settings.database_url.get_secret_value()
@@ -154,7 +170,7 @@ async def run_dev(log_dir: Path, with_prometheus: bool = False) -> None:
     try:
         async with broker_for(settings, log_dir=log_dir) as bootstrap:
             env["KAFKA_BOOTSTRAP_SERVERS"] = bootstrap
-            await _run_services(settings, env, stripe, log_dir, fresh, with_prometheus)
+            await _run_services(settings, env, stripe, log_dir, fresh, with_prometheus, stores=stores)
     finally:
         if stripe:
             stripe.stop()
@@ -163,6 +179,7 @@ async def run_dev(log_dir: Path, with_prometheus: bool = False) -> None:
 async def _run_services(
     settings: Settings, env: dict[str, str], stripe: LocalStripe | None, log_dir: Path, fresh: bool,
     with_prometheus: bool = False,
+    stores: DevStores | None = None,
 ) -> None:
     children: dict[str, subprocess.Popen[bytes]] = {}
     names = list(SERVICE_PORTS)
@@ -192,6 +209,8 @@ async def _run_services(
             table.add_row(name, listens, "yes" if ready else "NO", str(log_dir / f"{name}.log"))
             if not ready:
                 raise DependencyUnavailable(name, f"127.0.0.1:{port}", f"not ready; see {log_dir / (name + '.log')}")
+        for row in stores.rows if stores else ():
+            table.add_row(*row)
         table.add_row("kafka", env["KAFKA_BOOTSTRAP_SERVERS"], "yes", "embedded: its log starts empty" if fresh else "")
         if fresh:
             table.add_row("projections", "postgres + redis", "fresh", "cleared at start: built from this run's log only")
@@ -209,6 +228,8 @@ async def _run_services(
         _write_stack_file(log_dir / "stack.json", settings, names, env, stripe)
         if prometheus:
             _add_to_stack_file(log_dir / "stack.json", "prometheus", {"url": prometheus.url, "pid": prometheus.pid})
+        if stores:
+            _add_stores_to_stack_file(log_dir / "stack.json", stores)
         console.print("Ctrl-C stops everything.")
         await _wait_for_signal_or_exit(children)
     finally:
@@ -248,6 +269,16 @@ def _write_stack_file(
         "pid": os.getpid(),
     }
     path.write_text(json.dumps(stack, indent=2))
+
+
+def _add_stores_to_stack_file(path: Path, stores: DevStores) -> None:
+    """The embedded Postgres and Redis (URLs without secrets, pids), under "embedded"."""
+    stack = json.loads(path.read_text())
+    stack["embedded"] = stores.stack()
+    # Replaced whole, so a script that polls for the key never reads half a file.
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps(stack, indent=2))
+    part.replace(path)
 
 
 async def _wait_for_signal_or_exit(children: dict[str, subprocess.Popen[bytes]]) -> None:

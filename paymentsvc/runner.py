@@ -13,6 +13,7 @@ import importlib
 import signal
 from types import ModuleType
 
+from shared import tracing
 from shared.config import SERVICE_NAMES, Settings
 from shared.errors import ConfigurationError
 
@@ -30,7 +31,12 @@ async def run_until_signalled(name: str, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await module.serve(settings, stop)
+    provider = tracing.setup(name)  # one per process, from the OTEL_* variables
+    try:
+        await module.serve(settings, stop)
+    finally:
+        if provider is not None:
+            tracing.shutdown(provider)  # exports the spans still batched, within a bound
 
 
 def _tune_gc() -> None:

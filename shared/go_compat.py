@@ -75,7 +75,10 @@ def host_port(text: str, what: str, example: str = "127.0.0.1:6379") -> tuple[st
         raise ConfigurationError(f"{what} must be host:port with a port from 1 to 65535 (e.g. {example})")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-        ipaddress.IPv6Address(host)  # raises ValueError on a malformed bracketed host
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:  # its message quotes the host: name the setting, not the value
+            raise ConfigurationError(f"{what}: [host] must be an IPv6 address (e.g. [::1]:6379)") from None
     return host, int(port)
 
 
@@ -423,7 +426,11 @@ def from_file(path: Path) -> Loaded:
             if spec.to is None:
                 out.notes.append(f"{path}:{line}: {section}.{name} ignored: {spec.ignored}")
                 continue
-            value = constructor.construct_object(value_node, deep=True)
+            try:
+                value = constructor.construct_object(value_node, deep=True)
+            except (yaml.YAMLError, ValueError):
+                # The constructor's message quotes the source line, which may hold a secret.
+                raise ConfigurationError(f"{where}: unsupported value or tag") from None
             if value is None or value == "":
                 continue
             supplied = spec.to(value, where)

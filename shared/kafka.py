@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from opentelemetry import trace
+from opentelemetry.context import Context
 
 from payment.v1 import events_pb2
 from shared import tracing
@@ -32,16 +34,18 @@ def event_headers(
 ) -> list[tuple[str, bytes]]:
     """The headers of every protobuf message on our topics (DESIGN.md, "Topics").
 
-    `message` names the payment.v1 message type; `traceparent` is the W3C header
-    value to carry (a new trace when empty); `occurred_at` (Unix seconds) is when the
-    event happened, for `ce_time` (now when 0).
+    `message` names the payment.v1 message type; `traceparent` is a W3C header
+    value to carry as is; when empty, the current trace context is injected through
+    the global propagator (`traceparent`, and `tracestate` if any; shared/tracing.py).
+    `publish_all` replaces it with its produce span's context.
+    `occurred_at` (Unix seconds) is when the event happened, for `ce_time` (now when 0).
     """
     return [
         ("event-id", event_id.encode()),
         ("event-type", event_type.encode()),
         ("schema-version", SCHEMA_VERSION),
         ("content-type", f"application/x-protobuf; messageType=payment.v1.{message}".encode()),
-        ("traceparent", (traceparent or tracing.child_traceparent()).encode()),
+        *tracing.trace_headers(traceparent),
     ] + cloudevent_headers(event_id, f"payment.v1.{message}.{event_type}", CE_SOURCES[message], occurred_at)
 
 
@@ -114,22 +118,82 @@ async def publish_all(
     then nothing may be assumed sent.
     """
     started = time.perf_counter()
+    spans, headers = traced_headers(messages)
     try:
         async with asyncio.timeout(timeout_s):
             acks = [
-                await producer.send(m.topic, m.value, key=m.key, headers=list(m.headers))
-                for m in messages
+                await producer.send(m.topic, m.value, key=m.key, headers=h)
+                for m, h in zip(messages, headers, strict=True)
             ]
             metadata = await asyncio.gather(*acks)
     except TimeoutError as exc:
+        _end_spans(spans, "no acknowledgement")
         raise PublishFailed(f"no acknowledgement from the broker in {timeout_s:g} s") from exc
     except KafkaError as exc:
+        _end_spans(spans, type(exc).__name__)
         raise PublishFailed(f"broker refused the message: {type(exc).__name__}") from exc
+    except BaseException:
+        _end_spans(spans, "cancelled")
+        raise
+    for span, md in zip(spans, metadata, strict=False):  # no spans when not traced
+        if span.is_recording():
+            span.set_attribute("messaging.destination.partition.id", str(md.partition))
+            span.set_attribute("messaging.kafka.offset", md.offset)
+        span.end()
     elapsed = time.perf_counter() - started
     for m in messages:
         PUBLISH_LATENCY.labels(m.topic).observe(elapsed)
         EVENTS_PUBLISHED.labels(m.topic, m.event_type).inc()
     return [(md.partition, md.offset) for md in metadata]
+
+
+def traced_headers(messages: Sequence[OutgoingMessage]) -> tuple[list[trace.Span], list[list[tuple[str, bytes]]]]:
+    """The produce spans of `messages` (started) and their headers, each message carrying
+    its own produce span's context.
+
+    A child of a span that is not recorded is not recorded either (every built-in sampler
+    decides by the parent or by the trace id): then no produce span is made and the
+    messages keep the context their headers were built under, the caller's span.
+
+    Outside any valid span, a message that carries a valid `traceparent` (given
+    explicitly, as event_headers allows) gets a produce span that continues it, so its
+    trace goes on instead of being replaced by an unrelated one.
+    """
+    current = trace.get_current_span()
+    if not current.is_recording() and current.get_span_context().is_valid:
+        return [], [list(m.headers) for m in messages]
+    outside = not current.get_span_context().is_valid
+    spans, headers = [], []
+    for m in messages:
+        carried = tracing.extract_headers(m.headers) if outside else None
+        if carried is not None and not trace.get_current_span(carried).get_span_context().is_valid:
+            carried = None
+        span = _produce_span(m.topic, carried)
+        spans.append(span)
+        if carried is not None and not span.get_span_context().is_valid:
+            headers.append(list(m.headers))  # no tracer to continue it with: carried as is
+            continue
+        with trace.use_span(span, end_on_exit=False):
+            headers.append(list(tracing.with_trace_headers(m.headers)))
+    return spans, headers
+
+
+def _produce_span(topic: str, parent: Context | None = None) -> trace.Span:
+    """A PRODUCER span for one message, child of `parent` or else of the current context
+    (messaging conventions)."""
+    span = tracing.tracer().start_span(f"send {topic}", context=parent, kind=trace.SpanKind.PRODUCER)
+    if span.is_recording():  # attributes only where they are kept
+        span.set_attribute("messaging.system", "kafka")
+        span.set_attribute("messaging.operation.type", "send")
+        span.set_attribute("messaging.destination.name", topic)
+    return span
+
+
+def _end_spans(spans: Sequence[trace.Span], error: str) -> None:
+    for span in spans:
+        if span.is_recording():
+            span.set_status(trace.Status(trace.StatusCode.ERROR, error))
+        span.end()
 
 
 async def publish(

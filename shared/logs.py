@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 import orjson
+from opentelemetry import trace
 
 _SECRET_WORDS = ("secret", "password", "token", "authorization", "api_key", "card", "signature")
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -26,6 +27,14 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     return fields
 
 
+def _trace_ids() -> dict[str, str]:
+    """trace_id and span_id of the current span (sampled or not), to join logs to traces."""
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return {}
+    return {"trace_id": format(span_context.trace_id, "032x"), "span_id": format(span_context.span_id, "016x")}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         body = {
@@ -33,6 +42,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
+            **_trace_ids(),
             **_fields(record),
         }
         if record.exc_info:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from shared import tracing
 from shared.sqlfile import load_queries
 
 log = logging.getLogger("outbox")
@@ -28,10 +30,18 @@ QUERIES = load_queries(Path(__file__).parent / "sql" / "outbox.sql")
 Send = Callable[[list[bytes]], Awaitable[None]]
 
 
-async def stage(conn: AsyncConnection[Any], consumer: str, payloads: Sequence[bytes]) -> None:
-    """Stage `payloads` for `consumer` in the caller's transaction, in order."""
+async def stage(
+    conn: AsyncConnection[Any], consumer: str, payloads: Sequence[bytes], traceparents: Sequence[str] | None = None
+) -> None:
+    """Stage `payloads` for `consumer` in the caller's transaction, in order.
+
+    `traceparents` (one per payload, '' for none) name the trace that caused each; the
+    relay publishes it under that context. By default, the current context."""
     if payloads:
-        await conn.execute(QUERIES["stage"], {"consumer": consumer, "payloads": list(payloads)})
+        if traceparents is None:
+            traceparents = [tracing.current_traceparent()] * len(payloads)
+        params = {"consumer": consumer, "payloads": list(payloads), "traceparents": list(traceparents)}
+        await conn.execute(QUERIES["stage"], params)
 
 
 class OutboxRelay:
@@ -51,8 +61,11 @@ class OutboxRelay:
                 rows = await cursor.fetchall()
                 if not rows:
                     return total
-                await self._send([bytes(payload) for _, payload in rows])
-                await conn.execute(QUERIES["delete"], {"ids": [row_id for row_id, _ in rows]})
+                # In order, each run of rows under the trace that staged it.
+                for traceparent, run in itertools.groupby(rows, key=lambda row: row[2]):
+                    with tracing.continued(traceparent):
+                        await self._send([bytes(payload) for _, payload, _ in run])
+                await conn.execute(QUERIES["delete"], {"ids": [row[0] for row in rows]})
             total += len(rows)
 
     async def flush_quietly(self) -> None:

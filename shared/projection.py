@@ -39,6 +39,7 @@ class Envelope(Generic[M]):
     partition: int
     offset: int
     key: bytes | None
+    traceparent: str = ""  # the producer's context (header), for work this event causes later
 
 
 @dataclass(frozen=True, slots=True)

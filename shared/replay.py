@@ -42,8 +42,9 @@ BULK_BATCH = 2_000
 BULK_SETTINGS = {"synchronous_commit": "off"}
 # The inbox's age index serves only its pruning, which a rebuild does not run.
 RUNTIME_DEFERRED_INDEXES = ("processed_events_age",)
-# Columns whose value is the wall clock of the write, not a fact from the log.
-VOLATILE_COLUMNS = frozenset({"applied_at", "processed_at"})
+# Columns whose value is the wall clock of the write, not a fact from the log; and the
+# trace context kept for telemetry (migration 0010), which rows written before it lack.
+VOLATILE_COLUMNS = frozenset({"applied_at", "processed_at", "traceparent"})
 
 
 @dataclass(frozen=True)

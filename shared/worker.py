@@ -33,6 +33,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from shared import tracing
 from shared.metrics import WORKER_BATCH_SECONDS, WORKER_EVENTS
 from shared.projection import ApplyContext, Envelope, PoisonEvent, Projection
 from shared.sqlfile import load_queries
@@ -104,7 +105,30 @@ class BatchProcessor(Generic[M]):
         self._allowance = dead_letter_allowance
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
-        """Apply one batch. See the module docstring for what is committed when."""
+        """Apply one batch. See the module docstring for what is committed when.
+
+        Traced as one `process <topic>` span (CONSUMER), a child of the first message's
+        producer context (so a batch continues at least one trace, and parent-based
+        sampling follows it) and linked to the producer context of every message
+        (the messaging conventions for batches); the transaction and the after-commit
+        work are its children.
+        """
+        topic = messages[0].topic if messages else ""
+        with tracing.tracer().start_as_current_span(
+            f"process {topic}", context=tracing.extract_headers(messages[0].headers) if messages else None,
+            kind=tracing.SpanKind.CONSUMER,
+        ) as span:
+            if span.is_recording():  # extracting every context costs; only for a kept span
+                for link in tracing.links_of([m.headers for m in messages]):
+                    span.add_link(link.context)
+                span.set_attribute("messaging.system", "kafka")
+                span.set_attribute("messaging.operation.type", "process")
+                span.set_attribute("messaging.destination.name", topic)
+                span.set_attribute("messaging.consumer.group.name", f"paymentsvc-{self.consumer}")
+                span.set_attribute("messaging.batch.message_count", len(messages))
+            return await self._process(messages)
+
+    async def _process(self, messages: Sequence[RawMessage]) -> BatchResult:
         started = time.perf_counter()
         result = BatchResult(next_offsets=_next_offsets(messages))
         events = self._decode(messages, result.dead_letters)
@@ -113,7 +137,8 @@ class BatchProcessor(Generic[M]):
         outcome = await self._apply_isolating_poison(messages, events, ctx, result)
         if result.dead_letters:
             await self._dead_letters.send(result.dead_letters, self.consumer)
-        await self.projection.after_commit(outcome, ctx)
+        with tracing.tracer().start_as_current_span(f"{self.consumer} after_commit"):
+            await self.projection.after_commit(outcome, ctx)
         await self._statistics.maybe_analyze()
         WORKER_EVENTS.labels(self.consumer, "applied").inc(result.applied)
         WORKER_EVENTS.labels(self.consumer, "duplicate").inc(result.duplicates)
@@ -124,12 +149,14 @@ class BatchProcessor(Generic[M]):
     def _decode(self, messages: Sequence[RawMessage], poison: list[DeadLetter]) -> list[Envelope[M]]:
         events = []
         for m in messages:
+            headers = dict(m.headers)
             try:
-                event_id, event_type, message = self.projection.decode(m.value, dict(m.headers))
+                event_id, event_type, message = self.projection.decode(m.value, headers)
             except Exception as exc:  # undecodable: poison, never fatal
                 poison.append(DeadLetter(m, f"cannot decode: {exc}"[:1000], type(exc).__name__))
                 continue
-            events.append(Envelope(event_id, event_type, message, m.topic, m.partition, m.offset, m.key))
+            traceparent = _text(headers.get("traceparent")) or ""
+            events.append(Envelope(event_id, event_type, message, m.topic, m.partition, m.offset, m.key, traceparent))
         return events
 
     def _check_dead_letters(self, letters: list[DeadLetter], messages: Sequence[RawMessage]) -> None:
@@ -161,6 +188,16 @@ class BatchProcessor(Generic[M]):
         self, events: list[Envelope[M]], messages: Sequence[RawMessage], ctx: ApplyContext, result: BatchResult
     ) -> Any:
         unique = list({e.event_id: e for e in reversed(events)}.values())[::-1]  # first wins
+        with tracing.tracer().start_as_current_span(f"{self.consumer} transaction") as span:
+            if span.is_recording():
+                span.set_attribute("db.system.name", "postgresql")
+                span.set_attribute("messaging.batch.message_count", len(events))
+            return await self._transaction_in_span(unique, events, messages, ctx, result)
+
+    async def _transaction_in_span(
+        self, unique: list[Envelope[M]], events: list[Envelope[M]], messages: Sequence[RawMessage],
+        ctx: ApplyContext, result: BatchResult,
+    ) -> Any:
         async with self._pool.connection() as conn, conn.transaction():
             if not self._replay:  # a rebuild writes another schema; only live batches race a swap
                 await conn.execute(QUERIES["lock_consumer"], {"consumer": self.consumer}, prepare=True)

@@ -406,3 +406,7 @@ CREATE TABLE paid_period_events (
     paid_through      timestamptz NOT NULL,
     PRIMARY KEY (subscription_id, event_id)
 );
+
+-- ---------------------------------------------------------------- 0012: trace context
+ALTER TABLE dunning_cases ADD COLUMN traceparent text;
+ALTER TABLE outbox ADD COLUMN traceparent text;

@@ -17,7 +17,6 @@ from aiokafka import AIOKafkaProducer
 
 from payment.v1 import events_pb2
 from services.api_grpc.errors import Unavailable
-from shared import tracing
 from shared.kafka import PublishFailed, event_headers, payment_event_key, publish
 
 PAYMENT_CREATED = "payment.created"
@@ -32,11 +31,15 @@ def event_id_for(event_type: str, idempotency_key: str) -> str:
     return f"api_{digest[:32]}"
 
 
-def headers(event: events_pb2.PaymentEvent, traceparent: str) -> list[tuple[str, bytes]]:
-    """The headers the ingester sets on payment-events."""
-    return event_headers(
-        event.event_id, event.event_type, "PaymentEvent", tracing.child_traceparent(traceparent), occurred_at=event.created
-    )
+def headers(event: events_pb2.PaymentEvent, traceparent: str = "") -> list[tuple[str, bytes]]:
+    """The headers the ingester sets on payment-events.
+
+    The trace context is the current one: the RPC's server span (interceptors.Tracing),
+    which already continues the caller's `traceparent`, so `traceparent` is not needed
+    and kept only for the callers' signature.
+    """
+    del traceparent
+    return event_headers(event.event_id, event.event_type, "PaymentEvent", occurred_at=event.created)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@ They are what the worker last decided; the reader still applies its clock:
 * `grace_until` in the past: the status becomes `after_grace` (`active` or
   `suspended`) and the access level drops to the plan's `then` level;
 * a subject without an allowed entitlement for the feature falls back to the catalog's
-  default (free) plan: allowed with reason `free_plan` when that plan has the feature.
+  default (free) plan: allowed with reason `free_plan` when that plan has the feature,
+  explained by the refused answer (its event, rule, clock and grace_until).
 """
 
 from __future__ import annotations
@@ -104,8 +105,9 @@ def decide(
     fallback = free_plan(catalog, feature_code, metered)
     if fallback is not None:
         denied = evaluated[0] if evaluated else None
-        # Keep the event that took the paid access away: it explains the downgrade.
-        return fallback if denied is None else _with_event(fallback, denied.decided_by_event_id)
+        # Keep what took the paid access away (its event, rule, clock and grace
+        # period): it explains the downgrade.
+        return fallback if denied is None else _after_refusal(fallback, denied)
     if evaluated:
         return evaluated[0]
     return Decision(False, "no_entitlement", "", "", 0, "blocked", "", 0, "")
@@ -186,5 +188,9 @@ def _rank(decision: Decision) -> tuple[float, float]:
     return (limit, expires)
 
 
-def _with_event(decision: Decision, event_id: str) -> Decision:
-    return dataclasses.replace(decision, decided_by_event_id=event_id)
+def _after_refusal(fallback: Decision, denied: Decision) -> Decision:
+    """The default plan's answer explained by the refused one, e.g. rule
+    "default_plan: free (after past_due: grace 7 days, then reduced)", clock "grace_ended"."""
+    rule = f"{fallback.rule} (after {denied.rule})" if denied.rule else fallback.rule
+    return dataclasses.replace(fallback, decided_by_event_id=denied.decided_by_event_id, rule=rule,
+                               clock=denied.clock, grace_until=denied.grace_until)

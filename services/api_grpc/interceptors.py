@@ -1,6 +1,6 @@
 """Server interceptors, one concern each (the grpc-interceptor habit).
 
-Order, outermost first (server.py): ExceptionMapping, Metrics, RequestLog, Auth,
+Order, outermost first (server.py): Tracing, ExceptionMapping, Metrics, RequestLog, Auth,
 RateLimit, Deadline. Inner layers raise domain errors; ExceptionMapping alone turns
 exceptions into status codes, and Metrics / RequestLog learn the code an exception
 will get from the same function (`status_of`).
@@ -34,6 +34,7 @@ from services.api_grpc.errors import (
     RateLimited,
     Unauthenticated,
 )
+from shared import tracing
 from shared.breaker import Breaker, BreakerOpen
 from shared.config import ApiKey
 from shared.metrics import (
@@ -128,6 +129,48 @@ class UnaryInterceptor(grpc.aio.ServerInterceptor):
         if len(cache) < 1000:
             cache[full_name] = (handler, result)
         return result
+
+
+# Server errors by the semantic conventions of gRPC spans; the rest are the caller's.
+_SERVER_ERRORS = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})
+
+
+class Tracing(UnaryInterceptor):
+    """One SERVER span per call, continuing the caller's `traceparent` metadata, current
+    for everything the call does (the events it publishes carry its context).
+
+    Explicit rather than opentelemetry-instrumentation-grpc's interceptor: this one
+    reuses the chain's per-method wrapping and sets attributes only on a kept span, so
+    an unsampled call costs an id and a context switch (README, "Tracing")."""
+
+    async def intercept(
+        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        parent = tracing.extract_headers(context.invocation_metadata() or ())
+        with tracing.tracer().start_as_current_span(
+            f"{SERVICE_PREFIX[1:]}{name}", context=parent, kind=tracing.SpanKind.SERVER,
+            record_exception=False, set_status_on_exception=False,
+        ) as span:
+            code = grpc.StatusCode.OK
+            try:
+                return await method(request, context)
+            except grpc.aio.AbortError:
+                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                raise
+            except BaseException as exc:
+                code = status_of(exc)[0] if isinstance(exc, Exception) else grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                if span.is_recording():
+                    span.set_attribute("rpc.system", "grpc")
+                    span.set_attribute("rpc.service", SERVICE_PREFIX[1:-1])
+                    span.set_attribute("rpc.method", name)
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    if code in _SERVER_ERRORS:
+                        span.set_status(tracing.Status(tracing.StatusCode.ERROR, code.name))
 
 
 class ExceptionMapping(UnaryInterceptor):

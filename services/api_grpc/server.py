@@ -65,6 +65,7 @@ def build_server(
     Without `usage`, the usage RPCs answer UNIMPLEMENTED.
     """
     chain: list[grpc.aio.ServerInterceptor] = [
+        interceptors.Tracing(),
         interceptors.ExceptionMapping(),
         interceptors.Metrics(),
         interceptors.RequestLog(),

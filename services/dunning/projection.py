@@ -74,13 +74,18 @@ class DunningProjection:
         before = await repository.load_state(conn, invoices, subscriptions)
         after = before.copy()
         notices: list[Notice] = []
+        traces: dict[str, str] = {}  # invoice id -> traceparent of the event that last changed it
+        causes: dict[str, str] = {}  # event id -> its traceparent, for the notices it made
         for envelope in relevant:
             outcome = self._outcome(envelope, after)
             after.apply(outcome.cases)
             notices += outcome.notices
-        await repository.save(conn, repository.changed(before, after))
+            traces.update((case.invoice_id, envelope.traceparent) for case in outcome.cases)
+            causes[envelope.event_id] = envelope.traceparent
+        await repository.save(conn, repository.changed(before, after), traces)
         if notices and self._relay is not None and not ctx.replay:
-            await stage(conn, self.name, [notice_event(n).SerializeToString() for n in notices])
+            await stage(conn, self.name, [notice_event(n).SerializeToString() for n in notices],
+                        [causes.get(n.source_event_id, "") for n in notices])
         return DunningBatch(tuple(notices))
 
     def _outcome(self, envelope: PaymentEnvelope, state: State) -> Outcome:

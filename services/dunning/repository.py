@@ -7,7 +7,7 @@ run on the caller's connection, inside its transaction.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -83,11 +83,16 @@ def changed(before: State, after: State) -> list[Case]:
     )
 
 
-async def save(conn: AsyncConnection[Any], cases: Sequence[Case]) -> None:
-    """Upsert `cases` in one statement, in the order given (by case id, as `changed` sorts)."""
+async def save(conn: AsyncConnection[Any], cases: Sequence[Case], traces: Mapping[str, str] | None = None) -> None:
+    """Upsert `cases` in one statement, in the order given (by case id, as `changed` sorts).
+
+    `traces` maps an invoice id to the `traceparent` of the event that last changed its
+    case (the scheduler's steps continue that trace)."""
     if not cases:
         return
-    await conn.execute(queries()["upsert_case"], {"rows": json_rows([_case_params(c) for c in cases])}, prepare=True)
+    traces = traces or {}
+    rows = [_case_params(c) | {"traceparent": traces.get(c.invoice_id) or None} for c in cases]
+    await conn.execute(queries()["upsert_case"], {"rows": json_rows(rows)}, prepare=True)
 
 
 def _case_params(c: Case) -> dict[str, Any]:
@@ -135,6 +140,7 @@ class DueCase:
     attempt_count: int
     amount_due: int | None
     currency: str | None
+    traceparent: str | None = None  # of the event that last changed the case
 
 
 async def due_cases(

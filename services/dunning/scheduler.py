@@ -53,6 +53,7 @@ from services.dunning.events import Publisher, decision_event, decision_notice
 from services.dunning.handlers import policy_for
 from services.dunning.model import ATTEMPT_MADE, ESCALATED, RESTORED, Case, Version
 from services.dunning.repository import DueCase
+from shared import tracing
 from shared.breaker import Breaker, BreakerOpen
 from shared.catalog import Catalog, DunningPolicy
 from shared.metrics import DUNNING_BREAKER_OPEN, DUNNING_STEPS
@@ -241,6 +242,17 @@ class Scheduler:
         return policy_for(_as_case(case), self._catalog)
 
     async def _take(self, case: DueCase, step: Step, now: int, report: TickReport) -> None:
+        # A step continues the trace of the event that last changed its case (stored with
+        # the case), so one failed invoice's retries, escalation and restore are one trace.
+        with tracing.continued(case.traceparent), tracing.tracer().start_as_current_span(
+            f"dunning {step.name.split('-')[0]}"
+        ) as span:
+            if span.is_recording():
+                span.set_attribute("dunning.case_id", case.case_id)
+                span.set_attribute("dunning.step", step.name)
+            await self._take_step(case, step, now, report)
+
+    async def _take_step(self, case: DueCase, step: Step, now: int, report: TickReport) -> None:
         kind = step.name.split("-")[0]
         error = ""
         if kind == "attempt":

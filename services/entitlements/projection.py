@@ -48,6 +48,7 @@ from payment.v1 import events_pb2
 from services.entitlements import handlers, repository
 from services.entitlements.model import Changes, State, SubjectKey
 from services.entitlements.repository import BatchKeys
+from shared import tracing
 from shared.catalog import Catalog
 from shared.metrics import ACCESS_CHANGES, CATALOG_MISSES, REDIS_PROJECTION_FAILURES
 from shared.projection import ApplyContext, Envelope, PoisonEvent, decode_payment_event
@@ -166,8 +167,12 @@ class EntitlementsProjection:
             return
         self._written = None  # the marks this batch's transaction cleared are gone
         try:
-            async with asyncio.timeout(REDIS_TIMEOUT_S):
-                await self._write(self._redis, result.answers, changes_channel(self._prefix))
+            with tracing.tracer().start_as_current_span("redis write entitlements", kind=tracing.SpanKind.CLIENT) as span:
+                if span.is_recording():
+                    span.set_attribute("db.system.name", "redis")
+                    span.set_attribute("db.operation.batch.size", len(result.answers))
+                async with asyncio.timeout(REDIS_TIMEOUT_S):
+                    await self._write(self._redis, result.answers, changes_channel(self._prefix))
             if result.pending_txid is not None:
                 self._written = (result.subjects, result.pending_txid)
             self._pending_left = result.pending_left

@@ -83,12 +83,27 @@ async def _accept(request: web.Request, verifier: SignatureVerifier, config: Ing
     _check_content_type(request)
     verifier.verify(body, request.headers.get("Stripe-Signature"))
     WEBHOOKS_VERIFIED.inc()
-    traceparent = tracing.child_traceparent(request.headers.get("traceparent"))
-    return plan_delivery(parse(body), body, config.topics, traceparent)
+    # The messages carry the request span's context (their produce spans' children).
+    return plan_delivery(parse(body), body, config.topics)
 
 
 def make_webhook_handler(verifier: SignatureVerifier, publisher: Publisher, config: IngestConfig):  # type: ignore[no-untyped-def]
     async def receive(request: web.Request) -> web.Response:
+        # The request span continues the trace of the caller's `traceparent`, if any.
+        with tracing.tracer().start_as_current_span(
+            f"POST {WEBHOOK_PATH}", context=tracing.extract_headers(request.headers),
+            kind=tracing.SpanKind.SERVER,
+        ) as span:
+            response = await _receive(request)
+            if span.is_recording():
+                span.set_attribute("http.request.method", "POST")
+                span.set_attribute("http.route", WEBHOOK_PATH)
+                span.set_attribute("http.response.status_code", response.status)
+                if response.status >= 500:
+                    span.set_status(tracing.Status(tracing.StatusCode.ERROR))
+            return response
+
+    async def _receive(request: web.Request) -> web.Response:
         WEBHOOKS_RECEIVED.inc()
         try:
             delivery = await _accept(request, verifier, config)

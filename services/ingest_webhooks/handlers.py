@@ -29,6 +29,7 @@ from services.ingest_webhooks.normalize import (
 )
 from shared.config import Topics
 from shared.kafka import CE_SOURCES, OutgoingMessage, cloudevent_headers, event_headers
+from shared.tracing import trace_headers
 
 JSON_CONTENT_TYPE = b"application/json"
 
@@ -117,7 +118,7 @@ def payment_event_message(normalized: events_pb2.PaymentEvent, topics: Topics, t
 def _raw_message(
     key: str, event_type: str, api_version: str, occurred_at: int, raw_body: bytes, topics: Topics, traceparent: str
 ) -> OutgoingMessage:
-    trace = (("traceparent", traceparent.encode()),) if traceparent else ()
+    trace = tuple(trace_headers(traceparent))
     ids = (("event-id", key.encode()), ("event-type", event_type.encode())) if event_type else ()
     # A body that is not an event has no id or type of its own: its key (the body's
     # digest) is its id, and the receipt time its time (occurred_at 0 means now).

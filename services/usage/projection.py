@@ -11,7 +11,8 @@ Thresholds (catalog `alerts`, services/usage/thresholds.py): `apply` reads the b
 watched counters before adding to them (locked), folds the new increments in log order
 into the crossings, and records them in usage_thresholds (its key refuses a second
 crossing in a period). The new ones are staged in the transactional outbox in the same
-transaction, and `after_commit` asks the relay to publish them on usage-thresholds: at
+transaction, each under the `traceparent` of the usage event that crossed it, and
+`after_commit` asks the relay to publish them on usage-thresholds: at
 least once, never in replay, and not at all without a relay (the table is still written,
 so a replay rebuilds it).
 """
@@ -86,7 +87,11 @@ class UsageProjection:
         new = [m for m in messages if m.event_id in new_ids]
         crossed = await threshold_repository.record(conn, thresholds.crossings(new, before, self._catalog))
         if crossed and self._relay is not None and not ctx.replay:
-            await stage(conn, self.name, [thresholds.crossed_event(c).SerializeToString() for c in crossed])
+            # Each crossing continues the trace of the usage event that crossed it (issue 14),
+            # not the batch span's, which follows only the batch's first message.
+            causes = {e.event_id: e.traceparent for e in events}
+            await stage(conn, self.name, [thresholds.crossed_event(c).SerializeToString() for c in crossed],
+                        [causes.get(c.event_id, "") for c in crossed])
         return UsageBatch(len(new_ids), tuple(crossed))
 
     async def after_commit(self, result: UsageBatch | None, ctx: ApplyContext) -> None:

@@ -1,12 +1,13 @@
 -- The transactional outbox (shared/outbox.py).
 
 -- name: stage
-INSERT INTO outbox (consumer, payload)
-SELECT %(consumer)s, p FROM unnest(%(payloads)s::bytea[]) WITH ORDINALITY AS t(p, n) ORDER BY n;
+INSERT INTO outbox (consumer, payload, traceparent)
+SELECT %(consumer)s, p, nullif(tp, '')
+FROM unnest(%(payloads)s::bytea[], %(traceparents)s::text[]) WITH ORDINALITY AS t(p, tp, n) ORDER BY n;
 
 -- name: claim
 -- Oldest first, and skip what another relay holds, so replicas share the work.
-SELECT id, payload FROM outbox
+SELECT id, payload, traceparent FROM outbox
 WHERE consumer = %(consumer)s
 ORDER BY id
 LIMIT %(limit)s

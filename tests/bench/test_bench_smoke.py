@@ -24,6 +24,7 @@ SMOKE = [
     pytest.param(["bench/grpc_checks.py", "--seconds", "0.5"], r"QPS ratio \d+\.\d+", id="grpc_checks"),
     pytest.param(["bench/usage.py", "--seconds", "0.5"], r"QPS ratio \d+\.\d+", id="usage"),
     pytest.param(["bench/write_shapes.py", "--rows", "20", "--repeats", "2"], r"^json\s+\|.*\|\s+\d+\.\d+$", id="write_shapes"),
+    pytest.param(["bench/tracing.py", "--n", "200"], r"^nothing set \(drop all\)\s+\|\s+\d+\.\d+", id="tracing"),
 ]
 
 

@@ -38,6 +38,7 @@ from shared.catalog import apply_catalog
 from shared.config import ApiKey, Topics
 from shared.db import make_pool
 from shared.devbroker import ensure_topics, free_port
+from shared.devredis import redis_server_binary
 from shared.devstripe import DEV_SECRET_KEY, LocalStripe
 from shared.kafka import make_producer
 from tests.conftest import REDIS_URL, fresh_database, random_id
@@ -567,7 +568,7 @@ def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     for _ in range(5):
         port = free_port()
         process = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
+            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
 

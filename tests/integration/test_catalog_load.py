@@ -16,10 +16,11 @@ from psycopg import conninfo, sql
 from shared.catalog import Catalog, CatalogError, apply_catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH
 from shared.migrate import migrate_up
+from tests.conftest import ADMIN_URL
 
 pytestmark = pytest.mark.integration
 
-SERVER_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+SERVER_URL = ADMIN_URL  # the session's server: the machine's or the embedded one
 CATALOG_TABLES = ("plans", "pricing_zones", "plan_prices", "plan_features")
 
 

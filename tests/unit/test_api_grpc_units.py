@@ -167,3 +167,17 @@ def test_a_decision_carries_the_writers_rule_and_says_how_the_clock_changed_it()
     free = decide([], "projects", FACTS, NOW)
     assert (free.rule, free.source) == ("default_plan: free", "")
     assert free.plan_version == decide([], "api_calls", FACTS, NOW).plan_version != ""
+
+
+def test_the_free_plan_after_refused_paid_access_keeps_the_refused_rule_and_clock() -> None:
+    """The downgrade is explained: the refused answer's rule, clock and grace_until stay."""
+    rule = "past_due: grace 7 days, then reduced"
+    ended = answer(plan_id="basic", access_level="grace", grace_until=NOW - 10, after_grace="suspended",
+                   level_after_grace="blocked", rule=rule, source="subscription:sub_1", decided_by_event_id="evt_9")
+    free = decide([ended], "projects", FACTS, NOW)
+    assert (free.allowed, free.reason, free.plan_id) == (True, "free_plan", "free")
+    assert (free.rule, free.clock, free.grace_until) == (f"default_plan: free (after {rule})", "grace_ended", NOW - 10)
+    assert (free.decided_by_event_id, free.source) == ("evt_9", "")
+    expired = decide([answer(plan_id="basic", expires_at=NOW - 1, rule="active: full")], "projects", FACTS, NOW)
+    assert (expired.rule, expired.clock) == ("default_plan: free (after active: full)", "expired")
+    assert decide([], "projects", FACTS, NOW).rule == "default_plan: free"

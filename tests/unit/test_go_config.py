@@ -356,3 +356,25 @@ def test_the_cli_reads_config_and_reports_a_bad_file_as_one_line(tmp_path: Path)
 def test_a_grpc_address_that_is_not_host_and_port_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, address: str) -> None:
     with pytest.raises(ConfigurationError, match=r"GRPC_ADDRESS must be host:port .*\(e\.g\. :8080\)"):
         settings(monkeypatch, GRPC_ADDRESS=address)
+
+
+def test_an_unsupported_tag_names_the_key_and_line_but_not_the_value(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = write(tmp_path, "log:\n  level: info\nbilling: {stripe_secret: !vault sk_live_SECRETVALUE}\n")
+    with pytest.raises(ConfigurationError, match=rf"{path}:3: billing.stripe_secret: unsupported value or tag") as caught:
+        settings(monkeypatch, CONFIG_FILE=str(path))
+    assert "SECRETVALUE" not in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_a_malformed_bracketed_address_is_a_configuration_error_with_its_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = write(tmp_path, "redis:\n  addr: \"[not-v6]:6379\"\n")
+    with pytest.raises(ConfigurationError, match=rf"{path}:2: redis.addr") as caught:
+        settings(monkeypatch, CONFIG_FILE=str(path))
+    assert "not-v6" not in str(caught.value)
+    with pytest.raises(ConfigurationError, match="REDIS_ADDR") as caught:
+        settings(monkeypatch, CONFIG_FILE="", REDIS_ADDR="[zz::q]:6379")
+    assert "zz::q" not in str(caught.value)

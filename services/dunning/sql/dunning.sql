@@ -16,11 +16,11 @@ INSERT INTO dunning_cases AS c (
     case_id, invoice_id, customer_id, subscription_id, user_id, family_id, plan_id,
     price_id, state, attempt_count, next_attempt_at, last_error, amount_due, currency,
     opened_at, closed_at, last_attempt_at, escalated_at, restored_at,
-    last_event_id, last_event_created)
+    last_event_id, last_event_created, traceparent)
 SELECT case_id, invoice_id, customer_id, subscription_id, user_id, family_id, plan_id,
        price_id, state, attempt_count, next_attempt_at, last_error, amount_due, currency,
        opened_at, closed_at, last_attempt_at, escalated_at, restored_at,
-       last_event_id, last_event_created
+       last_event_id, last_event_created, traceparent
 FROM json_populate_recordset(NULL::dunning_cases, %(rows)s)
 ON CONFLICT (case_id) DO UPDATE SET
     customer_id = EXCLUDED.customer_id,
@@ -41,14 +41,15 @@ ON CONFLICT (case_id) DO UPDATE SET
     escalated_at = EXCLUDED.escalated_at,
     restored_at = EXCLUDED.restored_at,
     last_event_id = EXCLUDED.last_event_id,
-    last_event_created = EXCLUDED.last_event_created;
+    last_event_created = EXCLUDED.last_event_created,
+    traceparent = EXCLUDED.traceparent;
 
 -- name: due_cases
 -- Cases whose next step is due, locked so that another replica skips them. A case
 -- whose current step is already claimed (and not expired) or published is left out:
 -- it is waiting for the projection to apply the step's event.
 SELECT c.case_id, c.invoice_id, c.customer_id, c.subscription_id, c.user_id, c.family_id,
-       c.plan_id, c.price_id, c.state, c.attempt_count, c.amount_due, c.currency
+       c.plan_id, c.price_id, c.state, c.attempt_count, c.amount_due, c.currency, c.traceparent
 FROM dunning_cases c
 WHERE c.state IN ('open', 'retrying', 'escalated') AND c.next_attempt_at <= %(now)s
   AND NOT EXISTS (
@@ -65,7 +66,7 @@ FOR UPDATE OF c SKIP LOCKED;
 -- name: cases_to_restore
 -- Escalated cases that were paid since: their access must be given back.
 SELECT c.case_id, c.invoice_id, c.customer_id, c.subscription_id, c.user_id, c.family_id,
-       c.plan_id, c.price_id, c.state, c.attempt_count, c.amount_due, c.currency
+       c.plan_id, c.price_id, c.state, c.attempt_count, c.amount_due, c.currency, c.traceparent
 FROM dunning_cases c
 WHERE c.state = 'recovered' AND c.escalated_at IS NOT NULL AND c.restored_at IS NULL
   AND NOT EXISTS (
