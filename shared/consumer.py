@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from psycopg_pool import AsyncConnectionPool
@@ -405,15 +406,18 @@ async def run_replay(
     policy: LoopPolicy = DEFAULT_POLICY,
     until: dict[int, int] | None = None,
     progress: Progress | None = None,
+    partitions: Sequence[int] | None = None,
 ) -> dict[int, int]:
-    """Apply `topic` from the target's high-water marks up to `until` (default: the end now).
+    """Apply `topic` (only `partitions`, default all) from the target's high-water marks
+    up to `until` (default: the end now).
 
     Returns the end offsets reached per partition.
     """
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, max_poll_records=policy.max_batch)
     await consumer.start()
     try:
-        partitions = sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
+        if partitions is None:
+            partitions = sorted(consumer.partitions_for_topic(topic) or await _partitions(consumer, topic))
         tps = [TopicPartition(topic, p) for p in partitions]
         consumer.assign(tps)
         ends = until if until is not None else await log_end_offsets(bootstrap, tps)
@@ -462,6 +466,23 @@ async def log_end_offsets(bootstrap: str, tps: list[TopicPartition], timeout: fl
         return {tp.partition: max(probe.highwater(tp) or 0, listed.get(tp, 0)) for tp in tps}
     finally:
         await probe.stop()
+
+
+async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
+    """The partition numbers of `topic`, sorted, from the cluster's metadata.
+
+    A bare client: a consumer stopped before it consumed anything raises CancelledError
+    from its own coordinator's task (aiokafka 0.12)."""
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    try:
+        metadata = await client.fetch_all_metadata()
+        partitions = metadata.partitions_for_topic(topic)
+        if not partitions:
+            raise KafkaError(f"topic {topic} has no partitions")
+        return sorted(partitions)
+    finally:
+        await client.close()
 
 
 async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:

@@ -132,15 +132,21 @@ def make_pool(
     schema: str | None = None,
     name: str = "paymentsvc",
     statement_timeout_ms: int = DEFAULT_STATEMENT_TIMEOUT_MS,
+    settings: Mapping[str, str] | None = None,
 ) -> AsyncConnectionPool:
     """An unopened pool in autocommit mode; open it with `await pool.open(wait=True)`.
 
     `schema` puts that schema first on the search_path (used by replay). Every
     connection has `statement_timeout` (0: none), so a stuck query fails with
-    QueryCanceled instead of holding a connection and a batch forever.
+    QueryCanceled instead of holding a connection and a batch forever. `settings` are
+    further server settings of every connection (a rebuild's `synchronous_commit`).
     """
     kwargs: dict[str, object] = {"connect_timeout": 5, "application_name": name}
     options = [f"-c statement_timeout={int(statement_timeout_ms)}"]
+    for key, value in (settings or {}).items():
+        if not key.replace("_", "").isalnum() or not value.replace("_", "").isalnum():
+            raise ValueError(f"not a plain server setting: {key}={value}")
+        options.append(f"-c {key}={value}")
     if schema:
         options.append(f"-c search_path={schema},public")
     kwargs["options"] = " ".join(options)

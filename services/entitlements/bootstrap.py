@@ -104,6 +104,18 @@ async def rebuild_cache(
         )
 
 
+# Batches of different partitions may commit at once (live replicas do): `lock_batch_keys`
+# orders the batches that share a payment. So a rebuild applies partitions concurrently.
+REPLAY_LANES = 3
+# Indexes for readers (the API, operators), never read by a batch: a rebuild builds them
+# after its load. Kept: the ones the load queries and backfill_payment_identity filter by.
+DEFERRED_INDEXES = (
+    "customers_user", "customers_family",
+    "subscriptions_user", "subscriptions_family", "subscriptions_unknown_price",
+    "payments_user", "payments_family", "payments_status", "payments_created",
+)
+
+
 def replay_spec(settings: Settings) -> ProjectionSpec:
     """The projection as a rebuild runs it: no Redis, nothing emitted."""
     catalog = load_catalog(settings.catalog_path)
@@ -112,4 +124,6 @@ def replay_spec(settings: Settings) -> ProjectionSpec:
         topic=settings.topics.payment_events,
         tables=TABLES,
         make=lambda: EntitlementsProjection(catalog, None),
+        lanes=REPLAY_LANES,
+        deferred_indexes=DEFERRED_INDEXES,
     )
