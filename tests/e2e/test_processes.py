@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from collections import Counter
@@ -157,3 +160,27 @@ def test_a_child_that_dies_stops_the_others_and_the_parent_exits_non_zero(
         assert "a child exited on its own" in s.log_tail(80)
     finally:
         s.stop()
+
+
+def serve_processes(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "paymentsvc", "serve", name, "--processes", "2"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_a_worker_refuses_processes_and_says_how_it_scales() -> None:
+    done = serve_processes("usage", {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
+    assert done.returncode == 2, done.stderr
+    assert "scale usage by replicas in its consumer group" in done.stderr
+
+
+def test_processes_refuse_a_port_that_is_taken_instead_of_sharing_it() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1", "INGEST_PORT": str(port)}
+        done = serve_processes("ingest_webhooks", env)
+    assert done.returncode == 2, done.stderr
+    assert f"INGEST_PORT 127.0.0.1:{port} is in use" in done.stderr
