@@ -1,4 +1,7 @@
-"""Baseline for bench/ingest.py: an aiohttp handler that only reads the body and answers 200."""
+"""Baseline for bench/ingest.py: an aiohttp handler that only reads the body and answers 200.
+
+It listens with SO_REUSEPORT, so that `bench/ingest.py --processes N` runs N of them on one port.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ def main() -> None:
     app = web.Application(client_max_size=1024 * 1024)
     app.router.add_post("/webhooks/stripe", receive)
     uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None, reuse_port=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark of CheckEntitlement and BulkCheckEntitlements (cache warm) against a trivial
 grpc.aio handler, under the same load generator running in a separate process.
 
-    .venv/bin/python bench/grpc_checks.py [--seconds 5] [--no-near-cache]
+    .venv/bin/python bench/grpc_checks.py [--seconds 5] [--no-near-cache] [--processes N]
 
 Needs the machine's Postgres and Redis (DATABASE_URL / REDIS_URL). It migrates a
 `paymentsvc_bench` database (no broker: nothing is published), writes warm entitlement
@@ -13,6 +13,11 @@ limiter (a limit too high to bite) and, unless --no-near-cache, the near cache w
 change-feed subscription (near_cache.py; entries re-read from Redis after 1 s). The
 server processes' pids are printed first, for py-spy. On a 2-core machine the client
 shares the CPUs with the server: run it on a quiet machine, and more than once.
+
+With `--processes N`, like for like: N API processes share one port (SO_REUSEPORT and a
+shared prometheus_client multiprocess directory, as `paymentsvc serve api_grpc
+--processes N` runs them), N trivial handlers share another, and the load comes from N
+client processes with 4 connections each (the kernel spreads connections, not calls).
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import secrets
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +46,8 @@ from pydantic import SecretStr
 from payment.v1 import service_pb2, service_pb2_grpc
 from shared.config import ApiKey, Settings
 
-KEY = "bench-" + secrets.token_hex(4)
+# In the environment, so that the spawned server processes (--processes) share it.
+KEY = os.environ.setdefault("BENCH_API_KEY", "bench-" + secrets.token_hex(4))
 FEATURES = ["projects", "api_calls", "storage_mb", "ai_credits", "seats", "export_pdf", "priority_support"]
 
 
@@ -53,14 +62,14 @@ class Trivial(service_pb2_grpc.PaymentServiceServicer):
 
 
 async def _trivial(port: int) -> None:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     service_pb2_grpc.add_PaymentServiceServicer_to_server(Trivial(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
 
 
-async def _real(port: int, db_url: str, redis_url: str, prefix: str, no_near: bool) -> None:
+async def _real(port: int, db_url: str, redis_url: str, prefix: str, no_near: bool, reuse_port: bool) -> None:
     from redis.asyncio import Redis
 
     from services.api_grpc import cache, page_tokens
@@ -93,7 +102,7 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str, no_near: bo
     )
     keys = (ApiKey("bench", SecretStr(KEY), frozenset({"read"})),)
     server = build_server(api, keys, port=port, redis=redis, redis_breaker=breaker,
-                          rate_limit=RateLimitConfig(rate=1e6, burst=1e6, prefix=prefix))
+                          rate_limit=RateLimitConfig(rate=1e6, burst=1e6, prefix=prefix), reuse_port=reuse_port)
     await server.start()
     await server.grpc_server.wait_for_termination()
 
@@ -105,14 +114,18 @@ def serve(kind: str, port: int, *args: Any) -> None:
     uvloop.run(_trivial(port) if kind == "trivial" else _real(port, *args))
 
 
-async def _load(port: int, bulk: bool, inflight: int, seconds: float) -> list[float]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    stub = service_pb2_grpc.PaymentServiceStub(channel)
+async def _load(port: int, bulk: bool, inflight: int, seconds: float, connections: int = 1) -> list[float]:
+    # A local subchannel pool: each channel its own connection, for SO_REUSEPORT to spread.
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(connections)]
+    stubs = [service_pb2_grpc.PaymentServiceStub(channel) for channel in channels]
+    stub = stubs[0]
     md = (("authorization", f"Bearer {KEY}"),)
     features = (FEATURES * 8)[:50]
     latencies: list[float] = []
 
     async def worker(n: int) -> None:
+        stub = stubs[n % len(stubs)]
         i = n
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
@@ -127,25 +140,31 @@ async def _load(port: int, bulk: bool, inflight: int, seconds: float) -> list[fl
             latencies.append(time.perf_counter() - started)
             i += 1
 
-    # Warm up the channel and the cache, then measure.
+    # Warm up the channels and the cache, then measure.
     for n in range(50):
-        await stub.BulkCheckEntitlements(service_pb2.BulkCheckEntitlementsRequest(
+        await stubs[n % len(stubs)].BulkCheckEntitlements(service_pb2.BulkCheckEntitlementsRequest(
             subjects=[service_pb2.Subject(family_id=f"fam{n}")], feature_codes=FEATURES), metadata=md)
+    del stub
     await asyncio.gather(*(worker(n) for n in range(inflight)))
-    await channel.close()
+    for channel in channels:
+        await channel.close()
     return latencies
 
 
-def client(port: int, bulk: bool, inflight: int, seconds: float, out: Any) -> None:
-    out.put(uvloop.run(_load(port, bulk, inflight, seconds)))
+def client(port: int, bulk: bool, inflight: int, seconds: float, connections: int, out: Any) -> None:
+    out.put(uvloop.run(_load(port, bulk, inflight, seconds, connections)))
 
 
-def measure(port: int, bulk: bool, inflight: int, seconds: float) -> dict[str, float]:
+def measure(port: int, bulk: bool, inflight: int, seconds: float, clients: int = 1) -> dict[str, float]:
+    """`inflight` calls at all times, from `clients` processes (4 connections each if more than one)."""
     queue: Any = mp.Queue()
-    proc = mp.Process(target=client, args=(port, bulk, inflight, seconds, queue))
-    proc.start()
-    lat = sorted(queue.get())
-    proc.join()
+    procs = [mp.Process(target=client, args=(port, bulk, inflight // clients, seconds, 1 if clients == 1 else 4, queue))
+             for _ in range(clients)]
+    for proc in procs:
+        proc.start()
+    lat = sorted(x for _ in procs for x in queue.get(timeout=seconds + 60))  # a client that died raises here
+    for proc in procs:
+        proc.join()
     q = statistics.quantiles(lat, n=100)
     return {"qps": len(lat) / seconds, "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
 
@@ -170,7 +189,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--no-near-cache", action="store_true", help="every check reads Redis")
+    parser.add_argument("--processes", type=int, default=1, help="N API and N trivial server processes, N clients")
     args = parser.parse_args()
+    n = args.processes
     from shared.devbroker import free_port
     from shared.migrate import migrate_up
 
@@ -181,27 +202,37 @@ def main() -> None:
     prefix = f"bench:{secrets.token_hex(4)}:"
     asyncio.run(warm_redis(redis_url, prefix))
     ports = {"trivial": free_port(), "api": free_port()}
-    servers = [
-        mp.Process(target=serve, args=("trivial", ports["trivial"])),
-        mp.Process(target=serve, args=("api", ports["api"], db_url, redis_url, prefix, args.no_near_cache)),
+    metrics_dir = None
+    if n > 1:
+        # As `serve --processes N` runs them. Spawned, so that prometheus_client is
+        # imported after the variable is set (this process imported it already).
+        metrics_dir = Path(tempfile.mkdtemp(prefix="bench-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    ctx = mp.get_context("spawn" if n > 1 else "fork")
+    servers = [ctx.Process(target=serve, args=("trivial", ports["trivial"])) for _ in range(n)] + [
+        ctx.Process(target=serve, args=("api", ports["api"], db_url, redis_url, prefix, args.no_near_cache, n > 1))
+        for _ in range(n)
     ]
     for s in servers:
         s.start()
-    print(f"server pids: trivial {servers[0].pid}, api {servers[1].pid}", flush=True)
-    time.sleep(2.0)
+    print(f"server pids: trivial {[s.pid for s in servers[:n]]}, api {[s.pid for s in servers[n:]]}", flush=True)
+    time.sleep(2.0 + 2.0 * (n > 1))
+    each = f" x{n} processes" if n > 1 else ""
     try:
         for label, bulk in (("CheckEntitlement", False), ("BulkCheckEntitlements x50", True)):
-            base = measure(ports["trivial"], bulk, 64, args.seconds)
-            real = measure(ports["api"], bulk, 64, args.seconds)
-            low = measure(ports["api"], bulk, 4, args.seconds)
-            print(f"{label} @64: trivial {base['qps']:.0f} qps p50 {base['p50_ms']:.2f} p99 {base['p99_ms']:.2f} ms | "
+            base = measure(ports["trivial"], bulk, 64, args.seconds, n)
+            real = measure(ports["api"], bulk, 64, args.seconds, n)
+            low = measure(ports["api"], bulk, 4, args.seconds, min(n, 4))
+            print(f"{label} @64{each}: trivial {base['qps']:.0f} qps p50 {base['p50_ms']:.2f} p99 {base['p99_ms']:.2f} ms | "
                   f"api {real['qps']:.0f} qps p50 {real['p50_ms']:.2f} p99 {real['p99_ms']:.2f} ms | "
                   f"QPS ratio {real['qps'] / base['qps']:.2f}, p99 ratio {real['p99_ms'] / base['p99_ms']:.2f}")
-            print(f"{label} @4: api p50 {low['p50_ms']:.2f} ms p99 {low['p99_ms']:.2f} ms")
+            print(f"{label} @4{each}: api p50 {low['p50_ms']:.2f} ms p99 {low['p99_ms']:.2f} ms")
     finally:
         for s in servers:
             s.terminate()
             s.join()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

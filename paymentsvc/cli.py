@@ -200,7 +200,12 @@ def _progress_console() -> Any:
 
 
 @app.command()
-def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICE_NAMES)}")]) -> None:
+def serve(
+    service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVICE_NAMES)}")],
+    processes: Annotated[int, typer.Option(
+        min=1, help="api_grpc and ingest_webhooks: this many processes sharing the ports (SO_REUSEPORT), one per core.",
+    )] = 1,
+) -> None:
     """Run one service, as production would, until SIGTERM or Ctrl-C."""
     from paymentsvc import runner
     from shared import logs
@@ -208,6 +213,9 @@ def serve(service: Annotated[str, typer.Argument(help=f"One of: {', '.join(SERVI
     settings = _settings(report=False)
     _require_bootstrap(settings)
     logs.configure(settings.log_level, settings.log_format, service)
+    if processes > 1:
+        # The children report the configuration notes; the parent only supervises.
+        raise typer.Exit(runner.supervise(service, settings, processes))
     _report_config_notes(settings)
     runner.run(service, settings)
 

@@ -19,7 +19,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
 
-from shared.metrics import BREAKER_OPEN, GO_CIRCUIT_BREAKER_STATE
+from shared.metrics import BREAKER_OPEN, GO_CIRCUIT_BREAKER_STATE, gauge_function
 
 T = TypeVar("T")
 State = Literal["closed", "opened", "half-opened"]
@@ -70,7 +70,7 @@ class Breaker:
         # Read at scrape time: half-open is a matter of the clock, not of a call. A weak
         # reference, so the gauge never keeps a breaker alive (the newest of a name shows).
         ref = weakref.ref(self)
-        GO_CIRCUIT_BREAKER_STATE.labels(name).set_function(lambda: _go_state(ref))
+        gauge_function(GO_CIRCUIT_BREAKER_STATE.labels(name), lambda: _go_state(ref))
 
     @property
     def state(self) -> State:

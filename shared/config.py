@@ -168,6 +168,10 @@ class Settings(BaseSettings):
     usage_port: int = 8092
     dunning_port: int = 8093
     bind_host: str = "127.0.0.1"
+    reuse_port: bool = Field(
+        default=False,
+        description="share the serving ports with other processes (SO_REUSEPORT); `serve --processes N` sets it in its children",
+    )
 
     # Operations.
     log_level: str = "INFO"

@@ -19,7 +19,7 @@ from psycopg.types.json import Json
 from psycopg_pool import AsyncConnectionPool
 
 from shared.errors import DependencyUnavailable
-from shared.metrics import GO_DB_CONNECTIONS_ACTIVE, GO_DB_QUERY_DURATION
+from shared.metrics import GO_DB_CONNECTIONS_ACTIVE, GO_DB_QUERY_DURATION, gauge_function
 
 # DB_STATEMENT_TIMEOUT_MS's default: far above any query of ours, well below "forever".
 DEFAULT_STATEMENT_TIMEOUT_MS = 30_000
@@ -41,7 +41,7 @@ def connections_in_use() -> int:
     return total
 
 
-GO_DB_CONNECTIONS_ACTIVE.set_function(connections_in_use)
+gauge_function(GO_DB_CONNECTIONS_ACTIVE, connections_in_use)
 
 
 @contextlib.asynccontextmanager

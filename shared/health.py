@@ -4,8 +4,9 @@
 - `/health/live`: the process and its event loop answer (always 200 while they do)
 - `/health/ready`: 200 only when every dependency answers, else 503; 503 `stopping` from
   the moment shutdown begins (SIGTERM), so load balancers stop sending before we stop
-- `/metrics`: Prometheus text format
-- `/status`: service, version, uptime and the configuration without secrets
+- `/metrics`: Prometheus text format; under `serve --processes N`, the sum of all the
+  children's metrics (prometheus_client's multiprocess mode), whichever child answers
+- `/status`: service, version, process id, uptime and the configuration without secrets
 
 A service passes its probes as `name -> async callable`; a probe raises to fail.
 """
@@ -13,20 +14,48 @@ A service passes its probes as `name -> async callable`; a probe raises to fail.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from shared.config import Settings
-from shared.metrics import DEPENDENCY_UP, SERVICE_INFO
+from shared.metrics import DEPENDENCY_UP, SERVICE_INFO, multiprocess, refresh_gauge_functions
 
 Probe = Callable[[], Awaitable[object]]
 PROBE_TIMEOUT_S = 2.0
+GAUGE_REFRESH_S = 1.0
+
+
+def _registry() -> CollectorRegistry:
+    """What /metrics exposes: this process, or every child of `serve --processes N`."""
+    if not multiprocess():
+        return REGISTRY
+    registry = CollectorRegistry()
+    prometheus_multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
+async def _refresh_gauges(_: web.Application) -> AsyncIterator[None]:
+    """Write the callback gauges where the other children's /metrics can read them."""
+
+    async def loop() -> None:
+        while True:
+            refresh_gauge_functions()
+            await asyncio.sleep(GAUGE_REFRESH_S)
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _json(body: object, status: int = 200) -> web.Response:
@@ -67,6 +96,9 @@ def add_health_routes(
     (the service's stop event), readiness answers 503 without probing."""
     started = time.time()
     SERVICE_INFO.labels(service, settings.service_version).set(1)
+    registry = _registry()
+    if multiprocess():
+        app.cleanup_ctx.append(_refresh_gauges)
 
     async def health(_: web.Request) -> web.Response:
         components = await run_probes(probes)
@@ -86,7 +118,9 @@ def add_health_routes(
         return _json({"status": "ready"})
 
     async def metrics(_: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest())
+        if multiprocess():
+            refresh_gauge_functions()
+        response = web.Response(body=generate_latest(registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
@@ -95,6 +129,7 @@ def add_health_routes(
             {
                 "service": service,
                 "version": settings.service_version,
+                "pid": os.getpid(),  # which process answered, under `serve --processes N`
                 "uptime_s": round(time.time() - started, 1),
                 "config": settings.public_view(),
             }
@@ -123,12 +158,13 @@ def redis_probe(client: Redis) -> Probe:
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, shutdown_timeout_s: float = 5.0
+    app: web.Application, host: str, port: int, shutdown_timeout_s: float = 5.0, reuse_port: bool = False
 ) -> web.AppRunner:
     """Serve `app` on host:port; returns the runner, to `cleanup()` on shutdown, which
-    stops listening and gives requests in flight up to `shutdown_timeout_s` to finish."""
+    stops listening and gives requests in flight up to `shutdown_timeout_s` to finish.
+    With `reuse_port`, other processes (`serve --processes N`) listen on the same port."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, reuse_port=reuse_port or None)
     await site.start()
     return runner

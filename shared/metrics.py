@@ -1,9 +1,19 @@
 """Every Prometheus metric of the project, declared once with its help text.
 
 Import the metric objects from here; never declare one elsewhere.
+
+Under `paymentsvc serve NAME --processes N` the children share one prometheus_client
+multiprocess directory (PROMETHEUS_MULTIPROC_DIR), and the /metrics of whichever child
+answers sums the counters and histograms of all of them. Each gauge says how its
+children's values combine (`multiprocess_mode`, ignored in a single process), and a
+gauge read by a callback is declared with `gauge_function`, so that it is also
+written to that directory (a callback is invisible to another process).
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -52,16 +62,19 @@ PUBLISH_LATENCY = Histogram(
 SERVICE_INFO = Gauge(
     "paymentsvc_service_info", "Constant 1, labelled with the service and version.",
     ["service", "version"],
+    multiprocess_mode="livemax",
 )
 DEPENDENCY_UP = Gauge(
     "paymentsvc_dependency_up", "1 when the last readiness probe of a dependency passed.",
     ["dependency"],
+    multiprocess_mode="livemin",
 )
 BREAKER_OPEN = Gauge(
     "paymentsvc_circuit_breaker_open",
     "1 from when a circuit breaker opens until a call through it succeeds again (open or "
     "half-open), by breaker: redis and stripe (api_grpc), stripe-invoices (dunning).",
     ["breaker"],
+    multiprocess_mode="livemax",
 )
 
 # ---------------------------------------------------------------- worker runtime
@@ -253,6 +266,7 @@ GO_ENTITLEMENT_DURATION = Histogram(
 GO_DB_CONNECTIONS_ACTIVE = Gauge(
     "db_connections_active",
     "Postgres connections of this process's pools in use right now (psycopg_pool: pool_size - pool_available).",
+    multiprocess_mode="livesum",
 )
 GO_DB_QUERY_DURATION = Histogram(
     "db_query_duration_seconds",
@@ -271,4 +285,25 @@ GO_CIRCUIT_BREAKER_STATE = Gauge(
     "circuit_breaker_state",
     "Circuit breaker state, 0 closed, 1 open, 2 half-open (the Go service's values), by breaker (stripe, redis).",
     ["breaker"],
+    multiprocess_mode="livemax",
 )
+
+
+# ---------------------------------------------------------------- callback gauges
+_FUNCTIONS: dict[Gauge, Callable[[], float]] = {}
+
+
+def gauge_function(gauge: Gauge, function: Callable[[], float]) -> None:
+    """Read `gauge` from `function` at scrape time; under several processes the value
+    is written by `refresh_gauge_functions` instead, which each child runs on a timer."""
+    gauge.set_function(function)
+    _FUNCTIONS[gauge] = function
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def refresh_gauge_functions() -> None:
+    for gauge, function in list(_FUNCTIONS.items()):
+        gauge.set(function())

@@ -32,6 +32,10 @@ from redis.asyncio import Redis
 from domain.usage.model import Keys, Outcome, Request, counter_ttl_s, done_record, parse_record
 from shared.metrics import USAGE_SCRIPT_SECONDS
 
+# Bound once: a labels() lookup costs about 2.5 µs on every increment.
+_INCREMENT_SECONDS = USAGE_SCRIPT_SECONDS.labels("increment")
+_ROLLBACK_SECONDS = USAGE_SCRIPT_SECONDS.labels("rollback")
+
 IDEMPOTENCY_TTL_S = 7 * 86_400
 
 # KEYS: ready, counter, idempotency[, member]
@@ -135,7 +139,7 @@ class Counters:
         ]
         started = time.perf_counter()
         result = await self._increment(keys=keys, args=args)
-        USAGE_SCRIPT_SECONDS.labels("increment").observe(time.perf_counter() - started)
+        _INCREMENT_SECONDS.observe(time.perf_counter() - started)
         if result[0] == b"notready":
             raise NotReady("the usage counters are being rebuilt")
         record = bytes(result[1])
@@ -150,7 +154,7 @@ class Counters:
             keys.append(member)
         started = time.perf_counter()
         undone = await self._rollback(keys=keys, args=[step.record, step.outcome.applied])
-        USAGE_SCRIPT_SECONDS.labels("rollback").observe(time.perf_counter() - started)
+        _ROLLBACK_SECONDS.observe(time.perf_counter() - started)
         return bool(undone)
 
     async def confirm(self, step: Step) -> bool:

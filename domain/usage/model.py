@@ -232,10 +232,11 @@ def answer(outcome: Outcome) -> Answer:
     )
 
 
-def outcome_label(outcome: Outcome) -> str:
+def outcome_label(outcome: Outcome, answered: Answer | None = None) -> str:
+    """`answered`: `answer(outcome)`, when the caller has it already (it is built per call)."""
     if not outcome.allowed:
         return "denied"
-    if answer(outcome).over_soft_limit:
+    if (answered or answer(outcome)).over_soft_limit:
         return "over_soft_limit"
     return "released" if outcome.request.amount < 0 else "allowed"
 

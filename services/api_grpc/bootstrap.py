@@ -99,6 +99,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     server = build_server(
         api, settings.api_keys, host=settings.bind_host, port=settings.grpc_port,
         redis=redis, redis_breaker=breaker, rate_limit=rate_limits(settings), usage=usage,
+        reuse_port=settings.reuse_port,
     )
     app = web.Application()
     probes = {"postgres": postgres_probe(pool), "redis": redis_probe(redis), "kafka": kafka_probe(producer)}
@@ -106,7 +107,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     try:
         await server.start()
         entitlements.start()
-        runner = await start_site(app, settings.bind_host, settings.grpc_http_port)
+        runner = await start_site(app, settings.bind_host, settings.grpc_http_port, reuse_port=settings.reuse_port)
         log.info("listening", extra={"grpc": f"{settings.bind_host}:{server.port}"})
         try:
             await stop.wait()

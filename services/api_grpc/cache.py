@@ -30,6 +30,11 @@ from services.api_grpc.validation import SubjectKey
 from shared.breaker import Breaker, BreakerOpen
 from shared.metrics import API_NEAR_CACHE_READS
 
+# Bound once: a labels() lookup costs about 2.5 µs, and every check counts one read.
+_NEAR_HIT = API_NEAR_CACHE_READS.labels("hit")
+_NEAR_MISS = API_NEAR_CACHE_READS.labels("miss")
+_NEAR_BYPASS = API_NEAR_CACHE_READS.labels("bypass")
+
 # A subject with no rows gets a hash with only the watermark: a cached "nothing", so
 # that free-plan subjects do not go to Postgres on every check. Shorter-lived.
 EMPTY_TTL_S = 300
@@ -118,9 +123,9 @@ class EntitlementCache:
                 self.feed.start()
             cached = [near.get(k) for k in keys]
             if None not in cached:
-                API_NEAR_CACHE_READS.labels("hit").inc()
+                _NEAR_HIT.inc()
                 return cached
-            API_NEAR_CACHE_READS.labels("miss" if usable else "bypass").inc()
+            (_NEAR_MISS if usable else _NEAR_BYPASS).inc()
             token = near.begin(keys)
             hashes = None
             try:

@@ -58,8 +58,12 @@ def build_server(
     redis_breaker: Breaker | None = None,
     rate_limit: RateLimitConfig | None = RateLimitConfig(),
     usage: UsageApi | None = None,
+    reuse_port: bool = False,
 ) -> Server:
     """The server bound to host:port (0: a free port, see `.port`); not started.
+
+    With `reuse_port`, other processes may listen on the same port (`serve --processes N`);
+    off by default, so that a port already taken fails the bind instead of being shared.
 
     Rate limiting needs `redis` and `redis_breaker`; pass rate_limit=None to turn it off.
     Without `usage`, the usage RPCs answer UNIMPLEMENTED.
@@ -79,7 +83,7 @@ def build_server(
             )
         )
     chain.append(interceptors.Deadline())
-    server = grpc.aio.server(interceptors=chain, options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(interceptors=chain, options=[("grpc.so_reuseport", int(reuse_port))])
     service_pb2_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(api, usage), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -49,34 +49,47 @@ def _subject(message: service_pb2.Subject, field: str = "subject") -> SubjectIds
     return validation.subject(message.user_id, message.family_id, field)
 
 
-def freshness(mark: Watermark | None) -> service_pb2.Freshness:
+def _freshness_fields(mark: Watermark | None) -> dict[str, Any]:
     if mark is None:
-        return service_pb2.Freshness()
-    return service_pb2.Freshness(watermark=mark.created, watermark_event_id=mark.event_id, lag_ms=mark.lag_ms)
+        return {}
+    return {"watermark": mark.created, "watermark_event_id": mark.event_id, "lag_ms": mark.lag_ms}
+
+
+def freshness(mark: Watermark | None) -> service_pb2.Freshness:
+    return service_pb2.Freshness(**_freshness_fields(mark))
+
+
+def _check_fields(
+    decision: Decision, feature_code: str, subject: SubjectIds, mark: Watermark | None
+) -> dict[str, Any]:
+    # Nested messages as dicts: protobuf builds them in place, where a message object
+    # passed in is built and then copied; a bulk answer has 50 and more of these
+    # (360 -> 210 µs for 50, same bytes; tests/unit/test_api_grpc_units.py).
+    return {
+        "allowed": decision.allowed,
+        "reason": decision.reason,
+        "plan_id": decision.plan_id,
+        "status": decision.status,
+        "expires_at": decision.expires_at,
+        "access_level": decision.access_level,
+        "decided_by_event_id": decision.decided_by_event_id,
+        "usage_limit": decision.usage_limit,
+        "limit_period": decision.limit_period,
+        "freshness": _freshness_fields(mark),
+        "feature_code": feature_code,
+        "subject": {"user_id": subject.user_id, "family_id": subject.family_id},
+        "explanation": {
+            "rule": decision.rule, "plan_id": decision.plan_id, "plan_version": decision.plan_version,
+            "source": decision.source, "deciding_event_id": decision.decided_by_event_id, "clock": decision.clock,
+        },
+        "grace_until": decision.grace_until,
+    }
 
 
 def check_response(
     decision: Decision, feature_code: str, subject: SubjectIds, mark: Watermark | None
 ) -> service_pb2.CheckEntitlementResponse:
-    return service_pb2.CheckEntitlementResponse(
-        allowed=decision.allowed,
-        reason=decision.reason,
-        plan_id=decision.plan_id,
-        status=decision.status,
-        expires_at=decision.expires_at,
-        access_level=decision.access_level,
-        decided_by_event_id=decision.decided_by_event_id,
-        usage_limit=decision.usage_limit,
-        limit_period=decision.limit_period,
-        freshness=freshness(mark),
-        feature_code=feature_code,
-        subject=service_pb2.Subject(user_id=subject.user_id, family_id=subject.family_id),
-        explanation=service_pb2.Explanation(
-            rule=decision.rule, plan_id=decision.plan_id, plan_version=decision.plan_version,
-            source=decision.source, deciding_event_id=decision.decided_by_event_id, clock=decision.clock,
-        ),
-        grace_until=decision.grace_until,
-    )
+    return service_pb2.CheckEntitlementResponse(**_check_fields(decision, feature_code, subject, mark))
 
 
 def access_change_message(row: Row) -> service_pb2.AccessChange:
@@ -177,10 +190,11 @@ class PaymentServicer(service_pb2_grpc.PaymentServiceServicer):
         codes = list(request.feature_codes)
         results, mark = await self._api.bulk_check(subjects, codes, _timeout(context))
         pairs = [(s, c) for s in subjects for c in codes]
-        return service_pb2.BulkCheckEntitlementsResponse(
-            results=[check_response(d, c, s, None) for d, (s, c) in zip(results, pairs, strict=True)],
-            freshness=freshness(mark),
-        )
+        response = service_pb2.BulkCheckEntitlementsResponse(freshness=_freshness_fields(mark))
+        add = response.results.add  # built in place: a list of messages would be copied in
+        for d, (s, c) in zip(results, pairs, strict=True):
+            add(**_check_fields(d, c, s, None))
+        return response
 
     async def ListEntitlements(  # noqa: N802
         self, request: service_pb2.ListEntitlementsRequest, context: Context

@@ -72,6 +72,11 @@ from shared.metrics import (
     USAGE_QUOTA_READS,
 )
 
+# Bound once: a labels() lookup costs about 2.5 µs, on every call.
+_INCREMENTS = {o: USAGE_INCREMENTS.labels(o) for o in ("allowed", "denied", "over_soft_limit", "released", "replayed")}
+_QUOTA_READS_REDIS = USAGE_QUOTA_READS.labels("redis")
+_QUOTA_READS_POSTGRES = USAGE_QUOTA_READS.labels("postgres")
+
 log = logging.getLogger("api_grpc.usage")
 POLICY_TTL_S = 5.0
 MAX_POLICIES = 100_000
@@ -353,8 +358,8 @@ class UsageApi:
                       extra={"idempotency_key": step.outcome.request.idempotency_key}, exc_info=True)
 
     def _answer(self, outcome: Outcome, replayed: bool) -> Increment:
-        USAGE_INCREMENTS.labels("replayed" if replayed else model.outcome_label(outcome)).inc()
         answer = model.answer(outcome)
+        _INCREMENTS["replayed" if replayed else model.outcome_label(outcome, answer)].inc()
         p = outcome.request.policy
         token = self.tokens.encode(TOKEN_QUERY, [p.pool_type, p.pool_id, p.feature_code, p.period.start, outcome.used])
         return Increment(answer, token)
@@ -412,12 +417,12 @@ class UsageApi:
             if not _redis_down(exc):
                 raise
         if values is not None:
-            USAGE_QUOTA_READS.labels("redis").inc()
+            _QUOTA_READS_REDIS.inc()
             GO_CACHE_HITS.inc()
             n = len(policies)
             members = [values[n + i] if keys[i][1] is not None else 0 for i in range(n)]
             return values[:n], members
-        USAGE_QUOTA_READS.labels("postgres").inc()
+        _QUOTA_READS_POSTGRES.inc()
         GO_CACHE_MISSES.inc()
         used = await self.store.used(period_keys, max(0.05, deadline - time.monotonic()))
         return used, [0] * len(policies)

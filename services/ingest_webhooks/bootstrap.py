@@ -44,7 +44,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await producer.start()
     try:
         app = build_app(settings, KafkaPublisher(producer), {"kafka": kafka_probe(producer)}, stop)
-        runner = await start_site(app, settings.bind_host, settings.ingest_port, settings.shutdown_timeout_s)
+        runner = await start_site(
+            app, settings.bind_host, settings.ingest_port, settings.shutdown_timeout_s, reuse_port=settings.reuse_port
+        )
         log.info("listening", extra={"url": f"http://{settings.bind_host}:{settings.ingest_port}"})
         try:
             await stop.wait()

@@ -22,6 +22,11 @@ SMOKE = [
     pytest.param(["bench/ingest.py", "--seconds", "0.5", "--levels", "4"], r"^\s+4 \|.*\|\s+\d+\.\d+$", id="ingest"),
     pytest.param(["bench/project.py", "--customers", "50", "--time-limit", "60"], r"^ratio worker / baseline\s+\|\s+\d", id="project"),
     pytest.param(["bench/grpc_checks.py", "--seconds", "0.5"], r"QPS ratio \d+\.\d+", id="grpc_checks"),
+    # N processes of ours against N of the baseline (serve --processes N, SO_REUSEPORT).
+    pytest.param(["bench/ingest.py", "--seconds", "0.5", "--levels", "4", "--processes", "2"],
+                 r"^\s+4 \|.*\|\s+\d+\.\d+$", id="ingest-2-processes"),
+    pytest.param(["bench/grpc_checks.py", "--seconds", "0.5", "--processes", "2"],
+                 r"x2 processes: .*QPS ratio \d+\.\d+", id="grpc_checks-2-processes"),
     pytest.param(["bench/usage.py", "--seconds", "0.5"], r"QPS ratio \d+\.\d+", id="usage"),
     pytest.param(["bench/write_shapes.py", "--rows", "20", "--repeats", "2"], r"^json\s+\|.*\|\s+\d+\.\d+$", id="write_shapes"),
     pytest.param(["bench/tracing.py", "--n", "200"], r"^nothing set \(drop all\)\s+\|\s+\d+\.\d+", id="tracing"),

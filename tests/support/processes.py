@@ -95,10 +95,11 @@ class Service:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     exits: list[int] = field(default_factory=list)
+    args: tuple[str, ...] = ()  # after `serve NAME`, e.g. ("--processes", "2")
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "paymentsvc.cli", "serve", self.name],
+            [sys.executable, "-m", "paymentsvc.cli", "serve", self.name, *self.args],
             cwd=ROOT,
             env=self.env,
             stdout=open(self.log_path, "ab"),  # noqa: SIM115 - the child owns it

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from payment.v1 import service_pb2
 from services.api_grpc import validation
-from services.api_grpc.decisions import Facts, decide, require_known
+from services.api_grpc.decisions import Decision, Facts, decide, require_known
 from services.api_grpc.errors import InvalidArgument
 from services.api_grpc.page_tokens import PageTokens, derive_key, query_fingerprint
+from services.api_grpc.queries import Watermark
+from services.api_grpc.servicer import PaymentServicer, check_response
+from services.api_grpc.validation import SubjectIds
 from shared.catalog import load_catalog
 from shared.config import DEFAULT_CATALOG_PATH
 
@@ -181,3 +185,59 @@ def test_the_free_plan_after_refused_paid_access_keeps_the_refused_rule_and_cloc
     expired = decide([answer(plan_id="basic", expires_at=NOW - 1, rule="active: full")], "projects", FACTS, NOW)
     assert (expired.rule, expired.clock) == ("default_plan: free (after active: full)", "expired")
     assert decide([], "projects", FACTS, NOW).rule == "default_plan: free"
+
+
+def _reference_check(decision: Decision, code: str, subject: SubjectIds, mark: Watermark | None) -> bytes:
+    """The answer built the plain way, message objects copied in: what the wire carried before."""
+    fresh = service_pb2.Freshness() if mark is None else service_pb2.Freshness(
+        watermark=mark.created, watermark_event_id=mark.event_id, lag_ms=mark.lag_ms)
+    return service_pb2.CheckEntitlementResponse(
+        allowed=decision.allowed, reason=decision.reason, plan_id=decision.plan_id, status=decision.status,
+        expires_at=decision.expires_at, access_level=decision.access_level,
+        decided_by_event_id=decision.decided_by_event_id, usage_limit=decision.usage_limit,
+        limit_period=decision.limit_period, freshness=fresh, feature_code=code,
+        subject=service_pb2.Subject(user_id=subject.user_id, family_id=subject.family_id),
+        explanation=service_pb2.Explanation(
+            rule=decision.rule, plan_id=decision.plan_id, plan_version=decision.plan_version, source=decision.source,
+            deciding_event_id=decision.decided_by_event_id, clock=decision.clock),
+        grace_until=decision.grace_until,
+    ).SerializeToString()
+
+
+DECISIONS = [
+    Decision(True, "granted", "pro", "active", 1_900_000_000, "full", "evt_1", -1, "none", "paid", "h1", "subscription", ""),
+    Decision(False, "expired", "basic", "canceled", 0, "none", "evt_2", 10, "month", "", "", "", "expired", 5),
+]
+
+
+@pytest.mark.parametrize("mark", [None, Watermark(1_800_000_000, "evt_9", 42)])
+def test_a_check_answer_built_in_place_has_the_bytes_of_one_built_from_messages(mark: Watermark | None) -> None:
+    subject = SubjectIds("u_1", "fam_1")
+    for decision in DECISIONS:
+        assert check_response(decision, "projects", subject, mark).SerializeToString() == _reference_check(
+            decision, "projects", subject, mark)
+
+
+async def test_a_bulk_answer_built_in_place_has_the_bytes_of_one_built_from_messages() -> None:
+    subjects = [SubjectIds("u_1", ""), SubjectIds("", "fam_2")]
+    codes = ["projects", "seats", "api_calls"]
+    decisions = [DECISIONS[i % 2] for i in range(len(subjects) * len(codes))]
+    mark = Watermark(1_800_000_000, "evt_9", 42)
+
+    class Api:
+        async def bulk_check(self, subjects: object, codes: object, timeout: float) -> tuple[list[Decision], Watermark]:
+            return decisions, mark
+
+    class Context:
+        def time_remaining(self) -> None:
+            return None
+
+    request = service_pb2.BulkCheckEntitlementsRequest(
+        subjects=[service_pb2.Subject(user_id=s.user_id, family_id=s.family_id) for s in subjects], feature_codes=codes)
+    answer = await PaymentServicer(Api()).BulkCheckEntitlements(request, Context())  # type: ignore[arg-type]
+    expected = service_pb2.BulkCheckEntitlementsResponse(
+        results=[service_pb2.CheckEntitlementResponse.FromString(_reference_check(d, c, s, None))
+                 for d, (s, c) in zip(decisions, [(s, c) for s in subjects for c in codes], strict=True)],
+        freshness=service_pb2.Freshness(watermark=mark.created, watermark_event_id=mark.event_id, lag_ms=mark.lag_ms),
+    )
+    assert answer.SerializeToString() == expected.SerializeToString()
