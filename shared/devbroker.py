@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -68,6 +68,37 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 5.0) 
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout)
+
+
+def start_and_wait(
+    command: Sequence[str],
+    log_path: Path,
+    ready: Callable[[], bool],
+    failed: Callable[[str], Exception],
+    timeout: float,
+) -> subprocess.Popen[bytes]:
+    """Start `command` as our child, its output appended to `log_path`, and poll `ready()`
+    until it holds. A child that exits, or does not answer in `timeout` seconds, is
+    stopped and `failed(detail)` is raised. The dev stack's and the tests' own servers
+    all start this way."""
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            list(command),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            raise failed(f"exited with {process.returncode}; see {log_path}")
+        if time.monotonic() > deadline:
+            stop_process(process)
+            raise failed(f"no answer in {timeout:.0f} s; see {log_path}")
+        time.sleep(0.05)
+    return process
 
 
 def free_port(host: str = "127.0.0.1") -> int:

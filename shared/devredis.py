@@ -14,12 +14,11 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import redis
 
-from shared.devbroker import die_with_parent, free_port, stop_process
+from shared.devbroker import free_port, start_and_wait, stop_process
 from shared.errors import DependencyUnavailable
 
 WHERE = "embedded"
@@ -76,27 +75,16 @@ class EmbeddedRedis:
             self.binary or str(embedded_redis_binary()), "--port", str(self.port), "--bind", self.host,
             "--save", "", "--appendonly", "no", "--dir", str(self.base_dir), "--daemonize", "no",
         ]  # fmt: skip
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        deadline = time.monotonic() + timeout
+        self._process = start_and_wait(
+            command, self.log_path, self._answers, lambda detail: _unavailable(f"did not start: {detail}"), timeout
+        )
+
+    def _answers(self) -> bool:
         client = redis.Redis.from_url(self.url, socket_connect_timeout=1)
         try:
-            while True:
-                try:
-                    client.ping()
-                    return
-                except redis.ConnectionError as exc:
-                    if self._process.poll() is not None or time.monotonic() > deadline:
-                        self.stop()
-                        raise _unavailable(f"did not start; see {self.log_path}") from exc
-                    time.sleep(0.05)
+            return bool(client.ping())
+        except redis.ConnectionError:
+            return False
         finally:
             client.close()
 

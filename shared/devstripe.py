@@ -10,13 +10,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from shared.devbroker import die_with_parent, free_port, stop_process
+from shared.devbroker import free_port, start_and_wait, stop_process
 from shared.errors import DependencyUnavailable
 
 DEV_SECRET_KEY = "sk_test_paymentsvc_dev"
@@ -37,27 +36,20 @@ class LocalStripe:
         return self._process.pid if self._process else None
 
     def start(self, timeout: float = 20.0) -> None:
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise DependencyUnavailable(
-                    "localstripe", self.api_base, f"exited with {self._process.returncode}"
-                )
-            try:
-                self._request("GET", "/v1/customers", auth=True)
-                return
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.1)
-        raise DependencyUnavailable("localstripe", self.api_base, f"no answer in {timeout:.0f} s")
+        self._process = start_and_wait(
+            self.command(),
+            self.log_path,
+            self._answers,
+            lambda detail: DependencyUnavailable("localstripe", self.api_base, detail),
+            timeout,
+        )
+
+    def _answers(self) -> bool:
+        try:
+            self._request("GET", "/v1/customers", auth=True)
+            return True
+        except (urllib.error.URLError, ConnectionError):
+            return False
 
     def command(self) -> list[str]:
         """The child's command line (a test may start localstripe differently)."""

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -37,9 +35,9 @@ from shared.breaker import Breaker
 from shared.catalog import apply_catalog
 from shared.config import ApiKey, Topics
 from shared.db import make_pool
-from shared.devbroker import ensure_topics, free_port
-from shared.devredis import redis_server_binary
+from shared.devbroker import ensure_topics
 from shared.devstripe import DEV_SECRET_KEY, LocalStripe
+from shared.errors import DependencyUnavailable
 from shared.kafka import make_producer
 from tests.conftest import REDIS_URL, fresh_database, random_id
 from tests.integration.test_entitlements_projection import Ids, event, story, sub_event
@@ -53,7 +51,8 @@ from tests.kafka_helpers import headers_of, read_topic
 from tests.support.clock import Clock
 from tests.support.net import counting_http, refusing_port
 from tests.support.private_postgres import PrivatePostgres
-from tests.support.wait import eventually, eventually_sync
+from tests.support.processes import PrivateRedis
+from tests.support.wait import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 DAY = 86_400
@@ -561,44 +560,31 @@ async def test_health_and_reflection_need_no_key(served) -> None:
 
 
 @contextlib.contextmanager
-def private_redis() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def private_redis() -> Iterator[PrivateRedis]:
     """A redis-server of our own. The port is free when picked but may be taken before
     redis-server binds it (other tests run beside us): then it exits, and we start
     another on a new port."""
     for _ in range(5):
-        port = free_port()
-        process = subprocess.Popen(
-            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-
-        def up(process: subprocess.Popen[bytes] = process, port: int = port) -> str:
-            if process.poll() is not None:
-                return "exited"
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                return "up" if process.poll() is None else "exited"
-            return ""
-
-        if eventually_sync(up, timeout=30, what=f"redis-server on port {port}") == "up":
+        server = PrivateRedis()
+        try:
+            server.start()
             break
+        except DependencyUnavailable:
+            server.destroy()
     else:
         raise RuntimeError("redis-server did not start on any of 5 free ports")
     try:
-        yield f"redis://127.0.0.1:{port}/0", process
+        yield server
     finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(5)
+        server.destroy()
 
 
 async def test_with_redis_stopped_mid_test_reads_answer_from_postgres(stack: Stack) -> None:
-    with private_redis() as (url, process):
-        async with api_server(stack.database_url, url, stack.prefix, stack.broker, stack.topics.payment_events) as (_, stub, _api):
+    with private_redis() as redis_server:
+        async with api_server(stack.database_url, redis_server.url, stack.prefix, stack.broker, stack.topics.payment_events) as (_, stub, _api):
             request = service_pb2.CheckEntitlementRequest(subject=subject(stack.live), feature_code="seats")
             before = await stub.CheckEntitlement(request, metadata=auth(READ))
-            process.terminate()
-            process.wait(5)
+            redis_server.stop()
             for _ in range(5):  # through the failures that open the breaker, and after
                 after = await stub.CheckEntitlement(request, metadata=auth(READ))
                 assert (after.allowed, after.reason, after.decided_by_event_id) == (True, "granted", before.decided_by_event_id)
