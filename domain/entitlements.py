@@ -27,7 +27,6 @@ import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from psycopg.rows import tuple_row
 
 from shared.catalog import SECONDS_PER_DAY, Catalog, Plan
 from shared.sqlfile import load_queries
+from shared.values import ordered_value, value
 
 REDIS_TTL_S = 24 * 3600
 WATERMARK_FIELD = "_watermark"
@@ -48,7 +48,7 @@ Row = tuple[Any, ...]
 _QUERIES = load_queries(Path(__file__).resolve().parent / "sql" / "entitlements.sql")
 
 
-@dataclass(frozen=True, order=True, slots=True)
+@ordered_value
 class Version:
     """The ordering key of events: Stripe's `created`, then the event id to break ties.
 
@@ -60,7 +60,7 @@ class Version:
     event_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SubjectRow:
     """One entitlement row of a subject, with its subscription's status (if any)."""
 

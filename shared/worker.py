@@ -37,13 +37,14 @@ from shared import tracing
 from shared.metrics import WORKER_BATCH_SECONDS, WORKER_EVENTS
 from shared.projection import ApplyContext, Envelope, PoisonEvent, Projection
 from shared.sqlfile import load_queries
+from shared.values import value
 
 M = TypeVar("M")
 QUERIES = load_queries(Path(__file__).parent / "sql" / "worker.sql")
 TopicPartitionKey = tuple[str, int]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class RawMessage:
     topic: str
     partition: int

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from payment.v1 import events_pb2
 from services.entitlements.model import (
@@ -83,6 +83,7 @@ from services.entitlements.model import (
     with_entry,
 )
 from shared.catalog import AccessLevel, Catalog, Feature, Plan
+from shared.values import value
 
 Event = events_pb2.PaymentEvent
 Handler = Callable[[Event, State, Customer | None, Catalog], Changes]
@@ -335,7 +336,7 @@ def _history(state: State, sub: Subscription) -> tuple[HistoryEntry, ...]:
 # ---------------------------------------------------------------- derivation
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Step:
     """A history entry with what it implies: its plan, since when its status holds, its level."""
 

@@ -18,6 +18,7 @@ from typing import Any, get_args
 from domain.entitlements import SubjectKey, Version
 from domain.payments import PAYMENT_STATUSES
 from shared.catalog import SubscriptionStatus
+from shared.values import ordered_value, value
 
 __all__ = ["PAYMENT_STATUSES", "SubjectKey", "Version"]  # the read model's, re-exported for the worker's modules
 
@@ -42,7 +43,7 @@ def _by_version(a: Any, b: Any) -> tuple[Any, Any]:
     return (a, b) if a.version >= b.version else (b, a)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Customer:
     """A Stripe customer and the user / family it belongs to (facts, filled once)."""
 
@@ -64,7 +65,7 @@ class Customer:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Subscription:
     """The newest snapshot of a subscription plus what is derived from its history.
 
@@ -93,7 +94,7 @@ class Subscription:
     version: Version
 
 
-@dataclass(frozen=True, order=True, slots=True)
+@ordered_value
 class HistoryEntry:
     """One customer.subscription.* event: the status and price it reported, and the
     snapshot fields that decide expiry (read back by CheckEntitlement as_of)."""
@@ -109,7 +110,7 @@ class HistoryEntry:
     status_only: bool = False  # a dunning decision: only its status is its own
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class PaidPeriod:
     """The latest period end paid by an invoice of a subscription: a grow-only max."""
 
@@ -125,7 +126,7 @@ class PaidPeriod:
         return max(self, other, key=lambda p: (p.paid_through, p.version))
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class OneTimeGrant:
     """A one-time purchase of a plan (a checkout in payment mode, or a charge)."""
 
@@ -156,7 +157,7 @@ class OneTimeGrant:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Entitlement:
     """What one subject may use of one feature through one source."""
 
@@ -193,7 +194,7 @@ class Entitlement:
         return (self.subject_type, self.subject_id)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class AccessChange:
     """A change of a subscription's access level and the event that caused it."""
 
@@ -209,7 +210,7 @@ class AccessChange:
         return (self.subscription_id, self.event_id)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Payment:
     """One payment, keyed by its payment intent id when known, else its charge id."""
 
@@ -256,7 +257,7 @@ class Payment:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CatalogMiss:
     """A Stripe price seen on a subscription (or purchase) that the catalog does not know."""
 
@@ -273,7 +274,7 @@ class CatalogMiss:
         return replace(last, first_seen_at=min(self.first_seen_at, other.first_seen_at))
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class EntitlementSet:
     """Every entitlement row of one source: rows of the source not listed here go."""
 
@@ -281,7 +282,7 @@ class EntitlementSet:
     rows: tuple[Entitlement, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class AccessChangeSet:
     """Every access change of one subscription: rows not listed here go."""
 
@@ -289,7 +290,7 @@ class AccessChangeSet:
     rows: tuple[AccessChange, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Changes:
     """What one event changes: new versions of rows, applied in field order.
 
