@@ -69,6 +69,7 @@ from services.entitlements.model import (
     CatalogMiss,
     Changes,
     Customer,
+    Derivation,
     Entitlement,
     EntitlementSet,
     HistoryEntry,
@@ -178,7 +179,7 @@ def _rederive_customer(customer: Customer, state: State, catalog: Catalog) -> Ch
     for sub in state.subscriptions_of(customer.customer_id):
         paid = state.paid.get(sub.subscription_id)
         changes = changes.then(
-            derive_subscription(sub, _history(state, sub), paid, customer, catalog)
+            _subscription_changes(sub, _history(state, sub), paid, customer, state, catalog)
         )
     for grant in state.grants_of(customer.customer_id):
         changes = changes.then(derive_grant(grant, customer, catalog))
@@ -229,8 +230,8 @@ def on_subscription_event(
     history = with_entry(
         _history(state, stored) if stored else state.history.get(entry.subscription_id, ()), entry
     )
-    derived = derive_subscription(
-        sub, history, state.paid.get(sub.subscription_id), customer, catalog
+    derived = _subscription_changes(
+        sub, history, state.paid.get(sub.subscription_id), customer, state, catalog
     )
     known = catalog.plan_for_price(entry.price_id) is not None
     misses = () if known else (_miss(entry.price_id, entry.subscription_id, entry.version),)
@@ -280,7 +281,7 @@ def on_invoice_paid(
     sub = state.subscriptions.get(event.subscription_id)
     if sub is None:
         return changes  # kept until the subscription's own events arrive
-    return changes.then(derive_subscription(sub, _history(state, sub), paid, customer, catalog))
+    return changes.then(_subscription_changes(sub, _history(state, sub), paid, customer, state, catalog))
 
 
 def _history_entry(event: Event) -> HistoryEntry:
@@ -346,6 +347,47 @@ class Step:
     level: AccessLevel
 
 
+def _subscription_changes(
+    sub: Subscription,
+    history: tuple[HistoryEntry, ...],
+    paid: PaidPeriod | None,
+    customer: Customer | None,
+    state: State,
+    catalog: Catalog,
+) -> Changes:
+    """`derive_subscription` now; or, when the state defers derivations, the subscription
+    with its user / family filled and the inputs to derive it from once the batch is
+    folded (`derive_deferred`).
+
+    Deferring gives the same rows: a derivation is a pure function of these inputs, every
+    change of an input comes with a new derivation, the last one replaces every earlier
+    one, and no handler reads what a derivation computes (the derived fields of the
+    subscription, its access changes and entitlements) - only its snapshot and identity.
+    """
+    if not state.defer_derivations:
+        return derive_subscription(sub, history, paid, customer, catalog)
+    sub = _with_identity(sub, customer)
+    return Changes(subscriptions=(sub,), derivations=(Derivation(sub, history, paid),))
+
+
+def derive_deferred(state: State, catalog: Catalog) -> Changes:
+    """The derived rows of every subscription whose derivation the state deferred, each
+    from the inputs of its latest one: what deriving after each event would have left."""
+    subscriptions: list[Subscription] = []
+    access: list[AccessChangeSet] = []
+    entitlements: list[EntitlementSet] = []
+    for pending in state.underived.values():
+        sub, changes, rows = _derived(pending.sub, pending.history, pending.paid, catalog)
+        subscriptions.append(sub)
+        access.append(changes)
+        entitlements.append(rows)
+    return Changes(
+        subscriptions=tuple(subscriptions),
+        access_change_sets=tuple(access),
+        entitlement_sets=tuple(entitlements),
+    )
+
+
 def derive_subscription(
     sub: Subscription,
     history: Sequence[HistoryEntry],
@@ -357,24 +399,35 @@ def derive_subscription(
 
     `sub` is the newest snapshot (the last entry of `history`, which is sorted by version).
     """
+    sub, changes, rows = _derived(_with_identity(sub, customer), history, paid, catalog)
+    return Changes(subscriptions=(sub,), access_change_sets=(changes,), entitlement_sets=(rows,))
+
+
+def _with_identity(sub: Subscription, customer: Customer | None) -> Subscription:
+    """`sub` with the user / family it lacks taken from its customer."""
+    user_id = _fill(sub.user_id, customer.user_id if customer else None)
+    family_id = _fill(sub.family_id, customer.family_id if customer else None)
+    if user_id == sub.user_id and family_id == sub.family_id:
+        return sub
+    return replace(sub, user_id=user_id, family_id=family_id)
+
+
+def _derived(
+    sub: Subscription, history: Sequence[HistoryEntry], paid: PaidPeriod | None, catalog: Catalog
+) -> tuple[Subscription, AccessChangeSet, EntitlementSet]:
     steps = access_steps(history, catalog)
     last = steps[-1]
     sub = replace(
         sub,
-        user_id=_fill(sub.user_id, customer.user_id if customer else None),
-        family_id=_fill(sub.family_id, customer.family_id if customer else None),
         plan_id=last.plan.id if last.plan else None,
         access_level=last.level,
         status_since=last.since,
         created_at=steps[0].entry.version.created,
     )
-    source = ("subscription", sub.subscription_id)
-    return Changes(
-        subscriptions=(sub,),
-        access_change_sets=(
-            AccessChangeSet(sub.subscription_id, access_changes(sub.subscription_id, steps)),
-        ),
-        entitlement_sets=(EntitlementSet(source, subscription_entitlements(sub, steps, paid)),),
+    return (
+        sub,
+        AccessChangeSet(sub.subscription_id, access_changes(sub.subscription_id, steps)),
+        EntitlementSet(("subscription", sub.subscription_id), subscription_entitlements(sub, steps, paid)),
     )
 
 

@@ -291,15 +291,28 @@ class AccessChangeSet:
 
 
 @value
+class Derivation:
+    """What a subscription's derived rows are computed from (handlers.derive_subscription):
+    its newest snapshot with its user / family, its history, its paid-through."""
+
+    sub: Subscription
+    history: tuple[HistoryEntry, ...]
+    paid: PaidPeriod | None
+
+
+@value
 class Changes:
     """What one event changes: new versions of rows, applied in field order.
 
     `merged_payments` are payment ids folded into another row (deleted).
     `mapped_customers` gained a user or family: their stored payments are backfilled.
+    `derivations`: subscriptions whose derived rows are left for the end of the batch
+    (`State.defer_derivations`); their `subscriptions` rows are not derived yet.
     """
 
     customers: tuple[Customer, ...] = ()
     subscriptions: tuple[Subscription, ...] = ()
+    derivations: tuple[Derivation, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
     paid_periods: tuple[PaidPeriod, ...] = ()
     grants: tuple[OneTimeGrant, ...] = ()
@@ -330,6 +343,11 @@ class State:
 
     Loaded by the repository for the customers of a batch; the pure handlers read it.
     `history` holds each subscription's entries sorted by version.
+
+    With `defer_derivations`, handlers do not derive a subscription's rows (its derived
+    fields, access changes and entitlements) after each event: `underived` keeps the
+    inputs of each one's latest derivation, and `handlers.derive_deferred` derives each
+    once, for the whole batch. Until then those rows are stale.
     """
 
     customers: dict[str, Customer] = field(default_factory=dict)
@@ -344,6 +362,8 @@ class State:
     mapped_customers: set[str] = field(default_factory=set)
     # Paid invoices seen by this batch (never loaded: the table is append-only).
     paid_events: dict[tuple[str, str], PaidPeriod] = field(default_factory=dict)
+    defer_derivations: bool = False
+    underived: dict[str, Derivation] = field(default_factory=dict)
 
     def copy(self) -> State:
         """A copy whose dicts can change independently (rows are immutable)."""
@@ -361,7 +381,11 @@ class State:
     def apply(self, changes: Changes) -> None:
         """Fold `changes` into the state, later rows replacing earlier ones."""
         self._put(self.customers, changes.customers, lambda c: c.customer_id)
-        self._put(self.subscriptions, changes.subscriptions, lambda s: s.subscription_id)
+        for sub in changes.subscriptions:
+            self.subscriptions[sub.subscription_id] = sub
+            self.underived.pop(sub.subscription_id, None)  # derived, or derived below
+        for pending in changes.derivations:
+            self.underived[pending.sub.subscription_id] = pending
         for entry in changes.history:
             self.history[entry.subscription_id] = with_entry(
                 self.history.get(entry.subscription_id, ()), entry

@@ -139,13 +139,19 @@ class EntitlementsProjection:
         self, events: Sequence[PaymentEnvelope], state: State
     ) -> tuple[State, list[MissSeen]]:
         misses: list[MissSeen] = []
+        # Each subscription is derived once per batch, from its final inputs, instead of
+        # after each of its events (handlers._subscription_changes: the same rows).
+        state.defer_derivations = True
         for envelope in events:
             changes = self._changes(envelope, state)
             state.apply(changes)
-            misses += [
-                MissSeen(m.price_id, m.last_subscription_id, envelope.event_id)
-                for m in changes.catalog_misses
-            ]
+            if changes.catalog_misses:
+                misses += [
+                    MissSeen(m.price_id, m.last_subscription_id, envelope.event_id)
+                    for m in changes.catalog_misses
+                ]
+        state.apply(handlers.derive_deferred(state, self._catalog))
+        state.defer_derivations = False
         return state, misses
 
     def _changes(self, envelope: PaymentEnvelope, state: State) -> Changes:
