@@ -27,7 +27,6 @@ import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -93,54 +92,12 @@ async def read_subjects(
 
 
 def _subject_row(row: Row) -> SubjectRow:
-    (
-        subject_type,
-        subject_id,
-        feature_code,
-        source_type,
-        source_id,
-        plan_id,
-        status,
-        access_level,
-        usage_limit,
-        limit_period,
-        enforcement,
-        expires_at,
-        event_id,
-        event_created,
-        subscription_status,
-        status_since,
-    ) = row
-    return SubjectRow(
-        subject_type,
-        subject_id,
-        feature_code,
-        source_type,
-        source_id,
-        plan_id,
-        status,
-        access_level,
-        usage_limit,
-        limit_period,
-        enforcement,
-        _ts_or_none(expires_at),
-        Version(_ts(event_created), event_id),
-        subscription_status,
-        _ts_or_none(status_since),
-    )
+    return SubjectRow(*(*row[:12], Version(row[12], row[13]), row[14], row[15]))
 
 
 def subject_params(subjects: Collection[SubjectKey]) -> dict[str, list[str]]:
     ordered = sorted(subjects)
     return {"subject_types": [s[0] for s in ordered], "subject_ids": [s[1] for s in ordered]}
-
-
-def _ts(value: datetime) -> int:
-    return int(value.timestamp())
-
-
-def _ts_or_none(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp())
 
 
 # ---------------------------------------------------------------- answers
