@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from dataclasses import fields
 from functools import cache
 from typing import Any
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from payment.v1 import events_pb2
 from paymentsvc.dev.samples import SAMPLE_TYPES, dispute_event, sample_event
 from services.entitlements.handlers import HANDLERS, InvalidEvent, apply, derive_deferred
-from services.entitlements.model import Entitlement, State
+from services.entitlements.model import Changes, Entitlement, State
 from services.ingest_webhooks.normalize import normalize
 from shared.catalog import Catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH
@@ -679,6 +680,16 @@ def test_any_order_of_a_rich_lifecycle_ends_in_the_same_state(
     order: list[events_pb2.PaymentEvent],
 ) -> None:
     assert run(order) == run(RICH)
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(Changes)])
+def test_changes_are_something_and_concatenate_in_every_field(name: str) -> None:
+    one, other = Changes(**{name: ("a",)}), Changes(**{name: ("b",)})  # type: ignore[arg-type]
+
+    assert one and not Changes()
+    assert Changes().then(one) == one.then(Changes()) == one
+    assert getattr(one.then(other), name) == ("a", "b")
+    assert one.then(other) == Changes(**{name: ("a", "b")})  # type: ignore[arg-type]
 
 
 def run_deferred(
