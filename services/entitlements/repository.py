@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
@@ -327,12 +327,15 @@ async def save(conn: AsyncConnection[Any], writes: Writes) -> None:
                 await cursor.execute(_queries()[name], {"rows": json_rows(rows)}, prepare=True)
 
 
+@lru_cache(maxsize=65_536)
 def _dt(value: int) -> datetime:
+    # Cached: a batch writes the same few times many times over (a subscription's rows
+    # share its version, grant and expiry), and the cache's lookup is C.
     return datetime.fromtimestamp(value, UTC)
 
 
 def _dt_or_none(value: int | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
+    return None if value is None else _dt(value)
 
 
 def _version_params(version: Version) -> dict[str, Any]:
@@ -422,18 +425,22 @@ def _grant_params(g: OneTimeGrant) -> dict[str, Any]:
 
 
 def _entitlement_key(e: Entitlement) -> dict[str, Any]:
-    return dict(
-        zip(
-            ("subject_type", "subject_id", "feature_code", "source_type", "source_id"),
-            e.key,
-            strict=True,
-        )
-    )
+    return {
+        "subject_type": e.subject_type,
+        "subject_id": e.subject_id,
+        "feature_code": e.feature_code,
+        "source_type": e.source_type,
+        "source_id": e.source_id,
+    }
 
 
 def _entitlement_params(e: Entitlement) -> dict[str, Any]:
-    return {
-        **_entitlement_key(e),
+    return {  # the most written table: one literal, no helpers
+        "subject_type": e.subject_type,
+        "subject_id": e.subject_id,
+        "feature_code": e.feature_code,
+        "source_type": e.source_type,
+        "source_id": e.source_id,
         "user_id": e.user_id,
         "family_id": e.family_id,
         "plan_id": e.plan_id,
@@ -443,9 +450,10 @@ def _entitlement_params(e: Entitlement) -> dict[str, Any]:
         "limit_period": e.limit_period,
         "enforcement": e.enforcement,
         "granted_at": _dt(e.granted_at),
-        "expires_at": _dt_or_none(e.expires_at),
-        "revoked_at": _dt_or_none(e.revoked_at),
-        **_version_params(e.version),
+        "expires_at": None if e.expires_at is None else _dt(e.expires_at),
+        "revoked_at": None if e.revoked_at is None else _dt(e.revoked_at),
+        "last_event_id": e.version.event_id,
+        "last_event_created": _dt(e.version.created),
     }
 
 
