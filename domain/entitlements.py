@@ -27,8 +27,6 @@ import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,7 @@ from psycopg.rows import tuple_row
 
 from shared.catalog import SECONDS_PER_DAY, Catalog, Plan
 from shared.sqlfile import load_queries
+from shared.values import ordered_value, value
 
 REDIS_TTL_S = 24 * 3600
 WATERMARK_FIELD = "_watermark"
@@ -48,7 +47,7 @@ Row = tuple[Any, ...]
 _QUERIES = load_queries(Path(__file__).resolve().parent / "sql" / "entitlements.sql")
 
 
-@dataclass(frozen=True, order=True, slots=True)
+@ordered_value
 class Version:
     """The ordering key of events: Stripe's `created`, then the event id to break ties.
 
@@ -60,7 +59,7 @@ class Version:
     event_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class SubjectRow:
     """One entitlement row of a subject, with its subscription's status (if any)."""
 
@@ -93,54 +92,12 @@ async def read_subjects(
 
 
 def _subject_row(row: Row) -> SubjectRow:
-    (
-        subject_type,
-        subject_id,
-        feature_code,
-        source_type,
-        source_id,
-        plan_id,
-        status,
-        access_level,
-        usage_limit,
-        limit_period,
-        enforcement,
-        expires_at,
-        event_id,
-        event_created,
-        subscription_status,
-        status_since,
-    ) = row
-    return SubjectRow(
-        subject_type,
-        subject_id,
-        feature_code,
-        source_type,
-        source_id,
-        plan_id,
-        status,
-        access_level,
-        usage_limit,
-        limit_period,
-        enforcement,
-        _ts_or_none(expires_at),
-        Version(_ts(event_created), event_id),
-        subscription_status,
-        _ts_or_none(status_since),
-    )
+    return SubjectRow(*(*row[:12], Version(row[12], row[13]), row[14], row[15]))
 
 
 def subject_params(subjects: Collection[SubjectKey]) -> dict[str, list[str]]:
     ordered = sorted(subjects)
     return {"subject_types": [s[0] for s in ordered], "subject_ids": [s[1] for s in ordered]}
-
-
-def _ts(value: datetime) -> int:
-    return int(value.timestamp())
-
-
-def _ts_or_none(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp())
 
 
 # ---------------------------------------------------------------- answers

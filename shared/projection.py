@@ -24,11 +24,12 @@ from psycopg import AsyncConnection
 
 from payment.v1 import events_pb2
 from shared.kafka import payment_event_key
+from shared.values import value
 
 M = TypeVar("M")
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Envelope(Generic[M]):
     """One decoded message and where it came from."""
 

@@ -24,8 +24,10 @@ even if a commit did succeed before the connection broke.
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -37,13 +39,14 @@ from shared import tracing
 from shared.metrics import WORKER_BATCH_SECONDS, WORKER_EVENTS
 from shared.projection import ApplyContext, Envelope, PoisonEvent, Projection
 from shared.sqlfile import load_queries
+from shared.values import value
 
 M = TypeVar("M")
 QUERIES = load_queries(Path(__file__).parent / "sql" / "worker.sql")
 TopicPartitionKey = tuple[str, int]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class RawMessage:
     topic: str
     partition: int
@@ -126,7 +129,8 @@ class BatchProcessor(Generic[M]):
                 span.set_attribute("messaging.destination.name", topic)
                 span.set_attribute("messaging.consumer.group.name", f"paymentsvc-{self.consumer}")
                 span.set_attribute("messaging.batch.message_count", len(messages))
-            return await self._process(messages)
+            with cyclic_gc_paused():
+                return await self._process(messages)
 
     async def _process(self, messages: Sequence[RawMessage]) -> BatchResult:
         started = time.perf_counter()
@@ -246,6 +250,37 @@ class BatchProcessor(Generic[M]):
             },
             prepare=True,
         )
+
+
+_gc_pauses = 0  # batches running in this process with the collector paused
+_gc_resume = False  # whether the first of them found it enabled
+
+
+@contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector paused while a batch runs (and while any other batch
+    of this process runs), then enabled again as it was.
+
+    A batch allocates a few hundred thousand short-lived objects (events, rows, params),
+    freed by reference counting; with the default thresholds the collector ran hundreds
+    of times per batch and, in its older generations, walked every object the process
+    holds: 20 % of the entitlements worker's CPU in bench/project.py, where the process
+    also holds the generated events (docs/performance.md, issue 12 section 7). Paused,
+    it runs about once per batch, after it. A batch's own cycles wait for its end.
+    `paymentsvc serve` raises the thresholds for the whole process (runner.py); the
+    replay CLI and the benchmarks did not.
+    """
+    global _gc_pauses, _gc_resume
+    if _gc_pauses == 0:
+        _gc_resume = gc.isenabled()
+        gc.disable()
+    _gc_pauses += 1
+    try:
+        yield
+    finally:
+        _gc_pauses -= 1
+        if _gc_pauses == 0 and _gc_resume:
+            gc.enable()
 
 
 class TableStatistics:

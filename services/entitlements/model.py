@@ -11,13 +11,15 @@ order in which events arrive (handlers.py explains the rules).
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+import operator
 from dataclasses import dataclass, field, fields, replace
+from operator import attrgetter
 from typing import Any, get_args
 
 from domain.entitlements import SubjectKey, Version
 from domain.payments import PAYMENT_STATUSES
 from shared.catalog import SubscriptionStatus
+from shared.values import ordered_value, value
 
 __all__ = ["PAYMENT_STATUSES", "SubjectKey", "Version"]  # the read model's, re-exported for the worker's modules
 
@@ -42,7 +44,7 @@ def _by_version(a: Any, b: Any) -> tuple[Any, Any]:
     return (a, b) if a.version >= b.version else (b, a)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Customer:
     """A Stripe customer and the user / family it belongs to (facts, filled once)."""
 
@@ -55,16 +57,17 @@ class Customer:
 
     def merge(self, other: Customer) -> Customer:
         newer, older = _by_version(self, other)
-        return replace(
-            newer,
+        return Customer(
+            newer.customer_id,
             user_id=_first(older.user_id, newer.user_id),
             family_id=_first(older.family_id, newer.family_id),
             email=_first(older.email, newer.email),
             created_at=min(self.created_at, other.created_at),
+            version=newer.version,
         )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Subscription:
     """The newest snapshot of a subscription plus what is derived from its history.
 
@@ -93,7 +96,7 @@ class Subscription:
     version: Version
 
 
-@dataclass(frozen=True, order=True, slots=True)
+@ordered_value
 class HistoryEntry:
     """One customer.subscription.* event: the status and price it reported, and the
     snapshot fields that decide expiry (read back by CheckEntitlement as_of)."""
@@ -109,7 +112,7 @@ class HistoryEntry:
     status_only: bool = False  # a dunning decision: only its status is its own
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class PaidPeriod:
     """The latest period end paid by an invoice of a subscription: a grow-only max."""
 
@@ -125,7 +128,7 @@ class PaidPeriod:
         return max(self, other, key=lambda p: (p.paid_through, p.version))
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class OneTimeGrant:
     """A one-time purchase of a plan (a checkout in payment mode, or a charge)."""
 
@@ -146,17 +149,19 @@ class OneTimeGrant:
         if other is None:
             return self
         newer, older = _by_version(self, other)
-        return replace(
-            newer,
+        return OneTimeGrant(
+            newer.source_type,
+            newer.source_id,
             customer_id=_first(older.customer_id, newer.customer_id),
             user_id=_first(older.user_id, newer.user_id),
             family_id=_first(older.family_id, newer.family_id),
             plan_id=older.plan_id,
             granted_at=min(self.granted_at, other.granted_at),
+            version=newer.version,
         )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Entitlement:
     """What one subject may use of one feature through one source."""
 
@@ -193,7 +198,7 @@ class Entitlement:
         return (self.subject_type, self.subject_id)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class AccessChange:
     """A change of a subscription's access level and the event that caused it."""
 
@@ -209,7 +214,7 @@ class AccessChange:
         return (self.subscription_id, self.event_id)
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class Payment:
     """One payment, keyed by its payment intent id when known, else its charge id."""
 
@@ -238,25 +243,30 @@ class Payment:
         newer, older = _by_version(self, other)
         intent = _first(older.payment_intent_id, newer.payment_intent_id)
         charge = _first(older.charge_id, newer.charge_id)
-        return replace(
-            newer,
+        return Payment(
             payment_id=intent or charge or older.payment_id,
             customer_id=_first(older.customer_id, newer.customer_id),
             user_id=_first(older.user_id, newer.user_id),
             family_id=_first(older.family_id, newer.family_id),
             amount=older.amount or newer.amount,
             currency=newer.currency if older.currency == NO_CURRENCY else older.currency,
+            status=newer.status,
             amount_refunded=max(self.amount_refunded, other.amount_refunded),
             payment_intent_id=intent,
             charge_id=charge,
             invoice_id=_first(older.invoice_id, newer.invoice_id),
             description=_first(older.description, newer.description),
+            failure_code=newer.failure_code,
+            failure_message=newer.failure_message,
+            status_reason=newer.status_reason,
             metadata={**newer.metadata, **older.metadata},
             created_at=min(self.created_at, other.created_at),
+            updated_at=newer.updated_at,
+            version=newer.version,
         )
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class CatalogMiss:
     """A Stripe price seen on a subscription (or purchase) that the catalog does not know."""
 
@@ -273,7 +283,7 @@ class CatalogMiss:
         return replace(last, first_seen_at=min(self.first_seen_at, other.first_seen_at))
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class EntitlementSet:
     """Every entitlement row of one source: rows of the source not listed here go."""
 
@@ -281,7 +291,7 @@ class EntitlementSet:
     rows: tuple[Entitlement, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@value
 class AccessChangeSet:
     """Every access change of one subscription: rows not listed here go."""
 
@@ -289,16 +299,29 @@ class AccessChangeSet:
     rows: tuple[AccessChange, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@value
+class Derivation:
+    """What a subscription's derived rows are computed from (handlers.derive_subscription):
+    its newest snapshot with its user / family, its history, its paid-through."""
+
+    sub: Subscription
+    history: tuple[HistoryEntry, ...]
+    paid: PaidPeriod | None
+
+
+@value
 class Changes:
     """What one event changes: new versions of rows, applied in field order.
 
     `merged_payments` are payment ids folded into another row (deleted).
     `mapped_customers` gained a user or family: their stored payments are backfilled.
+    `derivations`: subscriptions whose derived rows are left for the end of the batch
+    (`State.defer_derivations`); their `subscriptions` rows are not derived yet.
     """
 
     customers: tuple[Customer, ...] = ()
     subscriptions: tuple[Subscription, ...] = ()
+    derivations: tuple[Derivation, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
     paid_periods: tuple[PaidPeriod, ...] = ()
     grants: tuple[OneTimeGrant, ...] = ()
@@ -314,13 +337,16 @@ class Changes:
         """Both, `later` winning where they touch the same row."""
         if not later:
             return self
-        return Changes(*(getattr(self, name) + getattr(later, name) for name in _CHANGES_FIELDS))
+        if not self:
+            return later
+        return Changes(*map(operator.add, _changes_values(self), _changes_values(later)))
 
     def __bool__(self) -> bool:
-        return any(getattr(self, name) for name in _CHANGES_FIELDS)
+        return any(_changes_values(self))
 
 
-_CHANGES_FIELDS = tuple(f.name for f in fields(Changes))
+# Every field's value at once, in C: `then` and `__bool__` run a few times per event.
+_changes_values = attrgetter(*(f.name for f in fields(Changes)))
 
 
 @dataclass
@@ -329,6 +355,11 @@ class State:
 
     Loaded by the repository for the customers of a batch; the pure handlers read it.
     `history` holds each subscription's entries sorted by version.
+
+    With `defer_derivations`, handlers do not derive a subscription's rows (its derived
+    fields, access changes and entitlements) after each event: `underived` keeps the
+    inputs of each one's latest derivation, and `handlers.derive_deferred` derives each
+    once, for the whole batch. Until then those rows are stale.
     """
 
     customers: dict[str, Customer] = field(default_factory=dict)
@@ -343,6 +374,8 @@ class State:
     mapped_customers: set[str] = field(default_factory=set)
     # Paid invoices seen by this batch (never loaded: the table is append-only).
     paid_events: dict[tuple[str, str], PaidPeriod] = field(default_factory=dict)
+    defer_derivations: bool = False
+    underived: dict[str, Derivation] = field(default_factory=dict)
 
     def copy(self) -> State:
         """A copy whose dicts can change independently (rows are immutable)."""
@@ -359,30 +392,34 @@ class State:
 
     def apply(self, changes: Changes) -> None:
         """Fold `changes` into the state, later rows replacing earlier ones."""
-        self._put(self.customers, changes.customers, lambda c: c.customer_id)
-        self._put(self.subscriptions, changes.subscriptions, lambda s: s.subscription_id)
+        for customer in changes.customers:
+            self.customers[customer.customer_id] = customer
+        for sub in changes.subscriptions:
+            self.subscriptions[sub.subscription_id] = sub
+            self.underived.pop(sub.subscription_id, None)  # derived, or derived below
+        for pending in changes.derivations:
+            self.underived[pending.sub.subscription_id] = pending
         for entry in changes.history:
             self.history[entry.subscription_id] = with_entry(
                 self.history.get(entry.subscription_id, ()), entry
             )
-        self._put(self.paid, changes.paid_periods, lambda p: p.subscription_id)
-        self._put(self.grants, changes.grants, lambda g: g.source)
+        for paid in changes.paid_periods:
+            self.paid[paid.subscription_id] = paid
+        for grant in changes.grants:
+            self.grants[grant.source] = grant
         for ents in changes.entitlement_sets:
             self.entitlements[ents.source] = ents.rows
         for acs in changes.access_change_sets:
             self.access_changes[acs.subscription_id] = acs.rows
         for payment_id in changes.merged_payments:
             self.payments.pop(payment_id, None)
-        self._put(self.payments, changes.payments, lambda p: p.payment_id)
+        for payment in changes.payments:
+            self.payments[payment.payment_id] = payment
         for miss in changes.catalog_misses:
             self.catalog_misses[miss.price_id] = miss.merge(self.catalog_misses.get(miss.price_id))
         self.mapped_customers.update(changes.mapped_customers)
-        self._put(self.paid_events, changes.paid_events, lambda p: (p.subscription_id, p.version.event_id))
-
-    @staticmethod
-    def _put(target: dict[Any, Any], rows: Iterable[Any], key: Any) -> None:
-        for row in rows:
-            target[key(row)] = row
+        for paid in changes.paid_events:
+            self.paid_events[(paid.subscription_id, paid.version.event_id)] = paid
 
 
 def with_entry(history: tuple[HistoryEntry, ...], entry: HistoryEntry) -> tuple[HistoryEntry, ...]:

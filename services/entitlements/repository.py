@@ -9,11 +9,11 @@ per table (plus one query to read back the subjects for Redis).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, lru_cache
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,12 +103,10 @@ async def load_state(conn: AsyncConnection[Any], keys: BatchKeys) -> State:
         conn, ("load_entitlements", "load_access_changes"), params
     )
     state.entitlements = _grouped(
-        map(_entitlement, entitlements), lambda e: (e.source_type, e.source_id), lambda e: e.key
+        map(_entitlement, entitlements), attrgetter("source_type", "source_id"), attrgetter("key")
     )
     state.access_changes = _grouped(
-        map(_access_change, changes),
-        lambda a: a.subscription_id,
-        lambda a: (a.event_created, a.event_id),
+        map(_access_change, changes), _HISTORY_GROUP, attrgetter("event_created", "event_id")
     )
     return state
 
@@ -147,7 +145,7 @@ def _state(
     return State(
         customers={c.customer_id: c for c in map(_customer, customers)},
         subscriptions={s.subscription_id: s for s in map(_subscription, subscriptions)},
-        history=_grouped(map(_history_entry, history), lambda e: e.subscription_id, lambda e: e),
+        history=_grouped(map(_history_entry, history), _HISTORY_GROUP, lambda e: e),
         paid={p.subscription_id: p for p in map(_paid_period, paid)},
         grants={g.source: g for g in map(_grant, grants)},
         payments={p.payment_id: p for p in map(_payment, payments)},
@@ -157,194 +155,60 @@ def _state(
 def _grouped(
     rows: Iterable[R], group: Callable[[R], K], order: Callable[[R], Any]
 ) -> dict[K, tuple[R, ...]]:
-    groups: dict[K, list[R]] = defaultdict(list)
+    """Rows by `group`, each group sorted by `order`."""
+    groups: dict[K, list[R]] = {}
     for row in rows:
-        groups[group(row)].append(row)
-    return {key: tuple(sorted(members, key=order)) for key, members in groups.items()}
+        key = group(row)
+        members = groups.get(key)
+        if members is None:
+            groups[key] = [row]
+        else:
+            members.append(row)
+    return {
+        key: (members[0],) if len(members) == 1 else tuple(sorted(members, key=order))
+        for key, members in groups.items()
+    }
 
 
-def _ts(value: datetime) -> int:
-    return int(value.timestamp())
+_HISTORY_GROUP = attrgetter("subscription_id")
 
-
-def _ts_or_none(value: datetime | None) -> int | None:
-    return None if value is None else int(value.timestamp())
+# The load queries return the model's fields in order, times as Unix seconds, and the
+# version last as (created, event id): a row is its model's arguments. (The one star
+# of a whole tuple is for mypy, which cannot count a slice's items.)
 
 
 def _customer(row: Row) -> Customer:
-    customer_id, user_id, family_id, email, created_at, event_id, event_created = row
-    version = Version(_ts(event_created), event_id)
-    return Customer(customer_id, user_id, family_id, email, _ts(created_at), version)
+    return Customer(*(*row[:5], Version(row[5], row[6])))
 
 
 def _subscription(row: Row) -> Subscription:
-    (
-        sub_id,
-        customer_id,
-        user_id,
-        family_id,
-        plan_id,
-        price_id,
-        status,
-        start,
-        end,
-        cancel_at_period_end,
-        cancel_at,
-        canceled_at,
-        trial_end,
-        access_level,
-        status_since,
-        created_at,
-        updated_at,
-        event_id,
-        event_created,
-    ) = row
-    return Subscription(
-        sub_id,
-        customer_id,
-        user_id,
-        family_id,
-        plan_id,
-        price_id,
-        status,
-        _ts_or_none(start),
-        _ts_or_none(end),
-        cancel_at_period_end,
-        _ts_or_none(cancel_at),
-        _ts_or_none(canceled_at),
-        _ts_or_none(trial_end),
-        access_level,
-        # Only a row written before migration 0002 lacks status_since.
-        _ts(status_since or updated_at),
-        _ts(created_at),
-        _ts(updated_at),
-        Version(_ts(event_created), event_id),
-    )
+    return Subscription(*(*row[:17], Version(row[17], row[18])))
 
 
 def _history_entry(row: Row) -> HistoryEntry:
-    event_created, event_id, sub_id, customer_id, status, price_id, period_end, cancel_at_end, cancel_at, only = row
-    return HistoryEntry(
-        Version(_ts(event_created), event_id), sub_id, customer_id, status, price_id,
-        _ts_or_none(period_end), bool(cancel_at_end), _ts_or_none(cancel_at), bool(only),
-    )
+    return HistoryEntry(Version(row[0], row[1]), *row[2:])
 
 
 def _paid_period(row: Row) -> PaidPeriod:
-    sub_id, customer_id, paid_through, invoice_id, event_id, event_created = row
-    version = Version(_ts(event_created), event_id)
-    return PaidPeriod(sub_id, customer_id, _ts(paid_through), invoice_id, version)
+    return PaidPeriod(*(*row[:4], Version(row[4], row[5])))
 
 
 def _grant(row: Row) -> OneTimeGrant:
-    (
-        source_type,
-        source_id,
-        customer_id,
-        user_id,
-        family_id,
-        plan_id,
-        granted_at,
-        event_id,
-        event_created,
-    ) = row
-    version = Version(_ts(event_created), event_id)
-    return OneTimeGrant(
-        source_type, source_id, customer_id, user_id, family_id, plan_id, _ts(granted_at), version
-    )
+    return OneTimeGrant(*(*row[:7], Version(row[7], row[8])))
 
 
 def _entitlement(row: Row) -> Entitlement:
-    (
-        subject_type,
-        subject_id,
-        feature_code,
-        source_type,
-        source_id,
-        user_id,
-        family_id,
-        plan_id,
-        status,
-        access_level,
-        usage_limit,
-        limit_period,
-        enforcement,
-        granted_at,
-        expires_at,
-        revoked_at,
-        event_id,
-        event_created,
-    ) = row
-    return Entitlement(
-        subject_type,
-        subject_id,
-        feature_code,
-        source_type,
-        source_id,
-        user_id,
-        family_id,
-        plan_id,
-        status,
-        access_level,
-        usage_limit,
-        limit_period,
-        enforcement,
-        _ts(granted_at),
-        _ts_or_none(expires_at),
-        _ts_or_none(revoked_at),
-        Version(_ts(event_created), event_id),
-    )
+    return Entitlement(*(*row[:16], Version(row[16], row[17])))
 
 
 def _access_change(row: Row) -> AccessChange:
-    sub_id, event_id, event_created, from_level, to_level, status = row
-    return AccessChange(sub_id, event_id, _ts(event_created), from_level, to_level, status)
+    return AccessChange(*row)
 
 
 def _payment(row: Row) -> Payment:
-    (
-        payment_id,
-        customer_id,
-        user_id,
-        family_id,
-        amount,
-        currency,
-        status,
-        amount_refunded,
-        payment_intent_id,
-        charge_id,
-        invoice_id,
-        description,
-        failure_code,
-        failure_message,
-        status_reason,
-        metadata,
-        created_at,
-        updated_at,
-        event_id,
-        event_created,
-    ) = row
-    return Payment(
-        payment_id,
-        customer_id,
-        user_id,
-        family_id,
-        amount,
-        currency,
-        status,
-        amount_refunded,
-        payment_intent_id,
-        charge_id,
-        invoice_id,
-        description,
-        failure_code,
-        failure_message,
-        status_reason,
-        dict(metadata or {}),
-        _ts(created_at),
-        _ts(updated_at),
-        Version(_ts(event_created), event_id),
-    )
+    fields = list(row[:18])
+    fields[15] = dict(fields[15] or {})  # metadata
+    return Payment(*(*fields, Version(row[18], row[19])))
 
 
 # ---------------------------------------------------------------- saving
@@ -463,12 +327,15 @@ async def save(conn: AsyncConnection[Any], writes: Writes) -> None:
                 await cursor.execute(_queries()[name], {"rows": json_rows(rows)}, prepare=True)
 
 
+@lru_cache(maxsize=65_536)
 def _dt(value: int) -> datetime:
+    # Cached: a batch writes the same few times many times over (a subscription's rows
+    # share its version, grant and expiry), and the cache's lookup is C.
     return datetime.fromtimestamp(value, UTC)
 
 
 def _dt_or_none(value: int | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
+    return None if value is None else _dt(value)
 
 
 def _version_params(version: Version) -> dict[str, Any]:
@@ -558,18 +425,22 @@ def _grant_params(g: OneTimeGrant) -> dict[str, Any]:
 
 
 def _entitlement_key(e: Entitlement) -> dict[str, Any]:
-    return dict(
-        zip(
-            ("subject_type", "subject_id", "feature_code", "source_type", "source_id"),
-            e.key,
-            strict=True,
-        )
-    )
+    return {
+        "subject_type": e.subject_type,
+        "subject_id": e.subject_id,
+        "feature_code": e.feature_code,
+        "source_type": e.source_type,
+        "source_id": e.source_id,
+    }
 
 
 def _entitlement_params(e: Entitlement) -> dict[str, Any]:
-    return {
-        **_entitlement_key(e),
+    return {  # the most written table: one literal, no helpers
+        "subject_type": e.subject_type,
+        "subject_id": e.subject_id,
+        "feature_code": e.feature_code,
+        "source_type": e.source_type,
+        "source_id": e.source_id,
         "user_id": e.user_id,
         "family_id": e.family_id,
         "plan_id": e.plan_id,
@@ -579,9 +450,10 @@ def _entitlement_params(e: Entitlement) -> dict[str, Any]:
         "limit_period": e.limit_period,
         "enforcement": e.enforcement,
         "granted_at": _dt(e.granted_at),
-        "expires_at": _dt_or_none(e.expires_at),
-        "revoked_at": _dt_or_none(e.revoked_at),
-        **_version_params(e.version),
+        "expires_at": None if e.expires_at is None else _dt(e.expires_at),
+        "revoked_at": None if e.revoked_at is None else _dt(e.revoked_at),
+        "last_event_id": e.version.event_id,
+        "last_event_created": _dt(e.version.created),
     }
 
 

@@ -30,6 +30,8 @@ SMOKE = [
     pytest.param(["bench/usage.py", "--seconds", "0.5"], r"QPS ratio \d+\.\d+", id="usage"),
     pytest.param(["bench/write_shapes.py", "--rows", "20", "--repeats", "2"], r"^json\s+\|.*\|\s+\d+\.\d+$", id="write_shapes"),
     pytest.param(["bench/tracing.py", "--n", "200"], r"^nothing set \(drop all\)\s+\|\s+\d+\.\d+", id="tracing"),
+    # No baseline in the run: CPU per event, compared between two trees on one events file.
+    pytest.param(["bench/batch_cpu.py", "--customers", "50", "--phases"], r"CPU [\d.]+ s = \d+ µs/event", id="batch_cpu"),
 ]
 
 

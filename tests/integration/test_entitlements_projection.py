@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 from psycopg import sql
 from redis.asyncio import Redis
 
-from domain.entitlements import plan_version
+from domain.entitlements import changes_channel, plan_version
 from payment.v1 import events_pb2
 from paymentsvc.dev.samples import sample_event
 from services.entitlements.bootstrap import TABLES
@@ -520,6 +520,32 @@ async def test_a_subject_that_loses_every_row_loses_its_key(
     )
     assert not await redis.exists(f"{redis_prefix}ent:user:{ids.user}")
     assert (await redis_hash(redis, f"{redis_prefix}ent:family:{ids.family}"))["seats"]["allowed"]
+
+
+async def test_the_change_feed_names_the_keys_of_a_batch_once_their_hashes_are_written(
+    db: str, catalog: Catalog, redis: Redis, redis_prefix: str
+) -> None:
+    ids, other = Ids(), Ids()
+    projection = EntitlementsProjection(catalog, redis, redis_prefix)
+    await apply_batch(db, projection, [sub_event(other, "created", T0, user_id=other.user)])
+    feed = redis.pubsub()
+    await feed.subscribe(changes_channel(redis_prefix))
+    try:
+        assert (await feed.get_message(timeout=2))["type"] == "subscribe"  # type: ignore[index]
+        # One subject gains rows, the other loses its key (its subscription is another's now).
+        await apply_batch(db, projection, [
+            sub_event(ids, "created", T0, user_id=ids.user, price_id="price_pro_monthly"),
+            sub_event(other, "updated", T0 + 1, user_id=other.user, price_id="price_unknown"),
+        ])
+        message = await feed.get_message(ignore_subscribe_messages=True, timeout=5)
+    finally:
+        await feed.aclose()
+
+    keys = {f"{redis_prefix}ent:user:{ids.user}", f"{redis_prefix}ent:user:{other.user}"}
+    assert message is not None and set(message["data"].decode().split("\n")) == keys
+    assert set(await redis_hash(redis, f"{redis_prefix}ent:user:{ids.user}")) == {
+        *catalog.plans["pro"].features, "_watermark"
+    }
 
 
 async def test_replay_writes_postgres_and_skips_redis(

@@ -6,6 +6,7 @@ payload in a table of its own, so the tests see exactly what was applied.
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -27,12 +28,14 @@ class RecordingProjection:
     def __init__(self) -> None:
         self.after_commit_calls: list[Any] = []
         self.fail_transiently = 0
+        self.gc_enabled: list[bool] = []  # during each apply
 
     def decode(self, value: bytes, headers: dict[str, bytes]) -> tuple[str, str, dict]:  # type: ignore[type-arg]
         body = json.loads(value)
         return body["id"], body.get("type", "test"), body
 
     async def apply(self, conn: psycopg.AsyncConnection, events: list[Envelope[dict]], ctx: ApplyContext) -> Any:  # type: ignore[type-arg]
+        self.gc_enabled.append(gc.isenabled())
         if self.fail_transiently:
             self.fail_transiently -= 1
             raise psycopg.OperationalError("the database went away (simulated)")
@@ -163,3 +166,19 @@ async def test_a_batch_of_rejected_events_over_the_ratio_commits_nothing(pool: A
     with pytest.raises(TooManyDeadLetters):
         await processor.process(batch)
     assert letters.sent == [] and await recorded(pool) == [] and await offsets(pool) == {}
+
+
+async def test_a_batch_runs_with_the_cyclic_gc_paused_and_resumes_it_even_on_failure(pool: AsyncConnectionPool) -> None:
+    projection = RecordingProjection()
+    processor = BatchProcessor(projection, pool, Letters())
+    assert gc.isenabled()
+
+    await processor.process([message(0, "e0")])
+    assert projection.gc_enabled == [False]
+    assert gc.isenabled()
+
+    projection.fail_transiently = 1
+    with pytest.raises(psycopg.OperationalError):
+        await processor.process([message(1, "e1")])
+    assert projection.gc_enabled == [False, False]
+    assert gc.isenabled()

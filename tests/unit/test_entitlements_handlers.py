@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
+from dataclasses import fields
 from functools import cache
 from typing import Any
 
@@ -16,8 +17,8 @@ from hypothesis import strategies as st
 
 from payment.v1 import events_pb2
 from paymentsvc.dev.samples import SAMPLE_TYPES, dispute_event, sample_event
-from services.entitlements.handlers import HANDLERS, InvalidEvent, apply
-from services.entitlements.model import Entitlement, State
+from services.entitlements.handlers import HANDLERS, InvalidEvent, apply, derive_deferred
+from services.entitlements.model import Changes, Entitlement, State
 from services.ingest_webhooks.normalize import normalize
 from shared.catalog import Catalog, load_catalog
 from shared.config import DEFAULT_CATALOG_PATH
@@ -679,6 +680,70 @@ def test_any_order_of_a_rich_lifecycle_ends_in_the_same_state(
     order: list[events_pb2.PaymentEvent],
 ) -> None:
     assert run(order) == run(RICH)
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(Changes)])
+def test_changes_are_something_and_concatenate_in_every_field(name: str) -> None:
+    one, other = Changes(**{name: ("a",)}), Changes(**{name: ("b",)})  # type: ignore[arg-type]
+
+    assert one and not Changes()
+    assert Changes().then(one) == one.then(Changes()) == one
+    assert getattr(one.then(other), name) == ("a", "b")
+    assert one.then(other) == Changes(**{name: ("a", "b")})  # type: ignore[arg-type]
+
+
+def run_deferred(
+    events: Iterable[events_pb2.PaymentEvent], cuts: Iterable[int] = (), state: State | None = None
+) -> State:
+    """As the projection folds a batch: each subscription derived once, at the end of its
+    batch (batches end before the indexes in `cuts`)."""
+    state = state if state is not None else State()
+    events = list(events)
+    bounds = sorted({0, *(c for c in cuts if 0 < c < len(events)), len(events)})
+    for start, end in itertools.pairwise(bounds):
+        state.defer_derivations = True
+        for e in events[start:end]:
+            state.apply(apply(e, state, catalog()))
+        state.apply(derive_deferred(state, catalog()))
+        state.defer_derivations = False
+    return state
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.permutations(RICH), st.lists(st.integers(1, len(RICH) - 1), max_size=3))
+def test_deriving_each_subscription_once_per_batch_equals_deriving_after_every_event(
+    order: list[events_pb2.PaymentEvent], cuts: list[int]
+) -> None:
+    assert run_deferred(order, cuts) == run(order)
+    assert run_deferred([*order, *order[:3]], cuts) == run([*order, *order[:3]])  # redelivered
+
+
+def test_a_deferred_derivation_waits_for_the_end_of_the_batch() -> None:
+    state = mapped()
+    state.defer_derivations = True
+    for e in lifecycle()[1:3]:
+        state.apply(apply(e, state, catalog()))
+
+    assert set(state.underived) == {SUB}
+    assert ("subscription", SUB) not in state.entitlements  # not derived yet
+    state.apply(derive_deferred(state, catalog()))
+    assert not state.underived
+    state.defer_derivations = False
+    assert state == mapped(*lifecycle()[1:3])
+
+
+def test_a_subscription_stored_without_history_derives_the_same_deferred() -> None:
+    """A row written before its history was recorded stands for its own entry until its
+    first new event: deferring must derive from the same history as each event did."""
+    stored = mapped(sub_event("created", T0))
+    del stored.history[SUB]
+    later = [
+        sub_event("updated", P1 + 60, status="past_due", period_start=P1, period_end=P1 + 30 * DAY),
+        event("invoice.paid", P1 + 3 * DAY, subscription_id=SUB, period_start=P1, period_end=P2),
+        sub_event("updated", P1 + 3 * DAY + 1, period_start=P1, period_end=P2),
+    ]
+    for order in itertools.permutations(later):
+        assert run_deferred(order, state=stored.copy()) == run(order, stored.copy())
 
 
 def test_the_rich_lifecycle_ends_where_it_should() -> None:

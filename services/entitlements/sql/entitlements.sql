@@ -6,25 +6,34 @@
 -- worker of the customer's partition writes them (catalog_misses, shared by all
 -- workers, is merged in SQL). Lists of ids are sent in binary (the "b" placeholders): psycopg
 -- quotes a text array element by element in Python, 6x slower (docs/performance.md).
+-- The load queries return times as Unix seconds (truncated, as int(datetime.timestamp())
+-- does), in the order of the model's fields with the version last (created, event id):
+-- a datetime per value, built by psycopg and converted back in Python, cost more than the
+-- rest of the conversion (docs/performance.md, issue 12 section 7).
 
 -- name: load_customers
-SELECT customer_id, user_id, family_id, email, created_at, last_event_id, last_event_created
+SELECT customer_id, user_id, family_id, email, trunc(extract(epoch FROM created_at))::bigint,
+       trunc(extract(epoch FROM last_event_created))::bigint, last_event_id
 FROM customers
 WHERE customer_id = ANY(%(customer_ids)b::text[]);
 
 -- name: load_subscriptions
+-- Only a row written before migration 0002 lacks status_since.
 SELECT subscription_id, customer_id, user_id, family_id, plan_id, price_id, status,
-       current_period_start, current_period_end, cancel_at_period_end, cancel_at,
-       canceled_at, trial_end, access_level, status_since, created_at, updated_at,
-       last_event_id, last_event_created
+       trunc(extract(epoch FROM current_period_start))::bigint, trunc(extract(epoch FROM current_period_end))::bigint,
+       cancel_at_period_end, trunc(extract(epoch FROM cancel_at))::bigint, trunc(extract(epoch FROM canceled_at))::bigint,
+       trunc(extract(epoch FROM trial_end))::bigint, access_level,
+       trunc(extract(epoch FROM coalesce(status_since, updated_at)))::bigint, trunc(extract(epoch FROM created_at))::bigint,
+       trunc(extract(epoch FROM updated_at))::bigint, trunc(extract(epoch FROM last_event_created))::bigint, last_event_id
 FROM subscriptions
 WHERE customer_id = ANY(%(customer_ids)b::text[])
    OR subscription_id = ANY(%(subscription_ids)b::text[]);
 
 -- name: load_history
 -- Sorted by version in Python: ORDER BY on text follows the collation, not code points.
-SELECT event_created, event_id, subscription_id, customer_id, status, price_id,
-       current_period_end, cancel_at_period_end, cancel_at, status_only
+SELECT trunc(extract(epoch FROM event_created))::bigint, event_id, subscription_id, customer_id, status, price_id,
+       trunc(extract(epoch FROM current_period_end))::bigint, cancel_at_period_end,
+       trunc(extract(epoch FROM cancel_at))::bigint, status_only
 FROM subscription_history
 WHERE customer_id = ANY(%(customer_ids)b::text[])
    OR subscription_id = ANY(%(subscription_ids)b::text[]);
@@ -44,14 +53,15 @@ FROM (SELECT pg_advisory_xact_lock(lock_key)
             ORDER BY lock_key) AS ordered) AS locked;
 
 -- name: load_paid_periods
-SELECT subscription_id, customer_id, paid_through, invoice_id, last_event_id, last_event_created
+SELECT subscription_id, customer_id, trunc(extract(epoch FROM paid_through))::bigint, invoice_id,
+       trunc(extract(epoch FROM last_event_created))::bigint, last_event_id
 FROM paid_periods
 WHERE customer_id = ANY(%(customer_ids)b::text[])
    OR subscription_id = ANY(%(subscription_ids)b::text[]);
 
 -- name: load_grants
-SELECT source_type, source_id, customer_id, user_id, family_id, plan_id, granted_at,
-       last_event_id, last_event_created
+SELECT source_type, source_id, customer_id, user_id, family_id, plan_id,
+       trunc(extract(epoch FROM granted_at))::bigint, trunc(extract(epoch FROM last_event_created))::bigint, last_event_id
 FROM one_time_grants
 WHERE customer_id = ANY(%(customer_ids)b::text[])
    -- a guest's grant has no customer: found by its charge or checkout session id
@@ -60,15 +70,16 @@ WHERE customer_id = ANY(%(customer_ids)b::text[])
 -- name: load_entitlements
 -- Second phase: the sources are the subscriptions and grants the first phase found.
 SELECT subject_type, subject_id, feature_code, source_type, source_id, user_id, family_id,
-       plan_id, status, access_level, usage_limit, limit_period, enforcement, granted_at,
-       expires_at, revoked_at, last_event_id, last_event_created
+       plan_id, status, access_level, usage_limit, limit_period, enforcement,
+       trunc(extract(epoch FROM granted_at))::bigint, trunc(extract(epoch FROM expires_at))::bigint, trunc(extract(epoch FROM revoked_at))::bigint,
+       trunc(extract(epoch FROM last_event_created))::bigint, last_event_id
 FROM entitlements
 WHERE (source_type, source_id) IN (
     SELECT * FROM unnest(%(source_types)b::text[], %(source_ids)b::text[]));
 
 -- name: load_access_changes
 -- Second phase, like load_entitlements.
-SELECT subscription_id, event_id, event_created, from_level, to_level, status
+SELECT subscription_id, event_id, trunc(extract(epoch FROM event_created))::bigint, from_level, to_level, status
 FROM access_changes
 WHERE subscription_id = ANY(%(subscription_ids)b::text[]);
 
@@ -77,7 +88,8 @@ WHERE subscription_id = ANY(%(subscription_ids)b::text[]);
 -- row is keyed by the intent) waits for a writer holding it and reads what it committed.
 SELECT payment_id, customer_id, user_id, family_id, amount, currency, status, amount_refunded,
        payment_intent_id, charge_id, invoice_id, description, failure_code, failure_message,
-       status_reason, metadata, created_at, updated_at, last_event_id, last_event_created
+       status_reason, metadata, trunc(extract(epoch FROM created_at))::bigint, trunc(extract(epoch FROM updated_at))::bigint,
+       trunc(extract(epoch FROM last_event_created))::bigint, last_event_id
 FROM payments
 WHERE payment_id = ANY(%(payment_ids)b::text[])
    OR charge_id = ANY(%(charge_ids)b::text[])
