@@ -254,6 +254,10 @@ class BatchProcessor(Generic[M]):
 
 _gc_pauses = 0  # batches running in this process with the collector paused
 _gc_resume = False  # whether the first of them found it enabled
+_gc_ends_in_pause = 0  # batches ended while others kept the collector paused
+# Overlapping batches (a rebuild's lanes in one process) may keep the collector paused
+# for good: every this many batch ends under a pause, one full collection runs anyway.
+GC_COLLECT_EVERY = 8
 
 
 @contextmanager
@@ -266,11 +270,13 @@ def cyclic_gc_paused() -> Iterator[None]:
     of times per batch and, in its older generations, walked every object the process
     holds: 20 % of the entitlements worker's CPU in bench/project.py, where the process
     also holds the generated events (docs/performance.md, issue 12 section 7). Paused,
-    it runs about once per batch, after it. A batch's own cycles wait for its end.
+    it runs about once per batch, after it. A batch's own cycles wait for its end. Batches
+    that overlap without a gap (a rebuild's lanes in one process) would keep it paused for
+    good, so every GC_COLLECT_EVERY batch ends under a pause run one full collection.
     `paymentsvc serve` raises the thresholds for the whole process (runner.py); the
     replay CLI and the benchmarks did not.
     """
-    global _gc_pauses, _gc_resume
+    global _gc_pauses, _gc_resume, _gc_ends_in_pause
     if _gc_pauses == 0:
         _gc_resume = gc.isenabled()
         gc.disable()
@@ -279,8 +285,15 @@ def cyclic_gc_paused() -> Iterator[None]:
         yield
     finally:
         _gc_pauses -= 1
-        if _gc_pauses == 0 and _gc_resume:
-            gc.enable()
+        if _gc_pauses == 0:
+            _gc_ends_in_pause = 0
+            if _gc_resume:
+                gc.enable()
+        elif _gc_resume:
+            _gc_ends_in_pause += 1
+            if _gc_ends_in_pause >= GC_COLLECT_EVERY:
+                _gc_ends_in_pause = 0
+                gc.collect()
 
 
 class TableStatistics:

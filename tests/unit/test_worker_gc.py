@@ -59,3 +59,31 @@ async def test_overlapping_batches_keep_it_paused_until_the_last_ends() -> None:
 
     await asyncio.gather(first(), second())
     assert seen == [False, True]
+
+
+async def test_batches_that_always_overlap_still_collect_cycles() -> None:
+    """Lanes in one process: some batch is always running, so the pause never ends by
+    itself; the cyclic garbage must still be collected, not kept for good."""
+    gc.enable()
+    gc.collect()
+    collected_before = sum(stats["collected"] for stats in gc.get_stats())
+    holder = asyncio.Event()
+
+    async def long_batch() -> None:
+        with cyclic_gc_paused():
+            await holder.wait()
+
+    keeper = asyncio.create_task(long_batch())
+    await asyncio.sleep(0)
+    for _ in range(20):
+        with cyclic_gc_paused():
+            for _ in range(100):
+                cycle: list[object] = []
+                cycle.append(cycle)  # garbage only the cyclic collector frees
+                del cycle
+    assert not gc.isenabled()  # the long batch still runs
+    collected = sum(stats["collected"] for stats in gc.get_stats()) - collected_before
+    holder.set()
+    await keeper
+    assert gc.isenabled()
+    assert collected >= 100  # at least one full collection ran while paused
