@@ -325,7 +325,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         span_name = f"{SERVICE_PREFIX[1:]}{name}"
         service = SERVICE_PREFIX[1:-1]
         tracer = tracing.tracer  # looked up per call: `tracing.setup` may come after the server
-        extract = tracing.extract_headers
+        extract, activate, deactivate = tracing.extract_headers, tracing.activate, tracing.deactivate
         caller_of = self._auth.caller
         limiter = self._limiter
         latency = API_LATENCY.labels(name)
@@ -336,61 +336,61 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             metadata = context.invocation_metadata() or ()
             code = _OK
-            with tracer().start_as_current_span(
-                span_name, context=extract(metadata), kind=server_kind,
-                record_exception=False, set_status_on_exception=False,
-            ) as span:
+            span = tracer().start_span(span_name, context=extract(metadata), kind=server_kind)
+            token = activate(span)
+            try:
+                caller = caller_of(metadata, name)
+                CALLER.set(caller)
+                if limiter is not None and not limiter.take(caller):
+                    await limiter.admit(caller)
+                remaining = context.time_remaining()
+                if remaining is None:
+                    return await inner(request, context)
+                timeout = asyncio.timeout(max(0.0, remaining))
                 try:
-                    caller = caller_of(metadata, name)
-                    CALLER.set(caller)
-                    if limiter is not None and not limiter.take(caller):
-                        await limiter.admit(caller)
-                    remaining = context.time_remaining()
-                    if remaining is None:
+                    async with timeout:
                         return await inner(request, context)
-                    timeout = asyncio.timeout(max(0.0, remaining))
-                    try:
-                        async with timeout:
-                            return await inner(request, context)
-                    except TimeoutError:
-                        if timeout.expired():
-                            raise DeadlineExceeded(f"the deadline ran out during {name}") from None
-                        raise
-                except grpc.aio.AbortError:  # the handler aborted the call itself
-                    code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                except TimeoutError:
+                    if timeout.expired():
+                        raise DeadlineExceeded(f"the deadline ran out during {name}") from None
                     raise
-                except Exception as exc:
-                    code, message = status_of(exc)
-                    trailers: tuple[tuple[str, str], ...] = ()
-                    if isinstance(exc, RateLimited):
-                        trailers = (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
-                    if code is grpc.StatusCode.INTERNAL:
-                        error_id = uuid.uuid4().hex[:12]
-                        log.error("unhandled error in %s (error id %s)", name, error_id, exc_info=exc)
-                        message = f"internal error (error id {error_id})"
-                    await context.abort(code, message, trailing_metadata=trailers)
-                except BaseException:  # cancelled: the client left, or the server is stopping
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                finally:
-                    elapsed = time.perf_counter() - started
-                    counter = handled.get(code)
-                    if counter is None:
-                        counter = handled[code] = API_HANDLED.labels(name, code.name)
-                    counter.inc()
-                    latency.observe(elapsed)
-                    level = log_level(code)
-                    if log.isEnabledFor(level):
-                        log.log(level, "rpc", extra={
-                            "method": name, "code": code.name, "duration_ms": round(elapsed * 1000, 2),
-                            "key": CALLER.get(),
-                        })
-                    if span.is_recording():
-                        span.set_attribute("rpc.system", "grpc")
-                        span.set_attribute("rpc.service", service)
-                        span.set_attribute("rpc.method", name)
-                        span.set_attribute("rpc.grpc.status_code", code.value[0])
-                        if code in _SERVER_ERRORS:
-                            span.set_status(tracing.Status(tracing.StatusCode.ERROR, code.name))
+            except grpc.aio.AbortError:  # the handler aborted the call itself
+                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                raise
+            except Exception as exc:
+                code, message = status_of(exc)
+                trailers: tuple[tuple[str, str], ...] = ()
+                if isinstance(exc, RateLimited):
+                    trailers = (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
+                if code is grpc.StatusCode.INTERNAL:
+                    error_id = uuid.uuid4().hex[:12]
+                    log.error("unhandled error in %s (error id %s)", name, error_id, exc_info=exc)
+                    message = f"internal error (error id {error_id})"
+                await context.abort(code, message, trailing_metadata=trailers)
+            except BaseException:  # cancelled: the client left, or the server is stopping
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                elapsed = time.perf_counter() - started
+                counter = handled.get(code)
+                if counter is None:
+                    counter = handled[code] = API_HANDLED.labels(name, code.name)
+                counter.inc()
+                latency.observe(elapsed)
+                level = log_level(code)
+                if log.isEnabledFor(level):
+                    log.log(level, "rpc", extra={
+                        "method": name, "code": code.name, "duration_ms": round(elapsed * 1000, 2),
+                        "key": CALLER.get(),
+                    })
+                if span.is_recording():
+                    span.set_attribute("rpc.system", "grpc")
+                    span.set_attribute("rpc.service", service)
+                    span.set_attribute("rpc.method", name)
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    if code in _SERVER_ERRORS:
+                        span.set_status(tracing.Status(tracing.StatusCode.ERROR, code.name))
+                deactivate(token)
+                span.end()
 
         return intercepted
