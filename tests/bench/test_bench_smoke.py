@@ -30,6 +30,9 @@ SMOKE = [
     pytest.param(["bench/usage.py", "--seconds", "0.5"], r"QPS ratio \d+\.\d+", id="usage"),
     pytest.param(["bench/write_shapes.py", "--rows", "20", "--repeats", "2"], r"^json\s+\|.*\|\s+\d+\.\d+$", id="write_shapes"),
     pytest.param(["bench/tracing.py", "--n", "200"], r"^nothing set \(drop all\)\s+\|\s+\d+\.\d+", id="tracing"),
+    pytest.param(["bench/interceptor.py", "--calls", "200"], r"^one pass\s+\|\s+3 \|\s+\d+\.\d+", id="interceptor"),
+    # CPU per call of the serving process around a ratio benchmark (the phases' lines).
+    pytest.param(["bench/cpu.py", "usage", "--seconds", "1"], r"^CPU port \d+ increment: \d+ calls, .* µs/call", id="cpu-usage"),
 ]
 
 
