@@ -114,6 +114,7 @@ bench: preflight
 	$(BIN)/python bench/usage.py
 	$(BIN)/python bench/write_shapes.py
 	$(BIN)/python bench/tracing.py
+	$(BIN)/python bench/interceptor.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .dev
