@@ -115,6 +115,7 @@ bench: preflight
 	$(BIN)/python bench/write_shapes.py
 	$(BIN)/python bench/tracing.py
 	$(BIN)/python bench/batch_cpu.py
+	$(BIN)/python bench/interceptor.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .dev

@@ -51,8 +51,9 @@ _INSTRUMENTATION = "paymentsvc"
 _tracer: Tracer = trace.get_tracer(_INSTRUMENTATION)
 
 __all__ = [
-    "Link", "SpanKind", "TRACE_HEADERS", "continued", "current_traceparent", "extract_headers",
-    "Status", "StatusCode", "links_of", "setup", "shutdown", "trace_headers", "tracer", "with_trace_headers",
+    "Link", "SpanKind", "TRACE_HEADERS", "activate", "continued", "current_traceparent", "deactivate",
+    "extract_headers", "Status", "StatusCode", "links_of", "setup", "shutdown", "trace_headers", "tracer",
+    "with_trace_headers",
 ]
 
 
@@ -202,6 +203,17 @@ def current_traceparent() -> str:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier.get("traceparent", "")
+
+
+def activate(span: trace.Span) -> object:
+    """Make `span` the current one; pass the token to `deactivate`. What
+    `start_as_current_span` does without its two generator-based context managers
+    (about 1.5 µs per RPC, interceptors.py)."""
+    return otel_context.attach(trace.set_span_in_context(span))
+
+
+def deactivate(token: object) -> None:
+    otel_context.detach(token)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager

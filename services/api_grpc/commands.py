@@ -34,7 +34,7 @@ def event_id_for(event_type: str, idempotency_key: str) -> str:
 def headers(event: events_pb2.PaymentEvent, traceparent: str = "") -> list[tuple[str, bytes]]:
     """The headers the ingester sets on payment-events.
 
-    The trace context is the current one: the RPC's server span (interceptors.Tracing),
+    The trace context is the current one: the RPC's server span (interceptors.CallInterceptor),
     which already continues the caller's `traceparent`, so `traceparent` is not needed
     and kept only for the callers' signature.
     """

@@ -1,5 +1,5 @@
 """Domain errors of the API. Servicers and use cases raise these; one interceptor
-(interceptors.ExceptionMapping) turns them into gRPC status codes.
+(interceptors.CallInterceptor) turns them into gRPC status codes.
 
 Nothing here imports grpc except the code each error maps to, so the use cases stay
 free of transport details.

@@ -1,9 +1,16 @@
-"""Server interceptors, one concern each (the grpc-interceptor habit).
+"""The server's one interceptor: every concern of a call in one pass.
 
-Order, outermost first (server.py): Tracing, ExceptionMapping, Metrics, RequestLog, Auth,
-RateLimit, Deadline. Inner layers raise domain errors; ExceptionMapping alone turns
-exceptions into status codes, and Metrics / RequestLog learn the code an exception
-will get from the same function (`status_of`).
+In order, as seen by the call: tracing (a SERVER span continuing the caller's
+`traceparent`), authentication and the method's scope, the per-key rate limit, the
+client's deadline, the handler, then the mapping of exceptions to status codes, the
+metrics and the log line. Inner code raises domain errors; `status_of` is the one
+mapping, used for the status sent, the metric's code, the log and the span alike.
+
+One interceptor rather than a chain of seven (the grpc-interceptor habit, one concern
+each): grpc.aio asks each interceptor for the handler on every call and each layer
+adds two coroutine frames to every await, about 45 µs of a 500 µs check (docs/
+performance.md, issue 13). The concerns stay separate functions and objects
+(`Authenticator`, `RateLimiter`); only the awaiting is done once.
 
 Only unary-unary methods of payment.v1.PaymentService are wrapped: health checking
 and reflection pass through untouched (and need no API key).
@@ -68,6 +75,13 @@ SCOPES: dict[str, str] = {
     "UpdatePaymentStatus": "admin",
 }
 
+# Server errors by the semantic conventions of gRPC spans; the rest are the caller's.
+_SERVER_ERRORS = frozenset({
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
+})
+_OK = grpc.StatusCode.OK
+
 
 def short_name(method: str) -> str:
     return method.rsplit("/", 1)[-1]
@@ -86,182 +100,12 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
-class UnaryInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the unary-unary handlers of PaymentService in `intercept`.
-
-    grpc.aio asks every interceptor for the handler on every call; the wrapped handler is
-    built once per method (and inner handler) and reused.
-    """
-
-    _wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]]
-
-    async def intercept(
-        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
-    ) -> Any:
-        raise NotImplementedError
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        full_name = handler_call_details.method
-        try:
-            cache = self._wrapped
-        except AttributeError:
-            cache = self._wrapped = {}
-        known = cache.get(full_name)
-        if known is not None and known[0] is handler:
-            return known[1]
-        if handler is None or handler.unary_unary is None or not full_name.startswith(SERVICE_PREFIX):
-            return handler
-        inner, name, intercept = handler.unary_unary, short_name(full_name), self.intercept
-
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await intercept(inner, request, context, name)
-
-        result = grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        if len(cache) < 1000:
-            cache[full_name] = (handler, result)
-        return result
-
-
-# Server errors by the semantic conventions of gRPC spans; the rest are the caller's.
-_SERVER_ERRORS = frozenset({
-    grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
-    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS,
-})
-
-
-class Tracing(UnaryInterceptor):
-    """One SERVER span per call, continuing the caller's `traceparent` metadata, current
-    for everything the call does (the events it publishes carry its context).
-
-    Explicit rather than opentelemetry-instrumentation-grpc's interceptor: this one
-    reuses the chain's per-method wrapping and sets attributes only on a kept span, so
-    an unsampled call costs an id and a context switch (README, "Tracing")."""
-
-    async def intercept(
-        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
-    ) -> Any:
-        parent = tracing.extract_headers(context.invocation_metadata() or ())
-        with tracing.tracer().start_as_current_span(
-            f"{SERVICE_PREFIX[1:]}{name}", context=parent, kind=tracing.SpanKind.SERVER,
-            record_exception=False, set_status_on_exception=False,
-        ) as span:
-            code = grpc.StatusCode.OK
-            try:
-                return await method(request, context)
-            except grpc.aio.AbortError:
-                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
-                raise
-            except BaseException as exc:
-                code = status_of(exc)[0] if isinstance(exc, Exception) else grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                if span.is_recording():
-                    span.set_attribute("rpc.system", "grpc")
-                    span.set_attribute("rpc.service", SERVICE_PREFIX[1:-1])
-                    span.set_attribute("rpc.method", name)
-                    span.set_attribute("rpc.grpc.status_code", code.value[0])
-                    if code in _SERVER_ERRORS:
-                        span.set_status(tracing.Status(tracing.StatusCode.ERROR, code.name))
-
-
-class ExceptionMapping(UnaryInterceptor):
-    """Domain and driver errors -> status codes with their message; anything else ->
-    INTERNAL with an error id that is logged with the traceback (never sent)."""
-
-    async def intercept(
-        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
-    ) -> Any:
-        try:
-            return await method(request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:
-            code, message = status_of(exc)
-            trailers: tuple[tuple[str, str], ...] = ()
-            if isinstance(exc, RateLimited):
-                trailers = (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
-            if code == grpc.StatusCode.INTERNAL:
-                error_id = uuid.uuid4().hex[:12]
-                log.error("unhandled error in %s (error id %s)", name, error_id, exc_info=exc)
-                message = f"internal error (error id {error_id})"
-            await context.abort(code, message, trailing_metadata=trailers)
-
-
-class Metrics(UnaryInterceptor):
-    """Handled total by method and code, and latency by method (label children bound
-    once, not looked up per call)."""
-
-    def __init__(self) -> None:
-        self._handled: dict[tuple[str, grpc.StatusCode], Any] = {}
-        self._latency: dict[str, Any] = {}
-
-    async def intercept(
-        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
-    ) -> Any:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return await method(request, context)
-        except BaseException as exc:
-            code = status_of(exc)[0] if isinstance(exc, Exception) else grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            elapsed = time.perf_counter() - started
-            handled = self._handled.get((name, code))
-            if handled is None:
-                handled = self._handled[(name, code)] = API_HANDLED.labels(name, code.name)
-            handled.inc()
-            latency = self._latency.get(name)
-            if latency is None:
-                latency = self._latency[name] = API_LATENCY.labels(name)
-            latency.observe(elapsed)
-
-
-class RequestLog(UnaryInterceptor):
-    """One structured line per call: method, code, duration and the key's name. Never the
-    key, the request or the response (they may hold card data or a client_secret).
-
-    Successes are logged at DEBUG (the metrics count them), failures at INFO, INTERNAL
-    at WARNING: at thousands of calls per second a line per success costs more CPU than
-    the call."""
-
-    async def intercept(
-        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
-    ) -> Any:
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        try:
-            return await method(request, context)
-        except BaseException as exc:
-            code = status_of(exc)[0] if isinstance(exc, Exception) else grpc.StatusCode.CANCELLED
-            raise
-        finally:
-            if code is grpc.StatusCode.OK:
-                level = logging.DEBUG
-            elif code is grpc.StatusCode.INTERNAL:
-                level = logging.WARNING
-            else:
-                level = logging.INFO
-            if log.isEnabledFor(level):
-                log.log(
-                    level,
-                    "rpc",
-                    extra={
-                        "method": name,
-                        "code": code.name,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                        "key": CALLER.get(),
-                    },
-                )
+def log_level(code: grpc.StatusCode) -> int:
+    """Successes at DEBUG (the metrics count them), failures at INFO, INTERNAL at WARNING:
+    at thousands of calls per second a line per success costs more CPU than the call."""
+    if code is _OK:
+        return logging.DEBUG
+    return logging.WARNING if code is grpc.StatusCode.INTERNAL else logging.INFO
 
 
 def bearer_token(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
@@ -281,27 +125,26 @@ def _find(token: bytes, secrets: Sequence[tuple[bytes, ApiKey]]) -> ApiKey | Non
     return found
 
 
-class Auth(UnaryInterceptor):
+class Authenticator:
     """`authorization: Bearer <key>` against the configured keys, then the method's scope."""
 
     def __init__(self, keys: Sequence[ApiKey]) -> None:
         self._keys = tuple(keys)
         self._secrets = [(key.secret.get_secret_value().encode(), key) for key in self._keys]
 
-    async def intercept(
-        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
-    ) -> Any:
-        token = bearer_token(context.invocation_metadata())
+    def caller(self, metadata: Sequence[tuple[str, Any]] | None, method: str) -> str:
+        """The name of the key that may call `method`; raises Unauthenticated or
+        PermissionDenied."""
+        token = bearer_token(metadata)
         if token is None:
             raise Unauthenticated("missing API key: send `authorization: Bearer <key>`")
         key = _find(token.encode(), self._secrets)
         if key is None:
             raise Unauthenticated("unknown API key")
-        CALLER.set(key.name)
-        needed = SCOPES.get(name, "admin")
+        needed = SCOPES.get(method, "admin")
         if needed not in key.scopes:
-            raise PermissionDenied(f"{name} needs the {needed!r} scope")
-        return await method(request, context)
+            raise PermissionDenied(f"{method} needs the {needed!r} scope")
+        return key.name
 
 
 _TOKEN_BUCKET = """
@@ -328,7 +171,7 @@ return {allowed, tostring(wait)}
 """
 
 
-class RateLimit(UnaryInterceptor):
+class RateLimiter:
     """A token bucket per API key in Redis (refilled at `rate`/s up to `burst`; one
     script call, atomic). Redis down or its breaker open: fail open, and count it.
 
@@ -337,6 +180,8 @@ class RateLimit(UnaryInterceptor):
     script call, spent locally until used up or `lease_s` old (then dropped). The
     limit stays global; the cost is at most one lease per key and replica admitted
     early or thrown away. One refill at a time per key (the others wait for it).
+
+    `take` spends from the lease without awaiting (most calls); `admit` refills.
     """
 
     def __init__(
@@ -363,19 +208,20 @@ class RateLimit(UnaryInterceptor):
         self._leases: dict[str, list[float]] = {}  # caller -> [tokens left, valid until]
         self._refills: dict[str, asyncio.Future[tuple[bool, float]]] = {}
 
-    async def intercept(
-        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
-    ) -> Any:
-        caller = CALLER.get()
+    def take(self, caller: str) -> bool:
+        """Spend one token of this replica's lease; False when it needs `admit`."""
         lease = self._leases.get(caller)
         if lease is None or lease[0] < 1 or time.monotonic() >= lease[1]:
-            allowed, wait = await self._admit(caller)
-            if not allowed:
-                API_RATE_LIMITED.labels(caller).inc()
-                raise RateLimited(f"rate limit of {self._limit(caller)[0]:g}/s exceeded for this API key", wait)
-        else:
-            lease[0] -= 1
-        return await method(request, context)
+            return False
+        lease[0] -= 1
+        return True
+
+    async def admit(self, caller: str) -> None:
+        """Refill the lease and spend one token; raises RateLimited when the bucket is empty."""
+        allowed, wait = await self._admit(caller)
+        if not allowed:
+            API_RATE_LIMITED.labels(caller).inc()
+            raise RateLimited(f"rate limit of {self._limit(caller)[0]:g}/s exceeded for this API key", wait)
 
     def _limit(self, caller: str) -> tuple[float, float]:
         return self._per_key.get(caller, (self._rate, self._burst))
@@ -429,20 +275,122 @@ class RateLimit(UnaryInterceptor):
         return int(granted), float(wait)
 
 
-class Deadline(UnaryInterceptor):
-    """Runs the call within the client's deadline; DEADLINE_EXCEEDED when it runs out."""
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Every concern of a PaymentService call, with one await of the handler (module doc).
 
-    async def intercept(
-        self, method: Handler, request: Any, context: grpc.aio.ServicerContext, name: str
-    ) -> Any:
-        remaining = context.time_remaining()
-        if remaining is None:
-            return await method(request, context)
-        timeout = asyncio.timeout(max(0.0, remaining))
-        try:
-            async with timeout:
-                return await method(request, context)
-        except TimeoutError:
-            if timeout.expired():
-                raise DeadlineExceeded(f"the deadline ran out during {name}") from None
-            raise
+    - tracing: one SERVER span per call, continuing the caller's `traceparent` metadata,
+      current for everything the call does (the events it publishes carry its context);
+      attributes only on a kept span, so an unsampled call costs an id and a context
+      switch (README, "Tracing");
+    - auth: the key's name becomes `CALLER` for the handler and the log;
+    - rate limit (when a limiter is given), then the client's deadline:
+      DEADLINE_EXCEEDED when it runs out;
+    - errors: domain and driver errors -> their status codes and messages; anything else
+      -> INTERNAL with an error id that is logged with the traceback (never sent);
+    - metrics: handled total by method and code, latency by method (label children
+      bound once); a log line per call: method, code, duration and the key's name, never
+      the key, the request or the response (they may hold card data or a client_secret).
+
+    The wrapped handler is built once per method (and inner handler) and reused.
+    """
+
+    def __init__(self, keys: Sequence[ApiKey], limiter: RateLimiter | None = None) -> None:
+        self._auth = Authenticator(keys)
+        self._limiter = limiter
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        full_name = handler_call_details.method
+        known = self._wrapped.get(full_name)
+        if known is not None and known[0] is handler:
+            return known[1]
+        if handler is None or handler.unary_unary is None or not full_name.startswith(SERVICE_PREFIX):
+            return handler
+        result = grpc.unary_unary_rpc_method_handler(
+            self.wrap(handler.unary_unary, short_name(full_name)),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        if len(self._wrapped) < 1000:
+            self._wrapped[full_name] = (handler, result)
+        return result
+
+    def wrap(self, inner: Handler, name: str) -> Handler:
+        """`inner` (the method `name`) with every concern around it, in one coroutine."""
+        span_name = f"{SERVICE_PREFIX[1:]}{name}"
+        service = SERVICE_PREFIX[1:-1]
+        tracer = tracing.tracer  # looked up per call: `tracing.setup` may come after the server
+        extract, activate, deactivate = tracing.extract_headers, tracing.activate, tracing.deactivate
+        caller_of = self._auth.caller
+        limiter = self._limiter
+        latency = API_LATENCY.labels(name)
+        handled: dict[grpc.StatusCode, Any] = {}
+        server_kind = tracing.SpanKind.SERVER
+
+        async def intercepted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            metadata = context.invocation_metadata() or ()
+            code = _OK
+            span = tracer().start_span(span_name, context=extract(metadata), kind=server_kind)
+            token = activate(span)
+            try:
+                caller = caller_of(metadata, name)
+                CALLER.set(caller)
+                if limiter is not None and not limiter.take(caller):
+                    await limiter.admit(caller)
+                remaining = context.time_remaining()
+                if remaining is None:
+                    return await inner(request, context)
+                timeout = asyncio.timeout(max(0.0, remaining))
+                try:
+                    async with timeout:
+                        return await inner(request, context)
+                except TimeoutError:
+                    if timeout.expired():
+                        raise DeadlineExceeded(f"the deadline ran out during {name}") from None
+                    raise
+            except grpc.aio.AbortError:  # the handler aborted the call itself
+                code = context.code() or grpc.StatusCode.UNKNOWN  # type: ignore[assignment]
+                raise
+            except Exception as exc:
+                code, message = status_of(exc)
+                trailers: tuple[tuple[str, str], ...] = ()
+                if isinstance(exc, RateLimited):
+                    trailers = (("retry-after", str(max(1, math.ceil(exc.retry_after_s)))),)
+                if code is grpc.StatusCode.INTERNAL:
+                    error_id = uuid.uuid4().hex[:12]
+                    log.error("unhandled error in %s (error id %s)", name, error_id, exc_info=exc)
+                    message = f"internal error (error id {error_id})"
+                await context.abort(code, message, trailing_metadata=trailers)
+            except BaseException:  # cancelled: the client left, or the server is stopping
+                code = grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                elapsed = time.perf_counter() - started
+                counter = handled.get(code)
+                if counter is None:
+                    counter = handled[code] = API_HANDLED.labels(name, code.name)
+                counter.inc()
+                latency.observe(elapsed)
+                level = log_level(code)
+                if log.isEnabledFor(level):
+                    log.log(level, "rpc", extra={
+                        "method": name, "code": code.name, "duration_ms": round(elapsed * 1000, 2),
+                        "key": CALLER.get(),
+                    })
+                if span.is_recording():
+                    span.set_attribute("rpc.system", "grpc")
+                    span.set_attribute("rpc.service", service)
+                    span.set_attribute("rpc.method", name)
+                    span.set_attribute("rpc.grpc.status_code", code.value[0])
+                    if code in _SERVER_ERRORS:
+                        span.set_status(tracing.Status(tracing.StatusCode.ERROR, code.name))
+                deactivate(token)
+                span.end()
+
+        return intercepted

@@ -68,21 +68,13 @@ def build_server(
     Rate limiting needs `redis` and `redis_breaker`; pass rate_limit=None to turn it off.
     Without `usage`, the usage RPCs answer UNIMPLEMENTED.
     """
-    chain: list[grpc.aio.ServerInterceptor] = [
-        interceptors.Tracing(),
-        interceptors.ExceptionMapping(),
-        interceptors.Metrics(),
-        interceptors.RequestLog(),
-        interceptors.Auth(keys),
-    ]
+    limiter = None
     if rate_limit is not None and redis is not None and redis_breaker is not None:
-        chain.append(
-            interceptors.RateLimit(
-                redis, redis_breaker, rate=rate_limit.rate, burst=rate_limit.burst, prefix=rate_limit.prefix,
-                per_key={name: (rate, burst) for name, rate, burst in rate_limit.per_key},
-            )
+        limiter = interceptors.RateLimiter(
+            redis, redis_breaker, rate=rate_limit.rate, burst=rate_limit.burst, prefix=rate_limit.prefix,
+            per_key={name: (rate, burst) for name, rate, burst in rate_limit.per_key},
         )
-    chain.append(interceptors.Deadline())
+    chain = [interceptors.CallInterceptor(keys, limiter)]
     server = grpc.aio.server(interceptors=chain, options=[("grpc.so_reuseport", int(reuse_port))])
     service_pb2_grpc.add_PaymentServiceServicer_to_server(PaymentServicer(api, usage), server)
     health_servicer = health.aio.HealthServicer()

@@ -1,6 +1,6 @@
 """payment.v1.PaymentService: translation only. Each method validates and unpacks its
 request, calls the use case (service.py) and packs the answer. Errors are raised as
-domain errors and mapped to status codes by interceptors.ExceptionMapping."""
+domain errors and mapped to status codes by interceptors.CallInterceptor."""
 
 from __future__ import annotations
 

@@ -17,10 +17,14 @@ IncrementUsage
        from the idempotency key. If the broker does not acknowledge, a second script
        rolls back the counters and the record (only if the record is still the one this
        call wrote) and the answer is UNAVAILABLE: nothing counted, nothing lost.
-       Publishing and its consequence (keep, or roll back) are one task, shielded from
-       the call: a call cancelled (the client left, the deadline passed, the server is
-       stopping) still settles, bounded by the producer's delivery timeout; the server
-       waits for unsettled increments before it exits (`UsageApi.drain`).
+       The call hands the event to the producer and waits for the delivery future
+       itself, within the one timeout of the call: no task per increment. What follows
+       from the delivery (keep, or roll back) hangs on that future, not on the call: a
+       call cancelled (the client left, the deadline passed, the server is stopping)
+       still settles, bounded by the producer's delivery timeout (`request_timeout_ms`),
+       and the rollback, when there is one, runs as its own task. A call cancelled
+       before the event was handed over rolls back at once. The server waits for
+       unsettled increments before it exits (`UsageApi.drain`).
     A retry that finds a record whose publish is not known to be acknowledged (the first
     attempt is in flight, or its replica died) publishes the same event again (the
     worker's inbox drops a copy), then marks the record done and returns the first
@@ -42,6 +46,7 @@ ListUsage
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +55,7 @@ from typing import Any, Protocol
 
 import redis.exceptions
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from psycopg_pool import AsyncConnectionPool
 
 from domain.usage import model, repository
@@ -63,7 +69,7 @@ from services.api_grpc.page_tokens import PageTokens, query_fingerprint
 from services.api_grpc.queries import Row, Watermark
 from services.api_grpc.validation import SubjectIds, SubjectKey
 from shared.db import timed_connection
-from shared.kafka import PublishFailed, event_headers, publish
+from shared.kafka import OutgoingMessage, PublishFailed, enqueue, event_headers, publish
 from shared.metrics import (
     GO_CACHE_HITS,
     GO_CACHE_MISSES,
@@ -90,8 +96,15 @@ class EntitlementChecker(Protocol):
 
 
 class UsageBus(Protocol):
+    """Where usage events go. A bus may also offer `send` (KafkaUsageBus does): then an
+    increment waits for the delivery future itself instead of running `publish` as a task."""
+
     async def publish(self, event: events_pb2.UsageEvent, timeout: float) -> None:
         """Return once the broker acknowledged (acks=all); else raise Unavailable."""
+
+
+# What a failed delivery raises: the event was not acknowledged, so the count is undone.
+NOT_ACKNOWLEDGED = (Unavailable, KafkaError, PublishFailed)
 
 
 class KafkaUsageBus:
@@ -102,13 +115,25 @@ class KafkaUsageBus:
         self._topic = topic
         self._max_timeout_s = max_timeout_s
 
-    async def publish(self, event: events_pb2.UsageEvent, timeout: float) -> None:
+    def _message(self, event: events_pb2.UsageEvent) -> OutgoingMessage:
         headers = event_headers(event.event_id, "usage.recorded", "UsageEvent", occurred_at=event.created_ms / 1000)
+        return OutgoingMessage(self._topic, event.subject_id.encode(), event.SerializeToString(), tuple(headers),
+                               "usage.recorded")
+
+    async def send(self, event: events_pb2.UsageEvent) -> asyncio.Future[Any]:
+        """Hand the event to the producer; the future fails with a KafkaError if the broker
+        does not acknowledge within the producer's request timeout (shared.kafka.enqueue).
+        Raises Unavailable when it cannot be enqueued: then it was not sent."""
         try:
-            await publish(
-                self._producer, self._topic, event.SerializeToString(), key=event.subject_id.encode(),
-                headers=headers, event_type="usage.recorded", timeout_s=min(timeout, self._max_timeout_s),
-            )
+            return await enqueue(self._producer, self._message(event))
+        except KafkaError as exc:
+            raise Unavailable(f"the event bus did not take the usage event: {type(exc).__name__}") from exc
+
+    async def publish(self, event: events_pb2.UsageEvent, timeout: float) -> None:
+        m = self._message(event)
+        try:
+            await publish(self._producer, m.topic, m.value, key=m.key, headers=m.headers, event_type=m.event_type,
+                          timeout_s=min(timeout, self._max_timeout_s))
         except PublishFailed as exc:
             raise Unavailable(f"the event bus did not acknowledge the usage event: {exc}") from exc
 
@@ -199,7 +224,12 @@ class UsageApi:
         # The producer's delivery bound: how long a publish may take to be answered.
         self.publish_timeout_s = publish_timeout_s
         self._policies: dict[tuple[str, str, str], tuple[Policy, float]] = {}
-        self._settling: set[asyncio.Task[Outcome | None]] = set()
+        # Deliveries not yet acknowledged, and the tasks that settle the rest (a bus
+        # without `send`, a retried key's republish and confirm, rollbacks): what
+        # `drain` waits for.
+        self._in_flight: set[asyncio.Future[Any]] = set()
+        self._settling: set[asyncio.Future[Any]] = set()
+        self._rollbacks: dict[int, asyncio.Task[None]] = {}
 
     # ------------------------------------------------------------ policy
 
@@ -276,16 +306,37 @@ class UsageApi:
             raise InvalidArgument(f"feature {feature_code!r} has a cap per member: subject.user_id is required")
         request = Request(idempotency_key, policy, amount, int(self.clock() * 1000), dict(metadata))
         for _ in range(2):  # a second round only if a retried key's first attempt was rolled back meanwhile
-            step = await self._step(request, deadline)
-            outcome = await self._publish(step, deadline)
+            outcome, replayed = await self._count_and_publish(request, deadline)
             if outcome is not None:
-                return self._answer(outcome, step.replayed)
+                return self._answer(outcome, replayed)
         raise Unavailable("the first attempt with this idempotency key was rolled back meanwhile; retry")
 
-    async def _step(self, request: Request, deadline: float) -> Step:
+    async def _count_and_publish(self, request: Request, deadline: float) -> tuple[Outcome | None, bool]:
+        """The script, then the event, within one timeout. (None, True): a replayed
+        record vanished meanwhile."""
+        published = False  # past this point a timeout is the bus's, and the increment settles on its own
         try:
             async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
-                step = await self.counters.increment(request, self.clock())
+                step = await self._step(request)
+                outcome = step.outcome
+                if not model.needs_publish(outcome):
+                    return outcome, step.replayed
+                published = True
+                if step.replayed:
+                    return await asyncio.shield(self._track(self._republish(step))), True
+                await self._publish(step)
+                return outcome, False
+        except TimeoutError:
+            if not published:
+                raise Unavailable("Redis cannot count atomically now (TimeoutError); retry later") from None
+            raise Unavailable(
+                "the event bus has not answered within the deadline; the increment settles on "
+                "its own (kept if the event lands, else rolled back): retry with the same idempotency_key"
+            ) from None
+
+    async def _step(self, request: Request) -> Step:
+        try:
+            step = await self.counters.increment(request, self.clock())
         except NotReady as exc:
             raise Unavailable("the usage counters are being rebuilt after a Redis loss; retry shortly") from exc
         except Exception as exc:
@@ -300,54 +351,99 @@ class UsageApi:
                 raise InvalidArgument("idempotency_key was already used for a different increment")
         return step
 
-    async def _publish(self, step: Step, deadline: float) -> Outcome | None:
-        """Publish the step's event if it needs one. None: a replayed record vanished.
+    async def _publish(self, step: Step) -> None:
+        """Publish a new step's event and wait for its acknowledgement; on a failed one,
+        roll back (waiting for it, when the call is still there) and raise Unavailable.
 
-        The publish and what follows from it run as their own task (`_settle`), which the
-        caller's cancellation or deadline never interrupts: the count is kept if the
-        event landed and rolled back if it did not, whether or not anyone still waits."""
-        outcome = step.outcome
-        if not model.needs_publish(outcome):
-            return outcome
-        settling = asyncio.create_task(self._settle(step))
-        self._settling.add(settling)
-        settling.add_done_callback(self._settled)
+        The delivery future settles the step whether or not the call still waits for it
+        (`_delivered`); the call awaits it through a shield, so that its cancellation or
+        timeout never cancels the delivery."""
         try:
-            async with asyncio.timeout(max(0.05, deadline - time.monotonic())):
-                return await asyncio.shield(settling)
-        except TimeoutError:
-            raise Unavailable(
-                "the event bus has not answered within the deadline; the increment settles on "
-                "its own (kept if the event lands, else rolled back): retry with the same idempotency_key"
-            ) from None
+            ack = await self._send(model.usage_event(step.outcome))
+        except BaseException as exc:  # not handed over (refused, cancelled, timed out): nothing was sent
+            rollback = self._roll_back(step)
+            if isinstance(exc, NOT_ACKNOWLEDGED):
+                await asyncio.shield(rollback)
+            raise
+        self._in_flight.add(ack)
+        ack.add_done_callback(functools.partial(self._delivered, step))
+        try:
+            await asyncio.shield(ack)
+        except NOT_ACKNOWLEDGED as exc:
+            await asyncio.shield(self._roll_back(step))
+            raise Unavailable(f"the event bus did not acknowledge the usage event: {exc}") from exc
 
-    def _settled(self, task: asyncio.Task[Outcome | None]) -> None:
-        self._settling.discard(task)
-        if not task.cancelled():
-            task.exception()  # retrieved: a caller that left has nobody to raise it to
+    async def _send(self, event: events_pb2.UsageEvent) -> asyncio.Future[Any]:
+        """The event's delivery future: the producer's own, or a task around `publish`
+        for a bus without `send`."""
+        send = getattr(self.bus, "send", None)
+        if send is not None:
+            ack: asyncio.Future[Any] = await send(event)
+            return ack
+        return asyncio.ensure_future(self.bus.publish(event, self.publish_timeout_s))
+
+    def _delivered(self, step: Step, ack: asyncio.Future[Any]) -> None:
+        """The delivery of a new step's event resolved: keep the count, or roll it back."""
+        self._in_flight.discard(ack)
+        if ack.cancelled():
+            return  # nobody cancels a delivery; if someone did, the record stays pending for a retry
+        exc = ack.exception()
+        if exc is None:
+            return
+        if isinstance(exc, NOT_ACKNOWLEDGED):
+            self._roll_back(step)
+        else:
+            log.error("usage event delivery failed unexpectedly; the count is kept pending",
+                      extra={"idempotency_key": step.outcome.request.idempotency_key}, exc_info=exc)
+
+    def _roll_back(self, step: Step) -> asyncio.Task[None]:
+        """The one rollback task of `step` (started on first ask), counted once."""
+        key = id(step)  # the step, not its idempotency key: a retry's new step needs its own
+        task = self._rollbacks.get(key)
+        if task is None:
+            USAGE_PUBLISH_FAILURES.inc()
+            task = self._rollbacks[key] = asyncio.ensure_future(self._rollback(step))
+            task.add_done_callback(lambda _: self._rollbacks.pop(key, None))
+            self._track(task)
+        return task
+
+    def _track(self, work: Any) -> asyncio.Future[Any]:
+        """Run `work` (a coroutine or future) to its end whether or not anyone awaits it."""
+        future = asyncio.ensure_future(work)
+        self._settling.add(future)
+        future.add_done_callback(self._settled)
+        return future
+
+    def _settled(self, future: asyncio.Future[Any]) -> None:
+        self._settling.discard(future)
+        if not future.cancelled():
+            future.exception()  # retrieved: a caller that left has nobody to raise it to
 
     async def drain(self, timeout_s: float) -> int:
         """Wait up to `timeout_s` for increments still settling; the number left over."""
-        pending = set(self._settling)
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        pending = self._in_flight | self._settling
+        while pending and time.monotonic() < deadline:
+            await asyncio.wait(pending, timeout=deadline - time.monotonic())
+            pending = self._in_flight | self._settling  # a failed delivery starts its rollback
         if pending:
             log.error("usage increments still unsettled at shutdown: their records stay pending "
                       "and a retry with the same key publishes them again", extra={"unsettled": len(pending)})
         return len(pending)
 
-    async def _settle(self, step: Step) -> Outcome | None:
-        outcome = step.outcome
+    async def _republish(self, step: Step) -> Outcome | None:
+        """A retried key whose record is pending: publish its event again (the worker's
+        inbox drops a copy), then mark the record done. None if the record vanished
+        meanwhile (the first attempt was rolled back)."""
         try:
-            await self.bus.publish(model.usage_event(outcome), self.publish_timeout_s)
-        except Unavailable:
+            ack = await self._send(model.usage_event(step.outcome))
+            await ack
+        except NOT_ACKNOWLEDGED as exc:
             USAGE_PUBLISH_FAILURES.inc()
-            if not step.replayed:
-                await self._rollback(step)
-            raise
-        if step.replayed and not await self.counters.confirm(step):
+            raise Unavailable(f"the event bus did not acknowledge the usage event: {exc}") from exc
+        if not await self.counters.confirm(step):
             return None
-        return outcome
+        return step.outcome
 
     async def _rollback(self, step: Step) -> None:
         try:

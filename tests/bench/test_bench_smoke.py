@@ -32,6 +32,9 @@ SMOKE = [
     pytest.param(["bench/tracing.py", "--n", "200"], r"^nothing set \(drop all\)\s+\|\s+\d+\.\d+", id="tracing"),
     # No baseline in the run: CPU per event, compared between two trees on one events file.
     pytest.param(["bench/batch_cpu.py", "--customers", "50", "--phases"], r"CPU [\d.]+ s = \d+ µs/event", id="batch_cpu"),
+    pytest.param(["bench/interceptor.py", "--calls", "200"], r"^one pass\s+\|\s+3 \|\s+\d+\.\d+", id="interceptor"),
+    # CPU per call of the serving process around a ratio benchmark (the phases' lines).
+    pytest.param(["bench/cpu.py", "usage", "--seconds", "1"], r"^CPU port \d+ increment: \d+ calls, .* µs/call", id="cpu-usage"),
 ]
 
 
