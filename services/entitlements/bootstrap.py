@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -123,7 +124,8 @@ def replay_spec(settings: Settings) -> ProjectionSpec:
         name="entitlements",
         topic=settings.topics.payment_events,
         tables=TABLES,
-        make=lambda: EntitlementsProjection(catalog, None),
+        # A partial, not a lambda: it pickles, so a rebuild may run its lanes in processes.
+        make=functools.partial(EntitlementsProjection, catalog, None),
         lanes=REPLAY_LANES,
         deferred_indexes=DEFERRED_INDEXES,
     )
