@@ -252,7 +252,7 @@ def replay(
     resume: Annotated[bool, typer.Option(help="Carry on an interrupted rebuild of INTO from its marks.")] = False,
     processes: Annotated[
         int | None,
-        typer.Option(help="Lane processes (0: every lane in this one). Default: one per lane up to the cores "
+        typer.Option(help="Lane processes (0: every lane in this one). Default: one per lane on 2 cores or more "
                      "($PAYMENTSVC_REPLAY_PROCESSES), none for a small topic."),
     ] = None,
 ) -> None:

@@ -110,6 +110,7 @@ async def rebuild(
     until: dict[int, int] | None = None, prepare: bool = True, lanes: int | None = None,
     batch: int = BULK_BATCH, settings: Mapping[str, str] = BULK_SETTINGS, processes: int | None = None,
     on_progress: Callable[[int], None] | None = None, on_lane_processes: Callable[[list[int]], None] | None = None,
+    unlogged: bool = False,
 ) -> dict[str, float]:
     """Apply `spec.topic` from its start (or the schema's marks) into `schema`. Returns figures.
 
@@ -118,10 +119,13 @@ async def rebuild(
     `lanes` (default `spec.lanes`) loops on their own consumers and connections, and, into
     a schema without marks (a load from offset 0), `spec.deferred_indexes` built once
     after the load. The lanes run in `processes` spawned lane processes (shared.replay_lanes;
-    0: as tasks of this process); by default one per lane up to the machine's cores
-    ($PAYMENTSVC_REPLAY_PROCESSES overrides), but in this process when fewer than
+    0: as tasks of this process); by default one per lane on a machine of two cores or
+    more ($PAYMENTSVC_REPLAY_PROCESSES overrides; `default_processes`), but in this process when fewer than
     `PROCESS_MIN_EVENTS` are left to apply or `spec.make` does not pickle (a lambda).
-    `batch`, `settings`, `lanes` and `processes` are there to compare (bench/project.py);
+    `unlogged` makes a fresh load write unlogged tables (no WAL; a server crash empties
+    them, marks included, so the rebuild starts over; the swap copies the rows into the
+    live, logged tables, so they never need to turn logged).
+    `batch`, `settings`, `lanes`, `processes` and `unlogged` are there to compare (bench/project.py);
     `on_progress` gets the events applied so far, `on_lane_processes` the lane processes' pids.
 
     Raises LaneFailed when a lane process raises or dies (the others are stopped). A
@@ -133,8 +137,11 @@ async def rebuild(
     """
     if prepare:
         prepare_schema(database_url, schema)
-    if _holds_no_marks(database_url, schema, spec.name):  # a load from offset 0, not a catch-up
+    if _holds_no_marks(database_url, schema, spec.name) and not _pending_indexes(database_url, schema):
+        # a load from offset 0, not a catch-up (nor a load started over after a crash emptied unlogged tables)
         drop_deferred_indexes(database_url, schema, (*RUNTIME_DEFERRED_INDEXES, *spec.deferred_indexes))
+        if unlogged:
+            set_unlogged(database_url, schema, (*spec.tables, "processed_events", "consumer_offsets"))
     partitions = await topic_partitions(bootstrap, spec.topic)
     count = max(1, min(lanes or spec.lanes, len(partitions)))
     groups = [(lane, partitions[lane::count]) for lane in range(count)]
@@ -196,6 +203,17 @@ async def _run_here(
     finally:
         await pool.close()
     return done, letters.count
+
+
+def set_unlogged(database_url: str, schema: str, tables: Sequence[str]) -> None:
+    with db.connect(database_url) as conn, conn.transaction():
+        for table in tables:
+            conn.execute(sql.SQL("ALTER TABLE {} SET UNLOGGED").format(sql.Identifier(schema, table)))
+
+
+def _pending_indexes(database_url: str, schema: str) -> bool:
+    with db.connect(database_url) as conn:
+        return bool(conn.execute("SELECT to_regclass(%s)", (f"{schema}.{PENDING_INDEXES}",)).fetchone()[0])  # type: ignore[index]
 
 
 def _pickles(spec: ProjectionSpec) -> bool:

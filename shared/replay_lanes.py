@@ -76,16 +76,20 @@ class LaneJob:
 
 
 def default_processes(lanes: int) -> int:
-    """Lane processes for `lanes` lanes: $PAYMENTSVC_REPLAY_PROCESSES, else one per lane up to the cores.
+    """Lane processes for `lanes` lanes: $PAYMENTSVC_REPLAY_PROCESSES, else one per lane (up to
+    twice the cores) on a machine of two cores or more, else none.
 
-    0 runs every lane in this process. Raises ConfigurationError for a value that is not
-    a count."""
+    One per lane, not one per core: with 3 lanes on 2 cores, 2 processes would give one
+    of them two lanes, two thirds of the work; 3 keep the split even and the scheduler
+    shares the cores. 0 runs every lane in this process. Raises ConfigurationError for a
+    value that is not a count."""
     configured = os.environ.get(PROCESSES_ENV, "").strip()
     if configured:
         if not configured.isdigit():
             raise ConfigurationError(f"{PROCESSES_ENV}={configured!r}: give a number of lane processes (0: none)")
         return min(int(configured), lanes)
-    return min(lanes, os.cpu_count() or 1)
+    cores = os.cpu_count() or 1
+    return min(lanes, 2 * cores) if cores >= 2 else 0
 
 
 async def run_lanes(
