@@ -383,6 +383,7 @@ async def replay(
         )
         done, seconds, eps = int(figures["offsets"]), figures["seconds"], figures["events_per_s"]
         indexes = (f", {figures['lanes']:.0f} lanes in {figures['processes'] or 'this'} process(es), "
+                   f"first batch in after {figures['first_batch_seconds']:.1f} s, "
                    f"deferred indexes built in {figures['index_seconds']:.1f} s")
     except TimeoutError:
         done = marks[-1][1] if marks else 0
@@ -432,7 +433,8 @@ async def replay_modes(
             finally:
                 sampling.cancel()
             rates[mode].append(figures["events_per_s"])
-            print(f"replay mode {mode!r}, round {r + 1}: {figures['events_per_s']:,.0f} ev/s; "
+            print(f"replay mode {mode!r}, round {r + 1}: {figures['events_per_s']:,.0f} ev/s "
+                  f"(first batch in after {figures['first_batch_seconds']:.1f} s); "
                   f"{sampler.cores(time.perf_counter() - started)}", flush=True)
     return rates
 

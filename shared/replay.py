@@ -158,12 +158,15 @@ async def rebuild(
         totals: dict[int, int] = {}
         reached: dict[int, int] = {}
         ends_seen: dict[int, int] = {}
+        first_batch: list[float] = []  # when the first batch was in: what starting the lanes cost
 
         def report(lane: int, total: int, done: dict[int, int], ends: dict[int, int]) -> None:
             totals[lane] = total
             reached.update(done)
             ends_seen.update({p: ends.get(p, 0) for p in done})
             applied = sum(totals.values())
+            if applied and not first_batch:
+                first_batch.append(time.perf_counter())
             rate = applied / max(time.perf_counter() - started, 1e-6)
             end = sum(ends_seen.values())
             bar.update(task, completed=sum(reached.values()), total=end, rate=rate, lag=end - sum(reached.values()))
@@ -184,7 +187,7 @@ async def rebuild(
     return {
         "seconds": elapsed, "offsets": applied, "events_per_s": applied / elapsed if elapsed else 0.0,
         "poison": poison, "index_seconds": elapsed - (loaded - started), "lanes": len(groups),
-        "processes": processes,
+        "processes": processes, "first_batch_seconds": (first_batch[0] if first_batch else loaded) - started,
     }
 
 
