@@ -137,6 +137,8 @@ async def rebuild(
     """
     if prepare:
         prepare_schema(database_url, schema)
+    elif not _schema_exists(database_url, schema):
+        raise ReplayTargetError(f"no schema {schema} to resume: rebuild it (paymentsvc replay {spec.name} --into {schema})")
     if _holds_no_marks(database_url, schema, spec.name) and not _pending_indexes(database_url, schema):
         # a load from offset 0, not a catch-up (nor a load started over after a crash emptied unlogged tables)
         drop_deferred_indexes(database_url, schema, (*RUNTIME_DEFERRED_INDEXES, *spec.deferred_indexes))
@@ -233,6 +235,11 @@ def _marks(database_url: str, schema: str, spec: ProjectionSpec) -> dict[int, in
             sql.Identifier(schema, "consumer_offsets")
         )
         return {int(p): int(o) for p, o in conn.execute(query, (spec.name, spec.topic)).fetchall()}
+
+
+def _schema_exists(database_url: str, schema: str) -> bool:
+    with db.connect(database_url) as conn:
+        return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone() is not None
 
 
 def _holds_no_marks(database_url: str, schema: str, consumer: str) -> bool:
