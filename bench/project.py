@@ -68,7 +68,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
 from payment.v1 import events_pb2  # noqa: E402
 from paymentsvc.dev.samples import LIFECYCLE_STEPS, customer_lifecycle  # noqa: E402
-from services.entitlements.bootstrap import DEFERRED_INDEXES, REPLAY_LANES, TABLES  # noqa: E402
+from services.entitlements.bootstrap import DEFERRED_INDEXES, LOCKS_PER_EVENT, REPLAY_LANES, TABLES  # noqa: E402
 from services.entitlements.projection import EntitlementsProjection  # noqa: E402
 from services.ingest_webhooks.normalize import normalize  # noqa: E402
 from shared import db  # noqa: E402
@@ -363,7 +363,7 @@ async def replay(
     marks: Marks = []
     spec = ProjectionSpec(
         name="entitlements", topic=topic, tables=TABLES, make=functools.partial(EntitlementsProjection, catalog, None),
-        lanes=REPLAY_LANES, deferred_indexes=DEFERRED_INDEXES,
+        lanes=REPLAY_LANES, deferred_indexes=DEFERRED_INDEXES, locks_per_event=LOCKS_PER_EVENT,
     )
     await asyncio.to_thread(prepare_schema, database_url, schema)  # migrations: not timed
     started = time.perf_counter()
@@ -383,6 +383,7 @@ async def replay(
         )
         done, seconds, eps = int(figures["offsets"]), figures["seconds"], figures["events_per_s"]
         indexes = (f", {figures['lanes']:.0f} lanes in {figures['processes'] or 'this'} process(es), "
+                   f"batches of {figures['batch']:,.0f}, "
                    f"first batch in after {figures['first_batch_seconds']:.1f} s, "
                    f"deferred indexes built in {figures['index_seconds']:.1f} s")
     except TimeoutError:
@@ -402,11 +403,13 @@ async def replay(
 # database, from the same topic.
 REPLAY_MODES: dict[str, dict[str, Any]] = {
     "bulk, 3 lanes in this process": {"processes": 0},
-    "bulk, 3 lanes in 2 processes": {"processes": 2},
-    "bulk, 3 lanes in 3 processes": {"processes": 3},
+    "bulk, 3 lanes in 3 processes (batches fit the lock table)": {"processes": 3},
+    "3 processes, batches of 2,000": {"processes": 3, "batch": 2_000},
+    "3 processes, batches of 1,000": {"processes": 3, "batch": 1_000},
     "3 processes, every index during the load": {"processes": 3, "deferred": ()},
-    "3 processes, unlogged tables": {"processes": 3, "unlogged": True},
 }
+# Measured before (docs/performance.md, section 5): 2 processes for the 3 lanes, and
+# unlogged tables ({"processes": 3, "unlogged": True}): neither paid.
 
 
 async def replay_modes(
@@ -421,6 +424,7 @@ async def replay_modes(
             spec = ProjectionSpec(
                 name="entitlements", topic=topic, tables=TABLES, make=functools.partial(EntitlementsProjection, catalog, None),
                 lanes=REPLAY_LANES, deferred_indexes=options.pop("deferred", DEFERRED_INDEXES),
+                locks_per_event=LOCKS_PER_EVENT,
             )
             schema = f"bench_mode{i}_{r}_{tag}"
             await asyncio.to_thread(prepare_schema, database_url, schema)

@@ -43,8 +43,14 @@ from shared.worker import QUERIES, LoopPolicy
 
 CATALOG_TABLES = ("pricing_zones", "plans", "plan_prices", "plan_features")
 # A rebuild's batches: per-batch costs (round trips, statements, commits) are paid once
-# per BULK_BATCH events instead of once per 500 as live.
+# per BULK_BATCH events instead of once per 500 as live; fewer where the server's lock
+# table is small (`bulk_batch`).
 BULK_BATCH = 2_000
+# The share of the server's lock table (max_locks_per_transaction x (max_connections +
+# max_prepared_transactions), shared by every session) that the concurrent batches of a
+# rebuild may fill with their transaction locks (`ProjectionSpec.locks_per_event`). When it
+# is full, any session's next lock fails with "out of shared memory": the live worker's too.
+LOCK_TABLE_SHARE = 0.5
 # Nobody reads the schema until the swap, and a lost commit loses its marks with its rows
 # (one transaction), so a rebuild resumes exactly; the swap's own commit is synchronous
 # and flushes the WAL before it.
@@ -76,6 +82,9 @@ class ProjectionSpec:
     # Secondary indexes of the schema that neither the projection's batches nor the
     # runtime read: a fresh rebuild builds them once, after the load.
     deferred_indexes: tuple[str, ...] = ()
+    # Transaction locks a batch holds per event until it commits, at most: a rebuild's
+    # lanes commit at once, so their batches are sized to fit the lock table (`bulk_batch`).
+    locks_per_event: float = 0.0
 
 
 class ReplayTargetError(ConfigurationError):
@@ -108,13 +117,14 @@ def prepare_schema(database_url: str, schema: str) -> None:
 async def rebuild(
     database_url: str, bootstrap: str, spec: ProjectionSpec, schema: str, *, progress: str = "auto",
     until: dict[int, int] | None = None, prepare: bool = True, lanes: int | None = None,
-    batch: int = BULK_BATCH, settings: Mapping[str, str] = BULK_SETTINGS, processes: int | None = None,
+    batch: int | None = None, settings: Mapping[str, str] = BULK_SETTINGS, processes: int | None = None,
     on_progress: Callable[[int], None] | None = None, on_lane_processes: Callable[[list[int]], None] | None = None,
     unlogged: bool = False,
 ) -> dict[str, float]:
     """Apply `spec.topic` from its start (or the schema's marks) into `schema`. Returns figures.
 
-    Built for bulk (docs/performance.md, "The replay"): batches of `BULK_BATCH`, commits
+    Built for bulk (docs/performance.md, "The replay"): batches of `BULK_BATCH` (fewer
+    events where the lanes' locks would not fit the server's lock table: `bulk_batch`), commits
     without waiting for the WAL flush (`BULK_SETTINGS`), the partitions split over
     `lanes` (default `spec.lanes`) loops on their own consumers and connections, and, into
     a schema without marks (a load from offset 0), `spec.deferred_indexes` built once
@@ -153,6 +163,8 @@ async def rebuild(
     if processes is None:
         processes = default_processes(count) if left >= PROCESS_MIN_EVENTS and _pickles(spec) else 0
     processes = min(processes, count)
+    if batch is None:
+        batch = bulk_batch(database_url, spec, count)
     started = time.perf_counter()
     with event_bar(progress) as bar:
         # The total stays unknown (None) until the first batch has read the log's end.
@@ -189,7 +201,7 @@ async def rebuild(
     return {
         "seconds": elapsed, "offsets": applied, "events_per_s": applied / elapsed if elapsed else 0.0,
         "poison": poison, "index_seconds": elapsed - (loaded - started), "lanes": len(groups),
-        "processes": processes, "first_batch_seconds": (first_batch[0] if first_batch else loaded) - started,
+        "processes": processes, "batch": batch, "first_batch_seconds": (first_batch[0] if first_batch else loaded) - started,
     }
 
 
@@ -208,6 +220,20 @@ async def _run_here(
     finally:
         await pool.close()
     return done, letters.count
+
+
+def bulk_batch(database_url: str, spec: ProjectionSpec, lanes: int) -> int:
+    """`BULK_BATCH`, or fewer events so that `lanes` batches at once hold at most
+    `LOCK_TABLE_SHARE` of the server's lock table (at least 100)."""
+    if not spec.locks_per_event:
+        return BULK_BATCH
+    with db.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT current_setting('max_locks_per_transaction')::int "
+            "* (current_setting('max_connections')::int + current_setting('max_prepared_transactions')::int)"
+        ).fetchone()
+    table = int(row[0]) if row else 0
+    return max(100, min(BULK_BATCH, int(table * LOCK_TABLE_SHARE / lanes / spec.locks_per_event)))
 
 
 def set_unlogged(database_url: str, schema: str, tables: Sequence[str]) -> None:

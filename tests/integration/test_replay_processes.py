@@ -127,3 +127,15 @@ def test_the_number_of_lane_processes_comes_from_the_machine_unless_the_environm
     monkeypatch.setenv(PROCESSES_ENV, "many")
     with pytest.raises(ConfigurationError, match=PROCESSES_ENV):
         default_processes(3)
+
+
+def test_a_rebuilds_batches_are_sized_so_its_lanes_locks_fill_at_most_half_the_servers_lock_table(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        per, connections, prepared = (int(conn.execute(f"SHOW {name}").fetchone()[0]) for name in (  # type: ignore[index]
+            "max_locks_per_transaction", "max_connections", "max_prepared_transactions"))
+    table = per * (connections + prepared)
+    spec = dataclasses.replace(bulk_spec("payment-events"), locks_per_event=1.5)
+    batch = replay.bulk_batch(database_url, spec, 3)
+    assert 100 <= batch <= replay.BULK_BATCH
+    assert batch == replay.BULK_BATCH or 3 * batch * 1.5 <= table * replay.LOCK_TABLE_SHARE < 3 * (batch + 1) * 1.5
+    assert replay.bulk_batch(database_url, dataclasses.replace(spec, locks_per_event=0.0), 3) == replay.BULK_BATCH
