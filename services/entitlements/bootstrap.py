@@ -115,9 +115,10 @@ DEFERRED_INDEXES = (
     "subscriptions_user", "subscriptions_family", "subscriptions_unknown_price",
     "payments_user", "payments_family", "payments_status", "payments_created",
 )
-# `lock_batch_keys` takes a transaction lock per id a batch touches: 1.4 per event measured
-# (2,800 for a batch of 2,000 of bench/project.py's events, pg_locks during a replay).
-LOCKS_PER_EVENT = 1.5
+# `lock_batch_keys` takes a transaction lock per id a batch touches: its customer, payment
+# and charge, so at most 3 per event (measured in pg_locks during bench/project.py's
+# replays: 1.4 per event at 30,000 customers, 2.0 at 100,000).
+LOCKS_PER_EVENT = 3.0
 
 
 def replay_spec(settings: Settings) -> ProjectionSpec:
