@@ -3,8 +3,10 @@
 - `rebuild`: migrate a fresh schema, copy the catalog into it from the live
   schema, and apply the topic from offset 0 into it with side effects off
   (no Redis, no Stripe, nothing emitted), with a progress bar. Built for bulk:
-  large batches, asynchronous commits, partitions applied by concurrent lanes
-  where the projection allows, indexes nobody reads during the load built after it.
+  large batches (sized to the server's lock table), asynchronous commits, partitions
+  applied by lanes where the projection allows, each lane in its own process
+  (shared/replay_lanes.py), indexes nobody reads during the load built after it. A
+  rebuild that failed or was interrupted carries on from its marks (`prepare=False`).
 - `verify`: row counts and a checksum per projection table, rebuilt vs live.
 - `swap`: catch the rebuild up to the live worker, then, holding the lock every
   live batch takes (shared), finish the catch-up to the live high-water marks
