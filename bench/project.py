@@ -37,12 +37,15 @@ whether autovacuum, and so automatic ANALYZE, is on).
     .venv/bin/python bench/project.py [--customers 20000] [--partitions 3] [--steady]
                                       [--time-limit 150] [--skip-replay]
                                       [--replay-time-limit S] [--replay-lanes N]
+                                      [--replay-processes N] [--replay-unlogged] [--replay-defer-indexes]
+                                      [--replay-modes ROUNDS]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import platform
@@ -65,7 +68,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
 
 from payment.v1 import events_pb2  # noqa: E402
 from paymentsvc.dev.samples import LIFECYCLE_STEPS, customer_lifecycle  # noqa: E402
-from services.entitlements.bootstrap import DEFERRED_INDEXES, REPLAY_LANES, TABLES  # noqa: E402
+from services.entitlements.bootstrap import (  # noqa: E402
+    DEFERRED_INDEXES,
+    LOCKS_PER_EVENT,
+    READER_INDEXES,
+    REPLAY_LANES,
+    TABLES,
+)
 from services.entitlements.projection import EntitlementsProjection  # noqa: E402
 from services.ingest_webhooks.normalize import normalize  # noqa: E402
 from shared import db  # noqa: E402
@@ -78,7 +87,6 @@ from shared.kafka import (
     make_producer,  # noqa: E402
 )
 from shared.migrate import migrate_up  # noqa: E402
-from shared.projection import ApplyContext, Envelope  # noqa: E402
 from shared.replay import ProjectionSpec, prepare_schema, rebuild, verify  # noqa: E402
 from shared.worker import BatchProcessor, BatchResult, LoopPolicy, RawMessage  # noqa: E402
 
@@ -251,30 +259,6 @@ class Timed:
         return sum(self.reached.values())
 
 
-class Clocked:
-    """A projection that records when each batch's events were committed (for replay).
-    A rebuild with several lanes makes one per lane: they share `marks`."""
-
-    def __init__(self, inner: EntitlementsProjection, marks: Marks) -> None:
-        self._inner = inner
-        self.name = inner.name
-        self.decode = inner.decode
-        self._pending = 0
-        self.marks = marks
-
-    async def apply(self, conn: Any, events: list[Envelope[Any]], ctx: ApplyContext) -> Any:
-        if not self.marks:
-            self.marks.append((time.perf_counter(), 0))
-        self._pending = len(events)
-        return await self._inner.apply(conn, events, ctx)
-
-    async def after_commit(self, result: Any, ctx: ApplyContext) -> None:
-        await self._inner.after_commit(result, ctx)
-        done = self.marks[-1][1] if self.marks else 0
-        self.marks.append((time.perf_counter(), done + self._pending))
-        self._pending = 0
-
-
 def fifths(marks: Marks) -> tuple[float, float]:
     """events/s over the first and over the last fifth of the events done."""
     if len(marks) < 3:
@@ -322,46 +306,121 @@ async def worker(
         await pool.close()
 
 
+class CpuSampler:
+    """CPU seconds of the replay's lane processes and of its Postgres backends, from /proc.
+
+    Backends come and go with their pools, so every few seconds each pid's utime + stime
+    is read again; its last reading counts."""
+
+    def __init__(self, database_url: str, broker_pid: int | None) -> None:
+        self.database_url = database_url
+        self.broker = [broker_pid] if broker_pid else []
+        self.lanes: list[int] = []
+        self.seen: dict[tuple[str, int], float] = {}
+        self.first: dict[tuple[str, int], float] = {}  # the broker ran before
+        self.own_start = os.times()
+
+    def lane_pids(self, pids: list[int]) -> None:
+        self.lanes.extend(pids)
+
+    @staticmethod
+    def cpu_seconds(pid: int) -> float | None:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def sample(self) -> None:
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            backends = [int(row[0]) for row in conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE 'replay-%'"
+            )]
+        for kind, pids in (("lane", self.lanes), ("backend", backends), ("broker", self.broker)):
+            for pid in pids:
+                seconds = self.cpu_seconds(pid)
+                if seconds is not None:
+                    self.first.setdefault((kind, pid), seconds)
+                    self.seen[(kind, pid)] = seconds
+
+    async def run(self, every_s: float = 2.0) -> None:
+        while True:
+            await asyncio.to_thread(self.sample)
+            await asyncio.sleep(every_s)
+
+    def cores(self, wall_s: float) -> str:
+        own = os.times()
+        parent = (own.user - self.own_start.user) + (own.system - self.own_start.system)
+        lanes = sum(v for (kind, _), v in self.seen.items() if kind == "lane")
+        backends = sum(v for (kind, _), v in self.seen.items() if kind == "backend")
+        broker = sum(v - self.first.get(k, 0.0) for k, v in self.seen.items() if k[0] == "broker")
+        load = os.getloadavg()[0]
+        return (f"cores used: bench process {parent / wall_s:.2f}, lane processes {lanes / wall_s:.2f} "
+                f"({len(self.lanes)}), Postgres backends {backends / wall_s:.2f}, broker {broker / wall_s:.2f}; "
+                f"load average {load:.1f}")
+
+
 async def replay(
     database_url: str, bootstrap: str, topic: str, catalog: Catalog, schema: str, n: int, limit_s: float,
-    lanes: int | None,
+    lanes: int | None, processes: int | None, unlogged: bool, broker_pid: int | None, defer_indexes: bool = False,
 ) -> dict[str, Any]:
-    """`rebuild` into a new schema, as `paymentsvc replay` runs it (the projection's lanes
-    and deferred indexes, unless `lanes` says otherwise); cut short after `limit_s`."""
+    """`rebuild` into a new schema, as `paymentsvc replay` runs it (the projection's lanes,
+    lane processes and deferred indexes, unless told otherwise); cut short after `limit_s`."""
     marks: Marks = []
     spec = ProjectionSpec(
-        name="entitlements", topic=topic, tables=TABLES, make=lambda: Clocked(EntitlementsProjection(catalog, None), marks),
-        lanes=REPLAY_LANES, deferred_indexes=DEFERRED_INDEXES,
+        name="entitlements", topic=topic, tables=TABLES, make=functools.partial(EntitlementsProjection, catalog, None),
+        lanes=REPLAY_LANES, deferred_indexes=READER_INDEXES if defer_indexes else DEFERRED_INDEXES, locks_per_event=LOCKS_PER_EVENT,
     )
     await asyncio.to_thread(prepare_schema, database_url, schema)  # migrations: not timed
     started = time.perf_counter()
     indexes = ""
+    sampler = CpuSampler(database_url, broker_pid)
+    sampling = asyncio.create_task(sampler.run())
+
+    def clocked(applied: int) -> None:
+        if not marks or applied != marks[-1][1]:
+            marks.append((time.perf_counter(), applied))
+
     try:
         figures = await asyncio.wait_for(
-            rebuild(database_url, bootstrap, spec, schema, progress="never", prepare=False, lanes=lanes), limit_s
+            rebuild(database_url, bootstrap, spec, schema, progress="never", prepare=False, lanes=lanes,
+                    processes=processes, unlogged=unlogged, on_progress=clocked, on_lane_processes=sampler.lane_pids),
+            limit_s,
         )
         done, seconds, eps = int(figures["offsets"]), figures["seconds"], figures["events_per_s"]
-        indexes = f", {figures['lanes']:.0f} lanes, deferred indexes built in {figures['index_seconds']:.1f} s"
+        indexes = (f", {figures['lanes']:.0f} lanes in {figures['processes'] or 'this'} process(es), "
+                   f"batches of {figures['batch']:,.0f}, "
+                   f"first batch in after {figures['first_batch_seconds']:.1f} s, "
+                   f"deferred indexes built in {figures['index_seconds']:.1f} s")
     except TimeoutError:
         done = marks[-1][1] if marks else 0
         seconds = time.perf_counter() - started
         eps = done / seconds
-    print(f"replay applied {done:,} in {seconds:.1f} s{indexes}", flush=True)
+    finally:
+        sampling.cancel()
+    cores = sampler.cores(time.perf_counter() - started)
+    print(f"replay applied {done:,} in {seconds:.1f} s{indexes}; {cores}", flush=True)
     return {"replay": eps, "replay_done": done, "replay_complete": done >= n, "replay_fifths": fifths(marks),
-            "replay_schema": schema, "spec": spec}
+            "replay_schema": schema, "spec": spec, "replay_cores": cores}
 
 
-# --replay-modes: the rebuild as it was before it was built for bulk, then its bulk parts
-# added one by one; each into a fresh schema of the same database, from the same topic.
+# --replay-modes: the bulk rebuild with its lanes in this process (before lane processes),
+# then in processes, then without two of its parts; each into a fresh schema of the same
+# database, from the same topic.
 REPLAY_MODES: dict[str, dict[str, Any]] = {
-    "as live (500, sync, 1 lane, all indexes)": {"batch": 500, "settings": {}, "lanes": 1, "deferred": ()},
-    "2,000 per batch, synchronous_commit off": {"lanes": 1, "deferred": ()},
-    "+ indexes after the load": {"lanes": 1},
-    "+ 3 lanes (bulk, as paymentsvc runs it)": {},
+    "bulk, 3 lanes in this process": {"processes": 0},
+    "bulk, 3 lanes in 3 processes (batches fit the lock table)": {"processes": 3},
+    "3 processes, batches of 711": {"processes": 3, "batch": 711},
+    "3 processes, batches of 2,000": {"processes": 3, "batch": 2_000},
+    "3 processes, reader indexes after the load": {"processes": 3, "deferred": READER_INDEXES},
 }
+# Measured before (docs/performance.md, section 5): 2 processes for the 3 lanes, and
+# unlogged tables ({"processes": 3, "unlogged": True}): neither paid.
 
 
-async def replay_modes(database_url: str, bootstrap: str, topic: str, catalog: Catalog, tag: str, rounds: int) -> dict[str, list[float]]:
+async def replay_modes(
+    database_url: str, bootstrap: str, topic: str, catalog: Catalog, tag: str, rounds: int, broker_pid: int | None
+) -> dict[str, list[float]]:
     """Every mode of REPLAY_MODES in turn, `rounds` times (ABCD ABCD: the machine's drift
     falls on every mode alike); events/s of each run, index builds included."""
     rates: dict[str, list[float]] = {mode: [] for mode in REPLAY_MODES}
@@ -369,14 +428,24 @@ async def replay_modes(database_url: str, bootstrap: str, topic: str, catalog: C
         for i, (mode, options) in enumerate(REPLAY_MODES.items()):
             options = dict(options)
             spec = ProjectionSpec(
-                name="entitlements", topic=topic, tables=TABLES, make=lambda: EntitlementsProjection(catalog, None),
+                name="entitlements", topic=topic, tables=TABLES, make=functools.partial(EntitlementsProjection, catalog, None),
                 lanes=REPLAY_LANES, deferred_indexes=options.pop("deferred", DEFERRED_INDEXES),
+                locks_per_event=LOCKS_PER_EVENT,
             )
             schema = f"bench_mode{i}_{r}_{tag}"
             await asyncio.to_thread(prepare_schema, database_url, schema)
-            figures = await rebuild(database_url, bootstrap, spec, schema, progress="never", prepare=False, **options)
+            sampler = CpuSampler(database_url, broker_pid)
+            sampling = asyncio.create_task(sampler.run())
+            started = time.perf_counter()
+            try:
+                figures = await rebuild(database_url, bootstrap, spec, schema, progress="never", prepare=False,
+                                        on_lane_processes=sampler.lane_pids, **options)
+            finally:
+                sampling.cancel()
             rates[mode].append(figures["events_per_s"])
-            print(f"replay mode {mode!r}, round {r + 1}: {figures['events_per_s']:,.0f} ev/s", flush=True)
+            print(f"replay mode {mode!r}, round {r + 1}: {figures['events_per_s']:,.0f} ev/s "
+                  f"(first batch in after {figures['first_batch_seconds']:.1f} s); "
+                  f"{sampler.cores(time.perf_counter() - started)}", flush=True)
     return rates
 
 
@@ -435,10 +504,13 @@ async def run(args: argparse.Namespace, database_url: str, catalog: Catalog, mes
             if not args.skip_replay:
                 figures.update(await replay(
                     database_url, bootstrap, topic, catalog, f"bench_replay_{tag}", n,
-                    args.replay_time_limit or args.time_limit, args.replay_lanes,
+                    args.replay_time_limit or args.time_limit, args.replay_lanes, args.replay_processes,
+                    args.replay_unlogged, broker.pid, args.replay_defer_indexes,
                 ))
             if args.replay_modes:
-                figures["replay_modes"] = await replay_modes(database_url, bootstrap, topic, catalog, tag, args.replay_modes)
+                figures["replay_modes"] = await replay_modes(
+                    database_url, bootstrap, topic, catalog, tag, args.replay_modes, broker.pid
+                )
     finally:
         try:
             figures["redis_deleted"] = await delete_keys(redis, redis_prefix)
@@ -596,6 +668,12 @@ def main() -> None:
                              "parts one by one), alternating, and print each mode's rates")
     parser.add_argument("--replay-lanes", type=int, default=None,
                         help="partition lanes of the replay (default: the projection's, REPLAY_LANES)")
+    parser.add_argument("--replay-processes", type=int, default=None,
+                        help="lane processes of the replay (0: lanes in the bench's process; default: as "
+                             "paymentsvc replay decides, one per lane on 2 cores or more)")
+    parser.add_argument("--replay-unlogged", action="store_true", help="the replay writes unlogged tables")
+    parser.add_argument("--replay-defer-indexes", action="store_true",
+                        help="the replay builds the reader indexes (READER_INDEXES) after its load")
     args = parser.parse_args()
 
     catalog = load_catalog(DEFAULT_CATALOG_PATH)

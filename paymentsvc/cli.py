@@ -249,10 +249,17 @@ def replay(
     into: Annotated[str, typer.Option(help="A new schema to rebuild into (or, with --verify, one rebuilt before).")],
     swap: Annotated[bool, typer.Option(help="After the rebuild, switch it in while the live worker runs.")] = False,
     verify: Annotated[bool, typer.Option(help="Only compare INTO with the live tables.")] = False,
+    resume: Annotated[bool, typer.Option(help="Carry on an interrupted rebuild of INTO from its marks.")] = False,
+    processes: Annotated[
+        int | None,
+        typer.Option(help="Lane processes (0: every lane in this one). Default: one per lane on 2 cores or more "
+                     "($PAYMENTSVC_REPLAY_PROCESSES), none for a small topic."),
+    ] = None,
 ) -> None:
     """Rebuild a projection from its topic into a fresh schema, verify it, optionally swap it in."""
     from paymentsvc.runner import load
     from shared import replay as replays
+    from shared.replay_lanes import LaneFailed
 
     settings = _settings()
     module = load(projection)
@@ -262,10 +269,19 @@ def replay(
     database_url = settings.database_url.get_secret_value()
     if not verify:
         bootstrap = _require_bootstrap(settings)
-        figures = asyncio.run(replays.rebuild(database_url, bootstrap, spec, into, progress=settings.progress_output))
+        try:
+            figures = asyncio.run(replays.rebuild(
+                database_url, bootstrap, spec, into, progress=settings.progress_output, prepare=not resume,
+                processes=processes,
+            ))
+        except LaneFailed as exc:
+            typer.echo(str(exc).replace("...", f"{projection} --into {into}"), err=True)
+            raise typer.Exit(1) from None
         typer.echo(
             f"rebuilt {projection} into {into}: {figures['offsets']:.0f} events in {figures['seconds']:.1f} s "
-            f"({figures['events_per_s']:.0f} events/s, {figures['poison']:.0f} poison skipped)"
+            f"({figures['events_per_s']:.0f} events/s, {figures['lanes']:.0f} lanes in "
+            f"{figures['processes'] or 'this'} process{'es' if figures['processes'] else ''}, "
+            f"{figures['poison']:.0f} poison skipped)"
         )
     differences = replays.verify(database_url, spec, into)
     for line in differences:

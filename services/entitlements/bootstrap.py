@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 
@@ -107,13 +108,22 @@ async def rebuild_cache(
 # Batches of different partitions may commit at once (live replicas do): `lock_batch_keys`
 # orders the batches that share a payment. So a rebuild applies partitions concurrently.
 REPLAY_LANES = 3
-# Indexes for readers (the API, operators), never read by a batch: a rebuild builds them
-# after its load. Kept: the ones the load queries and backfill_payment_identity filter by.
-DEFERRED_INDEXES = (
+# Indexes for readers (the API, operators), never read by a batch: a rebuild may build
+# them after its load (ProjectionSpec.deferred_indexes). Kept: the ones the load queries
+# and backfill_payment_identity filter by.
+READER_INDEXES = (
     "customers_user", "customers_family",
     "subscriptions_user", "subscriptions_family", "subscriptions_unknown_price",
     "payments_user", "payments_family", "payments_status", "payments_created",
 )
+# It does not: deferring them showed no gain at 50,000 events (3 same-run comparisons,
+# mixed) nor at 1M (the replay's time and its Postgres CPU per event alike with and without
+# them), docs/performance.md, section 5. `READER_INDEXES` turns it back on.
+DEFERRED_INDEXES: tuple[str, ...] = ()
+# `lock_batch_keys` takes a transaction lock per id a batch touches: its customer, payment
+# and charge, so at most 3 per event (measured in pg_locks during bench/project.py's
+# replays: 1.4 per event at 30,000 customers, 2.0 at 100,000).
+LOCKS_PER_EVENT = 3.0
 
 
 def replay_spec(settings: Settings) -> ProjectionSpec:
@@ -123,7 +133,9 @@ def replay_spec(settings: Settings) -> ProjectionSpec:
         name="entitlements",
         topic=settings.topics.payment_events,
         tables=TABLES,
-        make=lambda: EntitlementsProjection(catalog, None),
+        # A partial, not a lambda: it pickles, so a rebuild may run its lanes in processes.
+        make=functools.partial(EntitlementsProjection, catalog, None),
         lanes=REPLAY_LANES,
         deferred_indexes=DEFERRED_INDEXES,
+        locks_per_event=LOCKS_PER_EVENT,
     )

@@ -122,6 +122,15 @@ CASES = [
         r"empty_check equals the live entitlements projection \(\d+ tables\)", progress="0/0 events",
     ),
     Case(
+        "replay-in-lane-processes", ("replay", "entitlements", "--into", "procs_check", "--processes", "3"),
+        a_live_entitlements_projection, r"procs_check equals the live entitlements projection \(\d+ tables\)",
+        progress="events",
+    ),
+    Case(
+        "replay-resume-of-nothing", ("replay", "entitlements", "--into", "never_started", "--resume"), nothing,
+        r"error: no schema never_started to resume: rebuild it .*", code=2,
+    ),
+    Case(
         "replay-verify", ("replay", "entitlements", "--into", "never_built", "--verify"), nothing,
         r"error: no schema never_built to verify: rebuild it first .*", code=2,
     ),
