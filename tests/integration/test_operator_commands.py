@@ -156,8 +156,8 @@ CASES = [
 @pytest.fixture
 def own_redis() -> Iterator[str]:
     # usage rebuild-cache rewrites every unprefixed usage key: never on the shared Redis.
-    with private_redis() as (url, _process):
-        yield url
+    with private_redis() as server:
+        yield server.url
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

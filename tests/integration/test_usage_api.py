@@ -107,7 +107,8 @@ async def stack(broker: str, template_database: str) -> AsyncIterator[Stack]:
         event(family, "checkout.session.completed", now - 30, user_id=family.user, family_id=family.family,
               subscription_id=family.sub),
     ]
-    with private_redis() as (redis_url, _process), contextlib.ExitStack() as exits:
+    with private_redis() as redis_server, contextlib.ExitStack() as exits:
+        redis_url = redis_server.url
         url = exits.enter_context(fresh_database(template_database))
         with psycopg.connect(url, autocommit=True) as conn:
             apply_catalog(conn, CATALOG)

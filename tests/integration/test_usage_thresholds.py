@@ -204,7 +204,8 @@ async def test_the_usage_service_as_served_publishes_a_crossing_through_its_outb
         feature_code="api_calls", amount=900, period_start=1_924_992_000, period_end=1_927_670_400,
         created_ms=1_924_992_000_000, limit=1000, plan_id="free",
     )
-    with private_redis() as (redis_url, _process), fresh_database(template_database) as url:
+    with private_redis() as redis_server, fresh_database(template_database) as url:
+        redis_url = redis_server.url
         settings = Settings(
             database_url=SecretStr(url), redis_url=SecretStr(redis_url), kafka_bootstrap_servers=broker,
             kafka_topic_prefix=topics.prefix, usage_port=free_port(),
