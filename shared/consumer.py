@@ -392,7 +392,10 @@ async def run_live(
         consumer.pause(*assigned)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not stop.is_set():
-            await consumer.getmany(timeout_ms=int(min(0.5, max(0.0, deadline - time.monotonic())) * 1000))
+            records = await consumer.getmany(timeout_ms=int(min(0.5, max(0.0, deadline - time.monotonic())) * 1000))
+            # A rebalance meanwhile resumes the partitions it assigns: what came through
+            # is given back, never dropped (its offsets would be skipped).
+            _give_back(consumer, records)
         consumer.resume(*[tp for tp in assigned if tp.partition not in check.mismatches])
 
     try:
@@ -557,10 +560,15 @@ class _Lanes:
             self._give_back(records)
 
     def _give_back(self, records: dict[TopicPartition, list[Any]]) -> None:
-        assigned = self._consumer.assignment()
-        for tp, batch in records.items():
-            if batch and tp in assigned:
-                self._consumer.seek(tp, min(r.offset for r in batch))
+        _give_back(self._consumer, records)
+
+
+def _give_back(consumer: AIOKafkaConsumer, records: dict[TopicPartition, list[Any]]) -> None:
+    """Fetched records not applied: their partitions go back to the first of them."""
+    assigned = consumer.assignment()
+    for tp, batch in records.items():
+        if batch and tp in assigned:
+            consumer.seek(tp, min(r.offset for r in batch))
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
