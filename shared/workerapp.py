@@ -42,8 +42,10 @@ async def serve_projection(
     database_url = settings.database_url.get_secret_value()
     await wait_for_broker(settings.kafka_bootstrap_servers, timeout=settings.startup_timeout_s)
     policy = policy or LoopPolicy(lanes=settings.worker_lanes)
-    # A connection per lane, and the statistics, the inbox pruner and the probe.
-    pool = await db.open_pool(database_url, max_size=max(4, policy.lanes + 2), name=f"paymentsvc-{projection.name}",
+    # A connection per lane (a projection that opts in, BatchProcessor.lane_count), and
+    # the statistics, the inbox pruner and the probe.
+    lanes = policy.lanes if hasattr(projection, "for_lane") else 1
+    pool = await db.open_pool(database_url, max_size=max(4, lanes + 2), name=f"paymentsvc-{projection.name}",
                               statement_timeout_ms=settings.db_statement_timeout_ms)
     producer = make_producer(settings.kafka_bootstrap_servers)
     await producer.start()
