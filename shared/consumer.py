@@ -543,12 +543,16 @@ class _Lanes:
         return False
 
     def _recovered(self, lane: int) -> None:
+        paused = bool(self.failing)
         self._health.succeeded(lane)
         self.failing.discard(lane)
         if not self.failing:
             WORKER_PAUSED.labels(self._name).set(0)
             WORKER_STALLED_SECONDS.labels(self._name).set(0)
-            self._consumer.resume(*[tp for tp in self._consumer.assignment() if tp.partition not in self._check.mismatches])
+            if paused:  # the last failing batch is done: what _keep_alive paused goes on
+                self._consumer.resume(
+                    *[tp for tp in self._consumer.assignment() if tp.partition not in self._check.mismatches]
+                )
 
     async def _keep_alive(self, seconds: float, generation: int) -> None:
         """Wait out a failed batch's backoff while polling (so the group keeps us), every
