@@ -70,10 +70,8 @@ async def _trivial(port: int) -> None:
 
 
 async def _real(port: int, db_url: str, redis_url: str, prefix: str, no_near: bool, reuse_port: bool) -> None:
-    from redis.asyncio import Redis
-
     from services.api_grpc import cache, page_tokens
-    from services.api_grpc.bootstrap import redis_breaker
+    from services.api_grpc.bootstrap import redis_breaker, redis_client
     from services.api_grpc.decisions import Facts
     from services.api_grpc.near_cache import NearCache
     from services.api_grpc.queries import Queries
@@ -91,7 +89,7 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str, no_near: bo
             raise RuntimeError("the benchmark publishes nothing")
 
     pool = await open_pool(db_url)
-    redis = Redis.from_url(redis_url)
+    redis = redis_client(redis_url)  # as `serve` makes it: no socket timeout
     breaker = redis_breaker()
     near = None if no_near else NearCache()
     entitlements = cache.EntitlementCache(redis, breaker, prefix, near=near)
@@ -110,7 +108,10 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str, no_near: bo
 def serve(kind: str, port: int, *args: Any) -> None:
     import logging
 
+    from paymentsvc.runner import tune_gc
+
     logging.disable(logging.INFO)
+    tune_gc()  # as `paymentsvc serve` does, for the trivial handler too: like for like
     uvloop.run(_trivial(port) if kind == "trivial" else _real(port, *args))
 
 

@@ -56,11 +56,9 @@ async def _trivial(port: int) -> None:
 
 
 async def _real(port: int, db_url: str, redis_url: str, prefix: str, bootstrap: str, topic: str) -> None:
-    from redis.asyncio import Redis
-
     from domain.usage.counters import Counters
     from services.api_grpc import cache, page_tokens
-    from services.api_grpc.bootstrap import redis_breaker
+    from services.api_grpc.bootstrap import redis_breaker, redis_client
     from services.api_grpc.commands import KafkaEventBus
     from services.api_grpc.decisions import Facts
     from services.api_grpc.queries import Queries
@@ -73,7 +71,7 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str, bootstrap: 
     from shared.kafka import make_producer
 
     pool = await open_pool(db_url)
-    redis = Redis.from_url(redis_url)
+    redis = redis_client(redis_url)  # as `serve` makes it: no socket timeout
     producer = make_producer(bootstrap)
     await producer.start()
     breaker = redis_breaker()
@@ -93,7 +91,10 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str, bootstrap: 
 def serve(kind: str, port: int, *args: Any) -> None:
     import logging
 
+    from paymentsvc.runner import tune_gc
+
     logging.disable(logging.INFO)
+    tune_gc()  # as `paymentsvc serve` does, for the trivial handler too: like for like
     uvloop.run(_trivial(port) if kind == "trivial" else _real(port, *args))
 
 
