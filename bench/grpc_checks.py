@@ -9,7 +9,9 @@ hashes for 50 subjects into Redis under a bench prefix, and prints QPS, p50 and 
 64 in flight, the ratios to the trivial handler, and the latency at 4 in flight.
 
 The API server runs as in production: the full interceptor chain with the Redis rate
-limiter (a limit too high to bite) and, unless --no-near-cache, the near cache with its
+limiter (a limit too high to bite), the production Redis client (no socket timeout),
+`paymentsvc serve`'s GC settings (both servers; BENCH_DEFAULT_GC=1 keeps the
+interpreter's defaults, to price them) and, unless --no-near-cache, the near cache with its
 change-feed subscription (near_cache.py; entries re-read from Redis after 1 s). The
 server processes' pids are printed first, for py-spy. On a 2-core machine the client
 shares the CPUs with the server: run it on a quiet machine, and more than once.
@@ -111,7 +113,8 @@ def serve(kind: str, port: int, *args: Any) -> None:
     from paymentsvc.runner import tune_gc
 
     logging.disable(logging.INFO)
-    tune_gc()  # as `paymentsvc serve` does, for the trivial handler too: like for like
+    if os.environ.get("BENCH_DEFAULT_GC") != "1":  # =1: the interpreter's defaults, to price them
+        tune_gc()  # as `paymentsvc serve` does, for the trivial handler too: like for like
     uvloop.run(_trivial(port) if kind == "trivial" else _real(port, *args))
 
 

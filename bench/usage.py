@@ -8,7 +8,9 @@ broker. It migrates a `paymentsvc_bench` database, writes warm pro-plan entitlem
 hashes for 50 families under a bench prefix (api_calls: 500,000 a month, a family pool),
 marks the usage counters ready, and prints QPS and p99 at 64 in flight and the ratios
 to the trivial handler. Every increment waits for the broker's acknowledgement
-(acks=all). Goals: IncrementUsage >= 0.4 of trivial, CheckQuota >= 0.6.
+(acks=all). Goals: IncrementUsage >= 0.4 of trivial, CheckQuota >= 0.6. The API server
+uses the production Redis client and, like the trivial one, `paymentsvc serve`'s GC
+settings (BENCH_DEFAULT_GC=1 keeps the interpreter's defaults, to price them).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import secrets
 import statistics
 import sys
@@ -94,7 +97,8 @@ def serve(kind: str, port: int, *args: Any) -> None:
     from paymentsvc.runner import tune_gc
 
     logging.disable(logging.INFO)
-    tune_gc()  # as `paymentsvc serve` does, for the trivial handler too: like for like
+    if os.environ.get("BENCH_DEFAULT_GC") != "1":  # =1: the interpreter's defaults, to price them
+        tune_gc()  # as `paymentsvc serve` does, for the trivial handler too: like for like
     uvloop.run(_trivial(port) if kind == "trivial" else _real(port, *args))
 
 
