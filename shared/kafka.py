@@ -33,7 +33,8 @@ SCHEMA_VERSION = b"1"
 
 
 def event_headers(
-    event_id: str, event_type: str, message: str, traceparent: str = "", *, occurred_at: float = 0.0
+    event_id: str, event_type: str, message: str, traceparent: str = "", *, occurred_at: float = 0.0,
+    trace: Sequence[tuple[str, bytes]] | None = None,
 ) -> list[tuple[str, bytes]]:
     """The headers of every protobuf message on our topics (DESIGN.md, "Topics").
 
@@ -42,13 +43,15 @@ def event_headers(
     the global propagator (`traceparent`, and `tracestate` if any; shared/tracing.py).
     `publish_all` replaces it with its produce span's context.
     `occurred_at` (Unix seconds) is when the event happened, for `ce_time` (now when 0).
+    `trace`: the `trace_headers(traceparent)` the caller already built for another message
+    of the same request (the ingester's two messages share them: one injection, not two).
     """
     return [
         ("event-id", event_id.encode()),
         ("event-type", event_type.encode()),
         ("schema-version", SCHEMA_VERSION),
         ("content-type", f"application/x-protobuf; messageType=payment.v1.{message}".encode()),
-        *tracing.trace_headers(traceparent),
+        *(tracing.trace_headers(traceparent) if trace is None else trace),
     ] + cloudevent_headers(event_id, f"payment.v1.{message}.{event_type}", CE_SOURCES[message], occurred_at)
 
 
@@ -74,8 +77,15 @@ def cloudevent_headers(event_id: str, ce_type: str, source: str, occurred_at: fl
         ("ce_id", event_id.encode()),
         ("ce_source", source.encode()),
         ("ce_type", ce_type.encode()),
-        ("ce_time", rfc3339(occurred_at or time.time()).encode()),
+        ("ce_time", _ce_time(occurred_at) if type(occurred_at) is int and occurred_at
+         else rfc3339(occurred_at or time.time()).encode()),
     ]
+
+
+@functools.lru_cache(maxsize=1024)
+def _ce_time(occurred_at: int) -> bytes:
+    # Whole seconds (Stripe's `created`): a webhook's two messages share theirs.
+    return rfc3339(occurred_at).encode()
 
 
 def rfc3339(unix_seconds: float) -> str:

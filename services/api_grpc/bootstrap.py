@@ -35,6 +35,22 @@ from shared.kafka import kafka_probe, make_producer
 log = logging.getLogger("api_grpc")
 
 
+def redis_client(url: str) -> Redis:
+    """The API's Redis client: no socket timeout, a 1 s connect timeout.
+
+    With a socket timeout, redis-py sends every command under `asyncio.wait_for`, which
+    starts a task per command on Python 3.11 (about 8 µs of CPU per round trip). Every
+    call the API makes bounds itself instead, with an `asyncio.timeout` scope (no task):
+    the entitlement reads and fills (cache.py, at most cache.CALL_TIMEOUT_S), the
+    increment script (usage.py, the same), the quota read (1 s), the rollback and the
+    confirm of a retried key (2 s), the rate limiter's refill (0.2 s), the change feed's
+    subscribe and ping (near_cache.py) and the health probe (shared/health.py, 2 s).
+    A new call on this client needs a bound of its own
+    (tests/integration/test_redis_bounds.py holds each one against a Redis that never
+    answers)."""
+    return Redis.from_url(url, socket_timeout=None, socket_connect_timeout=1.0)
+
+
 def redis_breaker(threshold: int = 5, reset_after_s: float = 5.0) -> Breaker:
     return Breaker("redis", cache.is_transient, threshold=threshold, reset_after_s=reset_after_s)
 
@@ -66,9 +82,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     await wait_for_broker(settings.kafka_bootstrap_servers, timeout=settings.startup_timeout_s)
     pool = await open_pool(settings.database_url.get_secret_value(), max_size=10, name="api_grpc",
                            statement_timeout_ms=settings.db_statement_timeout_ms)
-    redis = Redis.from_url(
-        settings.redis_url.get_secret_value(), socket_timeout=2.0, socket_connect_timeout=1.0
-    )
+    redis = redis_client(settings.redis_url.get_secret_value())
     producer = make_producer(
         settings.kafka_bootstrap_servers, request_timeout_ms=int(settings.publish_timeout_s * 1000)
     )

@@ -11,8 +11,10 @@ With a near cache (near_cache.py), whole hashes are served from process memory w
 the change feed is live and the entry is younger than its max age; otherwise the same
 reads as without it (whole hashes, so that what is read can be cached).
 
-Every call goes through the Redis circuit breaker and a timeout: a Redis that is down
-or slow makes `read` raise CacheUnavailable, and readers use Postgres.
+Every call goes through the Redis circuit breaker and a timeout (the caller's, at most
+CALL_TIMEOUT_S): a Redis that is down or slow makes `read` raise CacheUnavailable, and
+readers use Postgres. The timeout is an `asyncio.timeout` scope, not the client's socket
+timeout (which costs a task per command; bootstrap.redis_client).
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ _NEAR_BYPASS = API_NEAR_CACHE_READS.labels("bypass")
 # A subject with no rows gets a hash with only the watermark: a cached "nothing", so
 # that free-plan subjects do not go to Postgres on every check. Shorter-lived.
 EMPTY_TTL_S = 300
+# The longest one Redis call of the API waits when its caller has more time left: what
+# the client's socket timeout gave before, so that a hung Redis still leaves a check the
+# time to answer from Postgres. Also the bound of the increment script (usage.py).
+CALL_TIMEOUT_S = 2.0
 _FILL_IF_ABSENT = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 2))
@@ -165,6 +171,8 @@ class EntitlementCache:
             pass  # the next miss fills it
 
     async def _guarded(self, fn: Any, timeout: float) -> Any:
+        timeout = min(timeout, CALL_TIMEOUT_S)
+
         async def timed() -> Any:
             async with asyncio.timeout(timeout):
                 return await fn()

@@ -62,6 +62,7 @@ LIVENESS_S = 1.0
 PING_EVERY_S = 0.25
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 2.0
+CALL_TIMEOUT_S = 1.0  # subscribe, ping, close: each answered in well under a millisecond
 
 Fields = dict[str, Any]
 
@@ -177,8 +178,12 @@ class NearCache:
 class ChangeFeed:
     """Subscribes to the change channel and keeps `near` informed; reconnects forever."""
 
-    def __init__(self, client: Redis, near: NearCache, prefix: str = "", ping_every_s: float = PING_EVERY_S) -> None:
+    def __init__(
+        self, client: Redis, near: NearCache, prefix: str = "", ping_every_s: float = PING_EVERY_S,
+        call_timeout_s: float = CALL_TIMEOUT_S,
+    ) -> None:
         self._client = client
+        self._call_timeout_s = call_timeout_s
         self._near = near
         self.channel = changes_channel(prefix)
         self._ping_every_s = ping_every_s
@@ -216,8 +221,13 @@ class ChangeFeed:
 
     async def _listen(self) -> None:
         pubsub = self.pubsub = self._client.pubsub()
+        # Every await is bounded here (the API's client has no socket timeout, see
+        # bootstrap.redis_client): a Redis that accepts and never answers fails the
+        # subscription within `call_timeout_s`, and the loop reconnects.
+        bound = self._call_timeout_s
         try:
-            await pubsub.subscribe(self.channel)
+            async with asyncio.timeout(bound):
+                await pubsub.subscribe(self.channel)
             heard = time.monotonic()
             next_ping = time.monotonic() + self._ping_every_s
             while True:
@@ -225,9 +235,12 @@ class ChangeFeed:
                 if now - heard > self._near.liveness_s:
                     raise TimeoutError("the change feed is silent")
                 if now >= next_ping:
-                    await pubsub.ping()
+                    async with asyncio.timeout(bound):
+                        await pubsub.ping()
                     next_ping = now + self._ping_every_s
-                message = await pubsub.get_message(timeout=max(0.01, next_ping - time.monotonic()))
+                wait = max(0.01, next_ping - time.monotonic())
+                async with asyncio.timeout(wait + bound):  # get_message's own timeout covers the read only
+                    message = await pubsub.get_message(timeout=wait)
                 if message is None:
                     continue
                 kind = message["type"]
@@ -243,4 +256,5 @@ class ChangeFeed:
                     self._near.invalidate(decode_keys(message["data"]))
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()
+                async with asyncio.timeout(bound):
+                    await pubsub.aclose()

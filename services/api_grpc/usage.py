@@ -63,6 +63,7 @@ from domain.usage.counters import Counters, NotReady, Step
 from domain.usage.model import UNLIMITED, Answer, Outcome, Policy, Request
 from payment.v1 import events_pb2
 from services.api_grpc import decisions, validation
+from services.api_grpc.cache import CALL_TIMEOUT_S
 from services.api_grpc.decisions import Decision, Facts
 from services.api_grpc.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.api_grpc.page_tokens import PageTokens, query_fingerprint
@@ -85,6 +86,12 @@ _QUOTA_READS_POSTGRES = USAGE_QUOTA_READS.labels("postgres")
 
 log = logging.getLogger("api_grpc.usage")
 POLICY_TTL_S = 5.0
+# The bounds of the Redis calls that run in tasks of their own, past their caller (the
+# client has no socket timeout: bootstrap.redis_client). A timed-out confirm leaves the
+# record pending, which the next retry publishes and confirms again.
+ROLLBACK_TIMEOUT_S = 2.0
+CONFIRM_TIMEOUT_S = 2.0
+QUOTA_READ_TIMEOUT_S = 1.0
 MAX_POLICIES = 100_000
 TOKEN_QUERY = "usage-consistency"
 
@@ -316,8 +323,13 @@ class UsageApi:
         record vanished meanwhile."""
         published = False  # past this point a timeout is the bus's, and the increment settles on its own
         try:
-            async with asyncio.timeout(max(0.01, deadline - time.monotonic())):
+            # One scope: the script gets at most CALL_TIMEOUT_S (the client has no socket
+            # timeout), then the publish gets the rest of the call's time.
+            left = max(0.01, deadline - time.monotonic())
+            async with asyncio.timeout(min(left, CALL_TIMEOUT_S)) as scope:
                 step = await self._step(request)
+                if left > CALL_TIMEOUT_S:
+                    scope.reschedule(asyncio.get_running_loop().time() + max(0.01, deadline - time.monotonic()))
                 outcome = step.outcome
                 if not model.needs_publish(outcome):
                     return outcome, step.replayed
@@ -441,13 +453,19 @@ class UsageApi:
         except NOT_ACKNOWLEDGED as exc:
             USAGE_PUBLISH_FAILURES.inc()
             raise Unavailable(f"the event bus did not acknowledge the usage event: {exc}") from exc
-        if not await self.counters.confirm(step):
+        try:
+            async with asyncio.timeout(CONFIRM_TIMEOUT_S):  # this task outlives a caller that left
+                confirmed = await self.counters.confirm(step)
+        except TimeoutError:
+            raise Unavailable("Redis did not confirm the increment (TimeoutError); retry with the same "
+                              "idempotency_key") from None
+        if not confirmed:
             return None
         return step.outcome
 
     async def _rollback(self, step: Step) -> None:
         try:
-            async with asyncio.timeout(2.0):
+            async with asyncio.timeout(ROLLBACK_TIMEOUT_S):
                 await self.counters.rollback(step)
         except Exception:  # the counter stays high by this amount until the next rebuild
             log.error("could not roll back a usage increment whose event was not published",
@@ -507,7 +525,7 @@ class UsageApi:
         flat = [k[0] for k in keys] + [k[1] or k[0] for k in keys]
         values: list[int] | None = None
         try:
-            async with asyncio.timeout(max(0.01, min(1.0, deadline - time.monotonic()))):
+            async with asyncio.timeout(max(0.01, min(QUOTA_READ_TIMEOUT_S, deadline - time.monotonic()))):
                 values = await self.counters.read(flat)
         except Exception as exc:
             if not _redis_down(exc):

@@ -88,12 +88,17 @@ async def _accept(request: web.Request, verifier: SignatureVerifier, config: Ing
 
 
 def make_webhook_handler(verifier: SignatureVerifier, publisher: Publisher, config: IngestConfig):  # type: ignore[no-untyped-def]
+    span_name = f"POST {WEBHOOK_PATH}"
+
     async def receive(request: web.Request) -> web.Response:
-        # The request span continues the trace of the caller's `traceparent`, if any.
-        with tracing.tracer().start_as_current_span(
-            f"POST {WEBHOOK_PATH}", context=tracing.extract_headers(request.headers),
-            kind=tracing.SpanKind.SERVER,
-        ) as span:
+        # The request span continues the trace of the caller's `traceparent`, if any. Made
+        # current by hand, as the API's interceptor does: `start_as_current_span` adds two
+        # generator-based context managers to every request.
+        span = tracing.tracer().start_span(
+            span_name, context=tracing.extract_headers(request.headers), kind=tracing.SpanKind.SERVER
+        )
+        token = tracing.activate(span)
+        try:
             response = await _receive(request)
             if span.is_recording():
                 span.set_attribute("http.request.method", "POST")
@@ -102,6 +107,14 @@ def make_webhook_handler(verifier: SignatureVerifier, publisher: Publisher, conf
                 if response.status >= 500:
                     span.set_status(tracing.Status(tracing.StatusCode.ERROR))
             return response
+        except Exception as exc:  # as start_as_current_span records it (not a cancellation)
+            if span.is_recording():
+                span.record_exception(exc)
+                span.set_status(tracing.Status(tracing.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            raise
+        finally:
+            tracing.deactivate(token)
+            span.end()
 
     async def _receive(request: web.Request) -> web.Response:
         WEBHOOKS_RECEIVED.inc()

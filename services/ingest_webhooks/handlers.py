@@ -81,16 +81,18 @@ def _envelope(event: Any) -> tuple[str, str]:
 def plan_delivery(event: Any, raw_body: bytes, topics: Topics, traceparent: str = "") -> Delivery:
     """Decide the messages for a verified body (`event` is `parse(raw_body)`). Never raises
     for the body's content: whatever it is, it is archived."""
+    # Both messages carry the same context (the request's): built once.
+    trace = tuple(trace_headers(traceparent))
     try:
         event_id, event_type = _envelope(event)
     except _Unnormalizable as exc:
         # No id to key it by: the body's digest keeps one body on one partition.
         key = "sha256:" + hashlib.sha256(raw_body).hexdigest()
-        raw = _raw_message(key, "", "", 0, raw_body, topics, traceparent)
+        raw = _raw_message(key, "", "", 0, raw_body, topics, trace)
         return _unnormalized(raw, "", "unknown", exc.reason, exc.message, topics)
     created = event.get("created")
     occurred_at = created if isinstance(created, int) and created > 0 else 0
-    raw = _raw_message(event_id, event_type, str(event.get("api_version") or ""), occurred_at, raw_body, topics, traceparent)
+    raw = _raw_message(event_id, event_type, str(event.get("api_version") or ""), occurred_at, raw_body, topics, trace)
     if event_type not in PROJECTED_TYPES:
         return Delivery(event_id, event_type, "archived", (raw,))
     try:
@@ -98,27 +100,33 @@ def plan_delivery(event: Any, raw_body: bytes, topics: Topics, traceparent: str 
     except MalformedEvent as exc:
         return _unnormalized(raw, event_id, event_type, "malformed_event", str(exc), topics)
     assert normalized is not None  # a projected type always normalizes or raises
-    return Delivery(event_id, event_type, "published", (raw, payment_event_message(normalized, topics, traceparent)))
+    message = payment_event_message(normalized, topics, traceparent, trace=trace)
+    return Delivery(event_id, event_type, "published", (raw, message))
 
 
-def payment_event_message(normalized: events_pb2.PaymentEvent, topics: Topics, traceparent: str = "") -> OutgoingMessage:
+def payment_event_message(
+    normalized: events_pb2.PaymentEvent, topics: Topics, traceparent: str = "",
+    *, trace: tuple[tuple[str, bytes], ...] | None = None,
+) -> OutgoingMessage:
     """The `payment-events` message of a normalized event, as the ingester publishes it
-    (and `paymentsvc renormalize` re-publishes it: same key, same event id)."""
+    (and `paymentsvc renormalize` re-publishes it: same key, same event id). `trace`: the
+    trace headers already built for this request (shared.kafka.event_headers)."""
     return OutgoingMessage(
         topic=topics.payment_events,
         key=partition_key(normalized).encode(),
         value=normalized.SerializeToString(),
-        headers=tuple(
-            event_headers(normalized.event_id, normalized.event_type, "PaymentEvent", traceparent, occurred_at=normalized.created)
-        ),
+        headers=tuple(event_headers(
+            normalized.event_id, normalized.event_type, "PaymentEvent", traceparent,
+            occurred_at=normalized.created, trace=trace,
+        )),
         event_type=normalized.event_type,
     )
 
 
 def _raw_message(
-    key: str, event_type: str, api_version: str, occurred_at: int, raw_body: bytes, topics: Topics, traceparent: str
+    key: str, event_type: str, api_version: str, occurred_at: int, raw_body: bytes, topics: Topics,
+    trace: tuple[tuple[str, bytes], ...],
 ) -> OutgoingMessage:
-    trace = tuple(trace_headers(traceparent))
     ids = (("event-id", key.encode()), ("event-type", event_type.encode())) if event_type else ()
     # A body that is not an event has no id or type of its own: its key (the body's
     # digest) is its id, and the receipt time its time (occurred_at 0 means now).

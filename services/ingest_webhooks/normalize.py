@@ -70,6 +70,7 @@ from services.ingest_webhooks.stripe_models import (
     CheckoutSession,
     Customer,
     Dispute,
+    Envelope,
     Invoice,
     InvoiceLine,
     InvoicePaymentDetails,
@@ -79,6 +80,7 @@ from services.ingest_webhooks.stripe_models import (
     StripeEvent,
     Subscription,
     SubscriptionItem,
+    TypedEvent,
 )
 from shared.kafka import payment_event_key
 
@@ -139,11 +141,12 @@ def normalize(event: dict[str, Any]) -> events_pb2.PaymentEvent | None:
     """
     if not isinstance(event, dict):
         raise MalformedEvent("malformed Stripe event: expected a JSON object")
-    envelope = _parse(StripeEvent, event, prefix=())
-    kind = _KINDS.get(envelope.type)
+    event_type = event.get("type")
+    kind = _KINDS.get(event_type) if isinstance(event_type, str) else None
     if kind is None:
+        _parse(StripeEvent, event, prefix=())  # a malformed envelope is still named
         return None
-    _check_object_type(envelope, kind.object_type)
+    envelope = _parse_typed(kind, event)
     projection = kind.project(envelope.type, envelope.data.object)
     return _build(
         envelope, {**_common_fields(envelope, kind.object_type, projection), **projection.fields}
@@ -163,11 +166,28 @@ def _parse(model: type[M], data: Any, prefix: tuple[str, ...]) -> M:
         raise MalformedEvent(_describe(exc, prefix)) from None
 
 
+def _parse_typed(kind: _Kind, event: dict[str, Any]) -> TypedEvent[Any]:
+    """The envelope and its object in one validation, failing as the envelope first,
+    then the object's kind, then its fields (the order of the checks' meaning)."""
+    try:
+        envelope = kind.model.model_validate(event)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        outside = [e for e in errors if tuple(e["loc"][:2]) != ("data", "object") or len(e["loc"]) == 2]
+        if not outside:
+            data = event.get("data")
+            _check_object_type(data.get("object") if isinstance(data, dict) else None, event["type"], kind.object_type)
+        raise MalformedEvent(_message(outside or errors, ())) from None
+    _check_object_type(envelope.data.object.object, envelope.type, kind.object_type)
+    return envelope
+
+
 def _describe(exc: ValidationError, prefix: tuple[str, ...]) -> str:
-    problems = [
-        f"{_path((*prefix, *error['loc']))}: {error['msg']}"
-        for error in exc.errors(include_url=False, include_input=False, include_context=False)
-    ]
+    return _message(exc.errors(include_url=False, include_input=False, include_context=False), prefix)
+
+
+def _message(errors: Sequence[Any], prefix: tuple[str, ...]) -> str:
+    problems = [f"{_path((*prefix, *error['loc']))}: {error['msg']}" for error in errors]
     text = "; ".join(problems[:_MAX_REPORTED_ERRORS])
     hidden = len(problems) - _MAX_REPORTED_ERRORS
     suffix = f" (and {hidden} more)" if hidden > 0 else ""
@@ -181,15 +201,16 @@ def _path(loc: Sequence[str | int]) -> str:
     return path or "event"
 
 
-def _check_object_type(event: StripeEvent, expected: str) -> None:
-    actual = event.data.object.get("object")
+def _check_object_type(obj: Any, event_type: str, expected: str) -> None:
+    """`obj` is the object's `object` field (a model's, or a raw dict's whole object)."""
+    actual = obj.get("object") if isinstance(obj, dict) else obj
     if actual is not None and actual != expected:
         raise MalformedEvent(
-            f"malformed Stripe event: data.object.object: {event.type} must carry a {expected!r}"
+            f"malformed Stripe event: data.object.object: {event_type} must carry a {expected!r}"
         )
 
 
-def _build(event: StripeEvent, fields: dict[str, Any]) -> events_pb2.PaymentEvent:
+def _build(event: Envelope, fields: dict[str, Any]) -> events_pb2.PaymentEvent:
     unknown = fields.keys() - _PAYMENT_EVENT_FIELDS
     if unknown:  # a bug here, not a bad payload: keep it out of the ValueError net below
         raise TypeError(f"PaymentEvent has no fields {sorted(unknown)}")
@@ -221,7 +242,7 @@ class _Projection:
     guest_allowed: bool = False
 
 
-def _common_fields(event: StripeEvent, object_type: str, p: _Projection) -> dict[str, Any]:
+def _common_fields(event: Envelope, object_type: str, p: _Projection) -> dict[str, Any]:
     return {
         "source": events_pb2.EVENT_SOURCE_STRIPE_WEBHOOK,
         "event_id": event.id,
@@ -291,8 +312,7 @@ def _id(ref: _HasId | None) -> str | None:
 # --- subscriptions ------------------------------------------------------------------
 
 
-def _project_subscription(event_type: str, data: dict[str, Any]) -> _Projection:
-    sub = _parse(Subscription, data, prefix=("data", "object"))
+def _project_subscription(event_type: str, sub: Subscription) -> _Projection:
     item = _first_item(sub)
     price = _item_price(item)
     start, end = _subscription_period(sub)
@@ -351,8 +371,7 @@ def _subscription_period(sub: Subscription) -> tuple[int | None, int | None]:
 # --- invoices -----------------------------------------------------------------------
 
 
-def _project_invoice(event_type: str, data: dict[str, Any]) -> _Projection:
-    invoice = _parse(Invoice, data, prefix=("data", "object"))
+def _project_invoice(event_type: str, invoice: Invoice) -> _Projection:
     subscription = _invoice_subscription(invoice)
     line = _subscription_line(invoice)
     price_id, product_id = _line_price(line)
@@ -481,8 +500,7 @@ def _invoice_failure(invoice: Invoice) -> PaymentError | None:
 # --- charges and payment intents ----------------------------------------------------
 
 
-def _project_charge(event_type: str, data: dict[str, Any]) -> _Projection:
-    charge = _parse(Charge, data, prefix=("data", "object"))
+def _project_charge(event_type: str, charge: Charge) -> _Projection:
     billing_email = charge.billing_details.email if charge.billing_details else None
     return _Projection(
         object_id=charge.id,
@@ -508,8 +526,7 @@ def _project_charge(event_type: str, data: dict[str, Any]) -> _Projection:
     )
 
 
-def _project_payment_intent(event_type: str, data: dict[str, Any]) -> _Projection:
-    intent = _parse(PaymentIntent, data, prefix=("data", "object"))
+def _project_payment_intent(event_type: str, intent: PaymentIntent) -> _Projection:
     error = intent.last_payment_error
     return _Projection(
         object_id=intent.id,
@@ -532,11 +549,10 @@ def _project_payment_intent(event_type: str, data: dict[str, Any]) -> _Projectio
     )
 
 
-def _project_dispute(event_type: str, data: dict[str, Any]) -> _Projection:
+def _project_dispute(event_type: str, dispute: Dispute) -> _Projection:
     """A dispute is news about its payment: keyed and merged by the payment intent (else
     the charge) it names. Its amount is the disputed sum, not the payment's, so it is left
     out; the dispute's own status and reason travel in `status` and `reason`."""
-    dispute = _parse(Dispute, data, prefix=("data", "object"))
     charge = dispute.charge
     if charge is None:
         raise MalformedEvent("malformed Stripe event: data.object.charge: required on a dispute")
@@ -561,8 +577,7 @@ def _project_dispute(event_type: str, data: dict[str, Any]) -> _Projection:
 # --- checkout sessions --------------------------------------------------------------
 
 
-def _project_checkout_session(event_type: str, data: dict[str, Any]) -> _Projection:
-    session = _parse(CheckoutSession, data, prefix=("data", "object"))
+def _project_checkout_session(event_type: str, session: CheckoutSession) -> _Projection:
     details_email = session.customer_details.email if session.customer_details else None
     subscription_metadata = session.subscription.metadata if session.subscription else {}
     return _Projection(
@@ -598,15 +613,16 @@ def _project_checkout_session(event_type: str, data: dict[str, Any]) -> _Project
 @dataclass(frozen=True)
 class _Kind:
     object_type: str
-    project: Callable[[str, dict[str, Any]], _Projection]
+    model: type[TypedEvent[Any]]  # the event with its object's model
+    project: Callable[[str, Any], _Projection]
 
 
-_INVOICE = _Kind("invoice", _project_invoice)
-_SUBSCRIPTION = _Kind("subscription", _project_subscription)
-_CHARGE = _Kind("charge", _project_charge)
-_PAYMENT_INTENT = _Kind("payment_intent", _project_payment_intent)
-_CHECKOUT_SESSION = _Kind("checkout.session", _project_checkout_session)
-_DISPUTE = _Kind("dispute", _project_dispute)
+_INVOICE = _Kind("invoice", TypedEvent[Invoice], _project_invoice)
+_SUBSCRIPTION = _Kind("subscription", TypedEvent[Subscription], _project_subscription)
+_CHARGE = _Kind("charge", TypedEvent[Charge], _project_charge)
+_PAYMENT_INTENT = _Kind("payment_intent", TypedEvent[PaymentIntent], _project_payment_intent)
+_CHECKOUT_SESSION = _Kind("checkout.session", TypedEvent[CheckoutSession], _project_checkout_session)
+_DISPUTE = _Kind("dispute", TypedEvent[Dispute], _project_dispute)
 
 _KINDS: dict[str, _Kind] = {
     "checkout.session.completed": _CHECKOUT_SESSION,

@@ -342,8 +342,18 @@ class EventData(StripeModel):
     previous_attributes: dict[str, Any] | None = None
 
 
-class StripeEvent(StripeModel):
-    """The webhook envelope (``"object": "event"``)."""
+ObjectT = TypeVar("ObjectT", bound=StripeModel)
+
+
+class ObjectData(StripeModel, Generic[ObjectT]):
+    """``data`` of an event whose type names its object's model."""
+
+    object: ObjectT
+    previous_attributes: dict[str, Any] | None = None
+
+
+class Envelope(StripeModel):
+    """The webhook envelope's own fields (``"object": "event"``)."""
 
     id: NonEmptyStr
     object: str | None = "event"
@@ -353,4 +363,16 @@ class StripeEvent(StripeModel):
     livemode: StrictBool = False
     pending_webhooks: Int64 | None = None
     request: dict[str, Any] | None = None
+
+
+class StripeEvent(Envelope):
+    """Any event: the object stays a plain dict."""
+
     data: EventData
+
+
+class TypedEvent(Envelope, Generic[ObjectT]):
+    """An event of a type we project, its object read by that type's model in the same
+    validation (one pass over the payload instead of the envelope, then the object)."""
+
+    data: ObjectData[ObjectT]

@@ -1,8 +1,10 @@
-"""Network helpers of the tests: a port that refuses connections, and a small HTTP stub
-that counts the requests reaching it."""
+"""Network helpers of the tests: a port that refuses connections, a server that accepts
+and never answers, a small HTTP stub that counts the requests reaching it, and a proxy
+that can swallow what clients send."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +24,41 @@ def refusing_port() -> Iterator[int]:
         yield sock.getsockname()[1]
     finally:
         sock.close()
+
+
+@dataclass
+class Silent:
+    """A TCP server on 127.0.0.1:`port` that accepts every connection, reads what is sent
+    and never answers (a hung Redis, a frozen peer): `connections` counts the accepts."""
+
+    port: int = 0
+    connections: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[Silent]:
+    silent = Silent()
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.connections += 1
+        held.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    silent.port = server.sockets[0].getsockname()[1]
+    try:
+        yield silent
+    finally:
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
 
 
 @dataclass
