@@ -413,9 +413,8 @@ async def replay(
             "replay_schema": schema, "spec": spec, "replay_cores": cores}
 
 
-# --replay-modes: the bulk rebuild with its lanes in this process (before lane processes),
-# then in processes, then without two of its parts; each into a fresh schema of the same
-# database, from the same topic.
+# --replay-modes: the bulk rebuild as `paymentsvc replay` runs it, then with other batch
+# sizes; each into a fresh schema of the same database, from the same topic.
 REPLAY_MODES: dict[str, dict[str, Any]] = {
     "bulk, 3 lanes in 3 processes (the default batch)": {"processes": 3},
     "3 processes, batches of 355 (the lock-table budget before section 9)": {"processes": 3, "batch": 355},
@@ -673,8 +672,8 @@ def main() -> None:
                         help="seconds the replay may take (default: --time-limit); for a 1M-event replay "
                              "behind a worker phase cut short")
     parser.add_argument("--replay-modes", type=int, default=0, metavar="ROUNDS",
-                        help="then replay ROUNDS more times in each of REPLAY_MODES (as live, then the bulk "
-                             "parts one by one), alternating, and print each mode's rates")
+                        help="then replay ROUNDS more times in each of REPLAY_MODES (batch sizes), "
+                             "alternating, and print each mode's rates and CPU per event")
     parser.add_argument("--replay-lanes", type=int, default=None,
                         help="partition lanes of the replay (default: the projection's, REPLAY_LANES)")
     parser.add_argument("--replay-processes", type=int, default=None,
