@@ -152,6 +152,11 @@ class Settings(BaseSettings):
         description="how long a worker remembers an applied event id (longer than Stripe's 3-day retries and the topics' retention)",
     )
     inbox_prune_interval_s: float = Field(default=300.0, gt=0, description="how often a worker prunes its inbox")
+    worker_lanes: int = Field(
+        default=3, ge=1,
+        description="partition groups a worker applies concurrently, one batch each, for a projection that opts in "
+        "(entitlements); at most one per partition it owns; 1: one batch at a time",
+    )
 
     # API.
     # `key=scope+scope,...`; kept as secrets so that no key shows in a repr or log.

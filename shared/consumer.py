@@ -12,6 +12,16 @@ pauses the assigned partitions, backs off exponentially while still polling
 (so the group does not evict us), and retries the same batch. Nothing is
 committed meanwhile; the inbox makes the retry idempotent.
 
+Lanes: for a projection that opts in (`BatchProcessor.lane_count`), the live loop
+applies its partitions in `LoopPolicy.lanes` groups, one task each (`_Lanes`): a lane
+fetches only its own partitions, has one batch in flight, and commits that batch's
+offsets after its transaction; the lanes' transactions run concurrently on their own
+pooled connections, so one lane's Python runs while another's batch waits on Postgres.
+A partition is in one lane at a time, also across a rebalance, so it is applied in
+order. A failing batch pauses every lane (the others finish the batch they hold and
+take no new one) until it succeeds. A rebalance waits (a few seconds at most) for the
+batches in flight; a batch still failing then is abandoned, committing nothing.
+
 Replay (`run_replay`): no group. It assigns every partition, starts where the
 target schema's high-water marks say (offset 0 for a fresh schema), and stops
 once it has reached the end offsets it saw at start (or `until`).
@@ -41,7 +51,7 @@ from shared.metrics import (
     WORKER_STALLED_SECONDS,
     WORKER_TRANSIENT_FAILURES,
 )
-from shared.worker import QUERIES, BatchProcessor, DeadLetter, LoopPolicy, RawMessage
+from shared.worker import LANE, QUERIES, BatchProcessor, DeadLetter, LoopPolicy, RawMessage
 
 log = logging.getLogger("worker")
 DEFAULT_POLICY = LoopPolicy()
@@ -141,10 +151,10 @@ class LogCheck:
 class _SeekToDatabase(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(
         self, consumer: AIOKafkaConsumer, pool: AsyncConnectionPool, name: str, topic: str, bootstrap: str,
-        check: LogCheck,
+        check: LogCheck, lanes: _Lanes | None = None,
     ) -> None:
         self._consumer, self._pool, self._name, self._topic = consumer, pool, name, topic
-        self._bootstrap, self._check = bootstrap, check
+        self._bootstrap, self._check, self._lanes = bootstrap, check, lanes
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         # Offsets are committed after every batch. A partition's lag and mismatch gauges
@@ -154,6 +164,8 @@ class _SeekToDatabase(ConsumerRebalanceListener):  # type: ignore[misc]
             for gauge in (WORKER_LAG, WORKER_LOG_MISMATCH):
                 with contextlib.suppress(KeyError):
                     gauge.remove(self._name, tp.topic, str(tp.partition))
+        if self._lanes is not None:
+            await self._lanes.revoked()
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         # Nothing is fetched until each partition is checked and sought: getmany runs
@@ -257,14 +269,24 @@ class BatchHealth:
     error: str | None = None
     since: float | None = None
     clock: Callable[[], float] = time.monotonic
+    # Per lane (shared.worker.LANE): (error, failing since). `error` and `since` are the
+    # longest-failing lane's, so one lane's success does not hide another's failure.
+    lanes: dict[int, tuple[str, float]] = field(default_factory=dict, repr=False)
 
-    def failed(self, exc: BaseException) -> None:
-        self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        if self.since is None:
-            self.since = self.clock()
+    def failed(self, exc: BaseException, lane: int = 0) -> None:
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        self.lanes[lane] = (error, self.lanes[lane][1] if lane in self.lanes else self.clock())
+        self._sync()
 
-    def succeeded(self) -> None:
-        self.error = self.since = None
+    def succeeded(self, lane: int = 0) -> None:
+        self.lanes.pop(lane, None)
+        self._sync()
+
+    def _sync(self) -> None:
+        if not self.lanes:
+            self.error = self.since = None
+            return
+        self.error, self.since = min(self.lanes.values(), key=lambda failure: failure[1])
 
     def stalled_s(self) -> float:
         return 0.0 if self.since is None else self.clock() - self.since
@@ -335,6 +357,7 @@ async def run_live(
     Partitions whose database marks do not fit the log (see `mark_mismatch`) stay
     paused and are reported through `log_check` until an operator rebuilds."""
     check = log_check or LogCheck(processor.consumer)
+    health = health or BatchHealth()
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=group_id,
@@ -346,8 +369,22 @@ async def run_live(
         max_poll_records=policy.max_batch,
         client_id=f"paymentsvc-{processor.consumer}",
     )
-    consumer.subscribe([topic], listener=_SeekToDatabase(consumer, pool, processor.consumer, topic, bootstrap, check))
+    count = processor.lane_count(policy.lanes)
+    lanes = None
+    if count > 1:
+        # A rebalance waits this long for the batches in flight (within the group's
+        # rebalance timeout, which is the session timeout here).
+        lanes = _Lanes(consumer, processor, count, policy, stop, health, check, session_timeout_ms / 2000)
+    consumer.subscribe(
+        [topic], listener=_SeekToDatabase(consumer, pool, processor.consumer, topic, bootstrap, check, lanes)
+    )
     await consumer.start()
+    if lanes is not None:
+        try:
+            await lanes.run()
+        finally:
+            await consumer.stop()
+        return
 
     async def keep_alive(seconds: float) -> None:
         # Keep polling (nothing is fetched while paused) so the group keeps us.
@@ -355,7 +392,10 @@ async def run_live(
         consumer.pause(*assigned)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not stop.is_set():
-            await consumer.getmany(timeout_ms=int(min(0.5, max(0.0, deadline - time.monotonic())) * 1000))
+            records = await consumer.getmany(timeout_ms=int(min(0.5, max(0.0, deadline - time.monotonic())) * 1000))
+            # A rebalance meanwhile resumes the partitions it assigns: what came through
+            # is given back, never dropped (its offsets would be skipped).
+            _give_back(consumer, records)
         consumer.resume(*[tp for tp in assigned if tp.partition not in check.mismatches])
 
     try:
@@ -372,6 +412,172 @@ async def run_live(
             await _report_lag(consumer, processor.consumer)
     finally:
         await consumer.stop()
+
+
+class _Lanes:
+    """The live loop's partition groups, each a task with one batch in flight (module docstring).
+
+    Lane i owns every `count`-th of the sorted assigned partitions, starting at i, except a
+    partition still in flight in another lane (after a rebalance moved it) and one whose
+    marks do not fit its log. Only the lanes fetch, each its own partitions; records a lane
+    took but may not apply (the mapping changed while it waited, or the worker is paused)
+    are given back by seeking their partition to the first of them, so nothing fetched is
+    ever skipped.
+    """
+
+    def __init__(
+        self, consumer: AIOKafkaConsumer, processor: BatchProcessor[Any], count: int, policy: LoopPolicy,
+        stop: asyncio.Event, health: BatchHealth, check: LogCheck, revoke_wait_s: float,
+    ) -> None:
+        self._consumer, self._processor, self._count, self._policy = consumer, processor, count, policy
+        self._stop, self._health, self._check, self._revoke_wait_s = stop, health, check, revoke_wait_s
+        self._name = processor.consumer
+        self.generation = 0  # bumped by a rebalance: a batch of an older one commits no offsets
+        self.in_flight: dict[TopicPartition, int] = {}  # partition -> the lane applying a batch of it
+        self.failing: set[int] = set()  # lanes whose batch keeps failing: every lane is paused
+        self._changed = asyncio.Event()  # a batch left the lanes, or one began failing
+
+    def partitions(self, lane: int) -> list[TopicPartition]:
+        assigned = sorted(self._consumer.assignment())
+        return [
+            tp for i, tp in enumerate(assigned)
+            if i % self._count == lane and self.in_flight.get(tp, lane) == lane
+            and tp.partition not in self._check.mismatches
+        ]
+
+    async def run(self) -> None:
+        """Every lane until `stop`; a lane that raises (not a batch: the consumer) stops the
+        others, whose batches in flight roll back, and is raised here."""
+        tasks = [asyncio.create_task(self._lane(lane), name=f"{self._name}-lane-{lane}") for lane in range(self._count)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def revoked(self) -> None:
+        """Before a rebalance: let the batches in flight finish (those not failing), for at
+        most `revoke_wait_s`; any batch still running then belongs to the old assignment."""
+        deadline = time.monotonic() + self._revoke_wait_s
+        if self.in_flight:
+            log.info("partitions revoked: the batches in flight finish first",
+                     extra={"consumer": self._name, "lanes": sorted(set(self.in_flight.values()))})
+        while any(lane not in self.failing for lane in self.in_flight.values()):
+            self._changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        if self.in_flight:
+            log.warning("partitions revoked with batches still in flight: they commit no offsets",
+                        extra={"consumer": self._name, "lanes": sorted(set(self.in_flight.values()))})
+        self.generation += 1
+
+    async def _lane(self, lane: int) -> None:
+        LANE.set(lane)  # this task's batches use this lane's projection (BatchProcessor)
+        wait_s = self._policy.max_wait_ms / 1000
+        while not self._stop.is_set():
+            tps = [] if self.failing else self.partitions(lane)
+            if not tps:
+                await _sleep_unless(self._stop, wait_s)
+                continue
+            records = await self._consumer.getmany(*tps, timeout_ms=self._policy.max_wait_ms,
+                                                   max_records=self._policy.max_batch)
+            mine = set() if self.failing or self._stop.is_set() else set(self.partitions(lane))
+            self._give_back({tp: batch for tp, batch in records.items() if tp not in mine})
+            messages = _raw({tp: batch for tp, batch in records.items() if tp in mine})
+            if not messages:
+                continue
+            taken = [tp for tp in records if tp in mine]
+            generation = self.generation
+            for tp in taken:
+                self.in_flight[tp] = lane
+            try:
+                if await self._process(lane, messages, generation) and generation == self.generation:
+                    await _commit(self._consumer, messages, self._name)
+            finally:
+                for tp in taken:
+                    if self.in_flight.get(tp) == lane:
+                        del self.in_flight[tp]
+                self._changed.set()
+            await _report_lag(self._consumer, self._name)
+
+    async def _process(self, lane: int, messages: list[RawMessage], generation: int) -> bool:
+        """`process_until_done` for one lane: True once the batch committed; False if
+        stopped first, or abandoned because a rebalance came while it kept failing."""
+        backoff = Backoff(self._policy)
+        while not self._stop.is_set():
+            if generation != self.generation:
+                if lane in self.failing:
+                    log.warning("abandoned a failing batch: its partitions were revoked; nothing committed, "
+                                "their owner applies it", extra={"consumer": self._name, "lane": lane})
+                self._recovered(lane)
+                return False
+            try:
+                await self._processor.process(messages)
+            except Exception as exc:
+                first = lane not in self._health.lanes
+                self._health.failed(exc, lane)
+                self.failing.add(lane)
+                self._changed.set()
+                WORKER_TRANSIENT_FAILURES.labels(self._name, type(exc).__name__).inc()
+                WORKER_PAUSED.labels(self._name).set(1)
+                WORKER_STALLED_SECONDS.labels(self._name).set(self._health.stalled_s())
+                delay = backoff.next()
+                log.log(
+                    logging.ERROR if first else logging.WARNING,
+                    "batch failed; retrying it, nothing is dead-lettered, every lane is paused",
+                    exc_info=first,
+                    extra={"consumer": self._name, "lane": lane, "error": self._health.lanes[lane][0],
+                           "retry_in_s": delay, "stalled_s": round(self._health.stalled_s(), 1)},
+                )
+                await self._keep_alive(delay, generation)
+            else:
+                self._recovered(lane)
+                return True
+        return False
+
+    def _recovered(self, lane: int) -> None:
+        paused = bool(self.failing)
+        self._health.succeeded(lane)
+        self.failing.discard(lane)
+        if not self.failing:
+            WORKER_PAUSED.labels(self._name).set(0)
+            WORKER_STALLED_SECONDS.labels(self._name).set(0)
+            if paused:  # the last failing batch is done: what _keep_alive paused goes on
+                self._consumer.resume(
+                    *[tp for tp in self._consumer.assignment() if tp.partition not in self._check.mismatches]
+                )
+
+    async def _keep_alive(self, seconds: float, generation: int) -> None:
+        """Wait out a failed batch's backoff while polling (so the group keeps us), every
+        partition paused; what a poll returns anyway (a rebalance resumes) is given back."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self._stop.is_set() and generation == self.generation:
+            self._consumer.pause(*self._consumer.assignment())
+            records = await self._consumer.getmany(timeout_ms=int(min(0.5, max(0.0, deadline - time.monotonic())) * 1000))
+            self._give_back(records)
+
+    def _give_back(self, records: dict[TopicPartition, list[Any]]) -> None:
+        _give_back(self._consumer, records)
+
+
+def _give_back(consumer: AIOKafkaConsumer, records: dict[TopicPartition, list[Any]]) -> None:
+    """Fetched records not applied: their partitions go back to the first of them."""
+    assigned = consumer.assignment()
+    for tp, batch in records.items():
+        if batch and tp in assigned:
+            consumer.seek(tp, min(r.offset for r in batch))
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 async def _commit(consumer: AIOKafkaConsumer, messages: list[RawMessage], name: str) -> None:

@@ -14,6 +14,13 @@ crash at any point loses nothing and applies nothing twice:
 4. run the projection's after-commit work (e.g. Redis);
 5. only then may the caller commit the Kafka offsets (`BatchResult.next_offsets`).
 
+Batches of one processor and its lanes (`BatchProcessor.lanes`: partition groups of the
+live worker applied concurrently) take a turn just before their commit and keep it
+through the dead letters and the after-commit work, so after-commit work runs in the
+order the transactions committed: a later batch that read what an earlier one wrote
+(e.g. the same subject's entitlements) never has its Redis answer overwritten by the
+earlier one's.
+
 Only poison is dead-lettered: a message that cannot be decoded, or an event the
 projection positively rejects by raising `PoisonEvent` (invalid by the contract).
 Any other exception, a dependency down or a bug of ours, propagates: the caller
@@ -24,10 +31,12 @@ even if a commit did succeed before the connection broke.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -44,6 +53,8 @@ from shared.values import value
 M = TypeVar("M")
 QUERIES = load_queries(Path(__file__).parent / "sql" / "worker.sql")
 TopicPartitionKey = tuple[str, int]
+# The lane (partition group) of the live loop whose task runs a batch; 0 outside lanes.
+LANE: ContextVar[int] = ContextVar("paymentsvc_worker_lane", default=0)
 
 
 @value
@@ -106,6 +117,29 @@ class BatchProcessor(Generic[M]):
         self._statistics = TableStatistics(pool)
         self._max_ratio = max_dead_letter_ratio
         self._allowance = dead_letter_allowance
+        # Held from just before a transaction commits to the end of its after-commit
+        # work; shared with the lanes (see the module docstring).
+        self._commit_turn = asyncio.Lock()
+        self._lane_projections: dict[int, Projection[M]] = {}
+
+    def lane_count(self, wanted: int) -> int:
+        """How many partition groups this processor may apply concurrently: `wanted` if its
+        projection opts in (`for_lane()`: an instance for another lane, itself when it
+        keeps no state between batches), else 1."""
+        return max(1, wanted) if hasattr(self.projection, "for_lane") else 1
+
+    def _lane_projection(self) -> Projection[M]:
+        """The projection of the lane running this batch (`LANE`); lane 0's is `projection`.
+
+        A lane is one task of the live loop: its batches never overlap, so a projection's
+        state between batches (e.g. the cache marks entitlements clears) stays per lane."""
+        lane = LANE.get()
+        if lane == 0:
+            return self.projection
+        projection = self._lane_projections.get(lane)
+        if projection is None:
+            projection = self._lane_projections[lane] = self.projection.for_lane()  # type: ignore[attr-defined]
+        return projection
 
     async def process(self, messages: Sequence[RawMessage]) -> BatchResult:
         """Apply one batch. See the module docstring for what is committed when.
@@ -138,11 +172,15 @@ class BatchProcessor(Generic[M]):
         events = self._decode(messages, result.dead_letters)
         self._check_dead_letters(result.dead_letters, messages)
         ctx = ApplyContext(consumer=self.consumer, replay=self._replay, now=self._clock())
-        outcome = await self._apply_isolating_poison(messages, events, ctx, result)
-        if result.dead_letters:
-            await self._dead_letters.send(result.dead_letters, self.consumer)
-        with tracing.tracer().start_as_current_span(f"{self.consumer} after_commit"):
-            await self.projection.after_commit(outcome, ctx)
+        projection = self._lane_projection()
+        outcome = await self._apply_isolating_poison(projection, messages, events, ctx, result)
+        try:  # committed: this batch holds the commit turn (_transaction_in_span)
+            if result.dead_letters:
+                await self._dead_letters.send(result.dead_letters, self.consumer)
+            with tracing.tracer().start_as_current_span(f"{self.consumer} after_commit"):
+                await projection.after_commit(outcome, ctx)
+        finally:
+            self._commit_turn.release()
         await self._statistics.maybe_analyze()
         WORKER_EVENTS.labels(self.consumer, "applied").inc(result.applied)
         WORKER_EVENTS.labels(self.consumer, "duplicate").inc(result.duplicates)
@@ -172,12 +210,12 @@ class BatchProcessor(Generic[M]):
             )
 
     async def _apply_isolating_poison(
-        self, messages: Sequence[RawMessage], events: list[Envelope[M]], ctx: ApplyContext, result: BatchResult
+        self, projection: Projection[M], messages: Sequence[RawMessage], events: list[Envelope[M]], ctx: ApplyContext, result: BatchResult
     ) -> Any:
         by_position = {(m.topic, m.partition, m.offset): m for m in messages}
         while True:
             try:
-                return await self._transaction(events, messages, ctx, result)
+                return await self._transaction(projection, events, messages, ctx, result)
             except PoisonEvent as poison:
                 bad = [e for e in events if e.event_id == poison.event_id]
                 if not bad:
@@ -189,26 +227,36 @@ class BatchProcessor(Generic[M]):
                 self._check_dead_letters(result.dead_letters, messages)
 
     async def _transaction(
-        self, events: list[Envelope[M]], messages: Sequence[RawMessage], ctx: ApplyContext, result: BatchResult
+        self, projection: Projection[M], events: list[Envelope[M]], messages: Sequence[RawMessage], ctx: ApplyContext, result: BatchResult
     ) -> Any:
         unique = list({e.event_id: e for e in reversed(events)}.values())[::-1]  # first wins
         with tracing.tracer().start_as_current_span(f"{self.consumer} transaction") as span:
             if span.is_recording():
                 span.set_attribute("db.system.name", "postgresql")
                 span.set_attribute("messaging.batch.message_count", len(events))
-            return await self._transaction_in_span(unique, events, messages, ctx, result)
+            return await self._transaction_in_span(projection, unique, events, messages, ctx, result)
 
     async def _transaction_in_span(
-        self, unique: list[Envelope[M]], events: list[Envelope[M]], messages: Sequence[RawMessage],
+        self, projection: Projection[M], unique: list[Envelope[M]], events: list[Envelope[M]], messages: Sequence[RawMessage],
         ctx: ApplyContext, result: BatchResult,
     ) -> Any:
-        async with self._pool.connection() as conn, conn.transaction():
-            if not self._replay:  # a rebuild writes another schema; only live batches race a swap
-                await conn.execute(QUERIES["lock_consumer"], {"consumer": self.consumer}, prepare=True)
-            new_ids = await self._claim(conn, unique)
-            new_events = [e for e in unique if e.event_id in new_ids]
-            outcome = await self.projection.apply(conn, new_events, ctx) if new_events else None
-            await self._advance(conn, events, messages)
+        turn = False
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                if not self._replay:  # a rebuild writes another schema; only live batches race a swap
+                    await conn.execute(QUERIES["lock_consumer"], {"consumer": self.consumer}, prepare=True)
+                new_ids = await self._claim(conn, unique)
+                new_events = [e for e in unique if e.event_id in new_ids]
+                outcome = await projection.apply(conn, new_events, ctx) if new_events else None
+                await self._advance(conn, events, messages)
+                # The commit and the after-commit work in commit order (module docstring);
+                # _process releases the turn after the after-commit work.
+                await self._commit_turn.acquire()
+                turn = True
+        except BaseException:
+            if turn:  # the commit failed
+                self._commit_turn.release()
+            raise
         result.applied = len(new_events)
         result.duplicates = len(events) - len(new_events)
         return outcome
@@ -255,9 +303,15 @@ class BatchProcessor(Generic[M]):
 _gc_pauses = 0  # batches running in this process with the collector paused
 _gc_resume = False  # whether the first of them found it enabled
 _gc_ends_in_pause = 0  # batches ended while others kept the collector paused
-# Overlapping batches (a rebuild's lanes in one process) may keep the collector paused
-# for good: every this many batch ends under a pause, one full collection runs anyway.
+_gc_young_runs = 0  # collections of the young generations since the last full one
+# Overlapping batches (the live worker's lanes, a rebuild's lanes in one process) may keep
+# the collector paused for good: every this many batch ends under a pause, the young
+# generations are collected anyway (where a batch's objects are, the collector being off
+# while it ran), and every GC_FULL_EVERY of those, all generations. A full collection
+# walks every object of the process (in bench/project.py, the generated events too):
+# one every 8 batches cost the live worker's lanes 40 % more CPU per event.
 GC_COLLECT_EVERY = 8
+GC_FULL_EVERY = 16
 
 
 @contextmanager
@@ -271,12 +325,13 @@ def cyclic_gc_paused() -> Iterator[None]:
     holds: 20 % of the entitlements worker's CPU in bench/project.py, where the process
     also holds the generated events (docs/performance.md, issue 12 section 7). Paused,
     it runs about once per batch, after it. A batch's own cycles wait for its end. Batches
-    that overlap without a gap (a rebuild's lanes in one process) would keep it paused for
-    good, so every GC_COLLECT_EVERY batch ends under a pause run one full collection.
+    that overlap without a gap (lanes in one process) would keep it paused for good, so
+    every GC_COLLECT_EVERY batch ends under a pause collect the young generations, and
+    every GC_FULL_EVERY such collections all of them.
     `paymentsvc serve` raises the thresholds for the whole process (runner.py); the
     replay CLI and the benchmarks did not.
     """
-    global _gc_pauses, _gc_resume, _gc_ends_in_pause
+    global _gc_pauses, _gc_resume, _gc_ends_in_pause, _gc_young_runs
     if _gc_pauses == 0:
         _gc_resume = gc.isenabled()
         gc.disable()
@@ -293,7 +348,12 @@ def cyclic_gc_paused() -> Iterator[None]:
             _gc_ends_in_pause += 1
             if _gc_ends_in_pause >= GC_COLLECT_EVERY:
                 _gc_ends_in_pause = 0
-                gc.collect()
+                _gc_young_runs += 1
+                if _gc_young_runs >= GC_FULL_EVERY:
+                    _gc_young_runs = 0
+                    gc.collect()
+                else:
+                    gc.collect(1)
 
 
 class TableStatistics:
@@ -351,5 +411,9 @@ class LoopPolicy:
 
     max_batch: int = 500
     max_wait_ms: int = 200
+    # Partition groups the live worker applies concurrently, one batch each in flight, for
+    # a projection that opts in (BatchProcessor.lanes); at most one per partition owned.
+    # 1: one batch at a time over all its partitions.
+    lanes: int = 3
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0

@@ -41,7 +41,11 @@ async def serve_projection(
     """Run `projection` on `topic` as the consumer group `paymentsvc-<name>` until `stop`."""
     database_url = settings.database_url.get_secret_value()
     await wait_for_broker(settings.kafka_bootstrap_servers, timeout=settings.startup_timeout_s)
-    pool = await db.open_pool(database_url, max_size=4, name=f"paymentsvc-{projection.name}",
+    policy = policy or LoopPolicy(lanes=settings.worker_lanes)
+    # A connection per lane (a projection that opts in, BatchProcessor.lane_count), and
+    # the statistics, the inbox pruner and the probe.
+    lanes = policy.lanes if hasattr(projection, "for_lane") else 1
+    pool = await db.open_pool(database_url, max_size=max(4, lanes + 2), name=f"paymentsvc-{projection.name}",
                               statement_timeout_ms=settings.db_statement_timeout_ms)
     producer = make_producer(settings.kafka_bootstrap_servers)
     await producer.start()
@@ -62,7 +66,7 @@ async def serve_projection(
         pruning = asyncio.create_task(pruner.run(stop, settings.inbox_prune_interval_s))
         live = asyncio.create_task(run_live(
             processor, pool, settings.kafka_bootstrap_servers, topic, f"paymentsvc-{projection.name}", stop,
-            policy or LoopPolicy(), health=health, log_check=log_check,
+            policy, health=health, log_check=log_check,
         ))
         try:
             await _drained(live, stop, settings.shutdown_timeout_s, projection.name)

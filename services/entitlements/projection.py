@@ -121,6 +121,14 @@ class EntitlementsProjection:
         # Whether marks of earlier batches (or an earlier process) may remain.
         self._pending_left = True
 
+    def for_lane(self) -> EntitlementsProjection:
+        """An instance for another lane of the live worker (shared/worker.py `LANE`): the
+        cache marks above are per lane, each lane clearing its own last batch's. The lanes'
+        batches lock what they share (`lock_batch_keys`, the marks' rows, sorted), and the
+        runtime runs their after_commit in commit order, so Redis follows Postgres per
+        subject as with one lane."""
+        return EntitlementsProjection(self._catalog, self._redis, self._prefix)
+
     def decode(
         self, value: bytes, headers: dict[str, bytes]
     ) -> tuple[str, str, events_pb2.PaymentEvent]:

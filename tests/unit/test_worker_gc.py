@@ -87,3 +87,32 @@ async def test_batches_that_always_overlap_still_collect_cycles() -> None:
     await keeper
     assert gc.isenabled()
     assert collected >= 100  # at least one full collection ran while paused
+
+
+async def test_always_overlapping_batches_collect_the_young_generations_and_rarely_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A full collection walks every object of the process: under a pause that never ends
+    (the live worker's lanes) only every GC_FULL_EVERY-th forced collection is full."""
+    from shared import worker
+
+    calls: list[tuple[int, ...]] = []
+    monkeypatch.setattr(worker.gc, "collect", lambda *generation: calls.append(generation) or 0)
+    monkeypatch.setattr(worker, "_gc_ends_in_pause", 0)
+    monkeypatch.setattr(worker, "_gc_young_runs", 0)
+    gc.enable()
+    holder = asyncio.Event()
+
+    async def long_batch() -> None:
+        with cyclic_gc_paused():
+            await holder.wait()
+
+    keeper = asyncio.create_task(long_batch())
+    await asyncio.sleep(0)
+    for _ in range(worker.GC_COLLECT_EVERY * worker.GC_FULL_EVERY):
+        with cyclic_gc_paused():
+            pass
+    holder.set()
+    await keeper
+    assert calls.count((1,)) == worker.GC_FULL_EVERY - 1
+    assert calls.count(()) == 1
