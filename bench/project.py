@@ -348,6 +348,15 @@ class CpuSampler:
             await asyncio.to_thread(self.sample)
             await asyncio.sleep(every_s)
 
+    def per_event(self, events: float) -> str:
+        """CPU per event applied, of the lane processes and of the Postgres backends."""
+        lanes = sum(v for (kind, _), v in self.seen.items() if kind == "lane")
+        backends = sum(v for (kind, _), v in self.seen.items() if kind == "backend")
+        if not events:
+            return "CPU per event: no event"
+        return (f"CPU per event: lane processes {lanes / events * 1e6:.0f} us, "
+                f"Postgres backends {backends / events * 1e6:.0f} us")
+
     def cores(self, wall_s: float) -> str:
         own = os.times()
         parent = (own.user - self.own_start.user) + (own.system - self.own_start.system)
@@ -399,23 +408,22 @@ async def replay(
     finally:
         sampling.cancel()
     cores = sampler.cores(time.perf_counter() - started)
-    print(f"replay applied {done:,} in {seconds:.1f} s{indexes}; {cores}", flush=True)
+    print(f"replay applied {done:,} in {seconds:.1f} s{indexes}; {cores}; {sampler.per_event(done)}", flush=True)
     return {"replay": eps, "replay_done": done, "replay_complete": done >= n, "replay_fifths": fifths(marks),
             "replay_schema": schema, "spec": spec, "replay_cores": cores}
 
 
-# --replay-modes: the bulk rebuild with its lanes in this process (before lane processes),
-# then in processes, then without two of its parts; each into a fresh schema of the same
-# database, from the same topic.
+# --replay-modes: the bulk rebuild as `paymentsvc replay` runs it, then with other batch
+# sizes; each into a fresh schema of the same database, from the same topic.
 REPLAY_MODES: dict[str, dict[str, Any]] = {
-    "bulk, 3 lanes in this process": {"processes": 0},
-    "bulk, 3 lanes in 3 processes (batches fit the lock table)": {"processes": 3},
-    "3 processes, batches of 711": {"processes": 3, "batch": 711},
-    "3 processes, batches of 2,000": {"processes": 3, "batch": 2_000},
-    "3 processes, reader indexes after the load": {"processes": 3, "deferred": READER_INDEXES},
+    "bulk, 3 lanes in 3 processes (the default batch)": {"processes": 3},
+    "3 processes, batches of 355 (the lock-table budget before section 9)": {"processes": 3, "batch": 355},
+    "3 processes, batches of 4,000": {"processes": 3, "batch": 4_000},
 }
 # Measured before (docs/performance.md, section 5): 2 processes for the 3 lanes, and
-# unlogged tables ({"processes": 3, "unlogged": True}): neither paid.
+# unlogged tables ({"processes": 3, "unlogged": True}): neither paid; lanes in this
+# process ({"processes": 0}), reader indexes after the load ({"processes": 3, "deferred":
+# READER_INDEXES}) and batches of 711: no gain.
 
 
 async def replay_modes(
@@ -444,8 +452,8 @@ async def replay_modes(
                 sampling.cancel()
             rates[mode].append(figures["events_per_s"])
             print(f"replay mode {mode!r}, round {r + 1}: {figures['events_per_s']:,.0f} ev/s "
-                  f"(first batch in after {figures['first_batch_seconds']:.1f} s); "
-                  f"{sampler.cores(time.perf_counter() - started)}", flush=True)
+                  f"(batches of {figures['batch']}, first batch in after {figures['first_batch_seconds']:.1f} s); "
+                  f"{sampler.cores(time.perf_counter() - started)}; {sampler.per_event(figures['offsets'])}", flush=True)
     return rates
 
 
@@ -664,8 +672,8 @@ def main() -> None:
                         help="seconds the replay may take (default: --time-limit); for a 1M-event replay "
                              "behind a worker phase cut short")
     parser.add_argument("--replay-modes", type=int, default=0, metavar="ROUNDS",
-                        help="then replay ROUNDS more times in each of REPLAY_MODES (as live, then the bulk "
-                             "parts one by one), alternating, and print each mode's rates")
+                        help="then replay ROUNDS more times in each of REPLAY_MODES (batch sizes), "
+                             "alternating, and print each mode's rates and CPU per event")
     parser.add_argument("--replay-lanes", type=int, default=None,
                         help="partition lanes of the replay (default: the projection's, REPLAY_LANES)")
     parser.add_argument("--replay-processes", type=int, default=None,

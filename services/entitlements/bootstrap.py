@@ -105,8 +105,9 @@ async def rebuild_cache(
         )
 
 
-# Batches of different partitions may commit at once (live replicas do): `lock_batch_keys`
-# orders the batches that share a payment. So a rebuild applies partitions concurrently.
+# Batches of different partitions may commit at once (live replicas do): the ones that
+# share a payment or grant lock its row, or fail and retry if both insert it
+# (repository.load_state, save). So a rebuild applies partitions concurrently.
 REPLAY_LANES = 3
 # Indexes for readers (the API, operators), never read by a batch: a rebuild may build
 # them after its load (ProjectionSpec.deferred_indexes). Kept: the ones the load queries
@@ -120,10 +121,12 @@ READER_INDEXES = (
 # mixed) nor at 1M (the replay's time and its Postgres CPU per event alike with and without
 # them), docs/performance.md, section 5. `READER_INDEXES` turns it back on.
 DEFERRED_INDEXES: tuple[str, ...] = ()
-# `lock_batch_keys` takes a transaction lock per id a batch touches: its customer, payment
-# and charge, so at most 3 per event (measured in pg_locks during bench/project.py's
-# replays: 1.4 per event at 30,000 customers, 2.0 at 100,000).
-LOCKS_PER_EVENT = 3.0
+# Entries of the server's lock table a batch takes per event: none. A batch locks the
+# payment and grant rows it loads (row locks live in the rows) and takes a fixed number of
+# relation locks, whatever its size; the per-id advisory locks (`lock_batch_keys`, up to 3
+# per event) are gone (docs/performance.md, issue 12 section 9). So `bulk_batch` gives
+# BULK_BATCH on any server.
+LOCKS_PER_EVENT = 0.0
 
 
 def replay_spec(settings: Settings) -> ProjectionSpec:

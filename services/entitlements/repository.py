@@ -74,7 +74,11 @@ class BatchKeys:
         for event in events:
             customers.add(event.customer_id)
             subscriptions.add(event.subscription_id)
-            payments.update((event.payment_intent_id, event.charge_id, event.object_id))
+            # Every id a payment or grant row of the event can be keyed by: the batch
+            # writes only rows it loaded or found missing (load_state, save).
+            payments.update(
+                (event.payment_intent_id, event.charge_id, event.object_id, event.checkout_session_id)
+            )
             charges.add(event.charge_id)
         return cls(*(sorted(ids - {""}) for ids in (customers, subscriptions, payments, charges)))
 
@@ -82,17 +86,22 @@ class BatchKeys:
 async def load_state(conn: AsyncConnection[Any], keys: BatchKeys) -> State:
     """Every row the batch's customers own (and its payments), in two pipelined phases:
     the owned subscriptions and grants first, then their entitlements and access changes.
-    The first phase begins by locking the batch's ids (`lock_batch_keys`): it must run
-    inside the transaction that writes the batch."""
+
+    It must run inside the transaction that writes the batch: the payments and grants it
+    finds stay locked until that transaction ends (`FOR UPDATE`), because batches of two
+    partitions may write one of them (a dispute is keyed by its payment, the charge by its
+    customer). The rows it does not find are inserted by `save` only if nobody inserted
+    them meanwhile (`ConcurrentInsert`). Every other row belongs to one customer and is
+    only written by batches of that customer's partition, which the runtime applies one
+    at a time. Nothing is taken from the server's lock table per id (docs/performance.md,
+    issue 12 section 9)."""
     params = {
         "customer_ids": keys.customer_ids,
         "subscription_ids": keys.subscription_ids,
         "payment_ids": keys.payment_ids,
         "charge_ids": keys.charge_ids,
-        "lock_ids": sorted({*keys.customer_ids, *keys.payment_ids, *keys.charge_ids}),
     }
-    _locked, *first = await _fetch_all(conn, ("lock_batch_keys", *_FIRST_PHASE), params)
-    state = _state(*first)
+    state = _state(*await _fetch_all(conn, _FIRST_PHASE, params))
     sources = [("subscription", sub_id) for sub_id in state.subscriptions] + list(state.grants)
     params = {
         "subscription_ids": list(state.subscriptions),
@@ -228,11 +237,14 @@ class Writes:
     access_changes: list[AccessChange]
     access_changes_new: list[AccessChange]
     access_changes_gone: list[AccessChange]
-    payments: list[Payment]
+    payments: list[Payment]  # rows the batch loaded (and holds locked) ...
     payments_gone: list[str]
     catalog_misses: list[CatalogMiss]
     mapped_customers: list[Customer]
     paid_events: list[PaidPeriod] = field(default_factory=list)
+    # ... and rows it did not find: inserted only if nobody inserted them meanwhile.
+    new_payments: list[Payment] = field(default_factory=list)
+    new_grants: list[OneTimeGrant] = field(default_factory=list)
 
     @property
     def subjects(self) -> set[SubjectKey]:
@@ -247,6 +259,8 @@ def diff(before: State, after: State) -> Writes:
     )
     changes, changes_gone = _set_diff(before.access_changes, after.access_changes, lambda r: r.key)
     old_changes = {row.key for rows in before.access_changes.values() for row in rows}
+    payments = _changed(before.payments, after.payments)
+    grants = _changed(before.grants, after.grants)
     return Writes(
         customers=_changed(before.customers, after.customers),
         subscriptions=_changed(before.subscriptions, after.subscriptions),
@@ -257,13 +271,13 @@ def diff(before: State, after: State) -> Writes:
             if e not in before.history.get(sub, ())
         ],
         paid_periods=_changed(before.paid, after.paid),
-        grants=_changed(before.grants, after.grants),
+        grants=[g for g in grants if g.source in before.grants],
         entitlements=entitlements,
         entitlements_gone=entitlements_gone,
         access_changes=changes,
         access_changes_new=[row for row in changes if row.key not in old_changes],
         access_changes_gone=changes_gone,
-        payments=_changed(before.payments, after.payments),
+        payments=[p for p in payments if p.payment_id in before.payments],
         payments_gone=[
             payment_id for payment_id in before.payments if payment_id not in after.payments
         ],
@@ -272,6 +286,11 @@ def diff(before: State, after: State) -> Writes:
             after.customers[c] for c in sorted(after.mapped_customers) if c in after.customers
         ],
         paid_events=_changed(before.paid_events, after.paid_events),
+        # sorted: concurrent batches insert in one order (one waits, none deadlocks)
+        new_payments=sorted(
+            (p for p in payments if p.payment_id not in before.payments), key=attrgetter("payment_id")
+        ),
+        new_grants=sorted((g for g in grants if g.source not in before.grants), key=attrgetter("source")),
     )
 
 
@@ -297,34 +316,75 @@ def _set_diff(
     return upserts, gone
 
 
+class ConcurrentInsert(RuntimeError):
+    """Another transaction inserted a payment or grant this batch did not find when it
+    loaded (a batch of another partition about the same payment, committed meanwhile).
+    Nothing of the batch is committed; retried, its load finds the row and merges it
+    (shared/consumer.py retries every failure of a batch)."""
+
+
 async def save(conn: AsyncConnection[Any], writes: Writes) -> None:
     """Write `writes` in the caller's transaction: one set-based statement per table and
     kind of change, all in one pipeline, so a batch costs the same number of statements
     (at most 13) and one round trip whatever the number of its events.
 
     Deletions go first: a merged payment gives up its charge_id (a unique column) and
-    an entitlement may move to another subject. Payments are backfilled last.
+    an entitlement may move to another subject. Payments are backfilled last. Raises
+    ConcurrentInsert when a new payment or grant of the batch was inserted meanwhile by
+    another transaction (`upsert_payment`): the caller's transaction must roll back.
     """
-    steps: list[tuple[str, list[dict[str, Any]]]] = [
-        ("delete_payment", [{"payment_id": p} for p in writes.payments_gone]),
-        ("delete_entitlement", [_entitlement_key(e) for e in writes.entitlements_gone]),
-        ("delete_access_change", [_access_change_key(a) for a in writes.access_changes_gone]),
-        ("upsert_customer", [_customer_params(c) for c in writes.customers]),
-        ("upsert_subscription", [_subscription_params(s) for s in writes.subscriptions]),
-        ("insert_history", [_history_params(e) for e in writes.history]),
-        ("upsert_paid_period", [_paid_params(p) for p in writes.paid_periods]),
-        ("insert_paid_events", [_paid_event_params(p) for p in writes.paid_events]),
-        ("upsert_grant", [_grant_params(g) for g in writes.grants]),
-        ("upsert_entitlement", [_entitlement_params(e) for e in writes.entitlements]),
-        ("upsert_access_change", [_access_change_params(a) for a in writes.access_changes]),
-        ("upsert_payment", [_payment_params(p) for p in writes.payments]),
-        ("upsert_catalog_miss", [_miss_params(m) for m in writes.catalog_misses]),
-        ("backfill_payment_identity", [_backfill_params(c) for c in writes.mapped_customers]),
+    steps: list[tuple[str, dict[str, Any] | None]] = [
+        ("delete_payment", _rows([{"payment_id": p} for p in writes.payments_gone])),
+        ("delete_entitlement", _rows([_entitlement_key(e) for e in writes.entitlements_gone])),
+        ("delete_access_change", _rows([_access_change_key(a) for a in writes.access_changes_gone])),
+        ("upsert_customer", _rows([_customer_params(c) for c in writes.customers])),
+        ("upsert_subscription", _rows([_subscription_params(s) for s in writes.subscriptions])),
+        ("insert_history", _rows([_history_params(e) for e in writes.history])),
+        ("upsert_paid_period", _rows([_paid_params(p) for p in writes.paid_periods])),
+        ("insert_paid_events", _rows([_paid_event_params(p) for p in writes.paid_events])),
+        ("upsert_grant", _rows([_grant_params(g) for g in writes.grants], [_grant_params(g) for g in writes.new_grants])),
+        ("upsert_entitlement", _rows([_entitlement_params(e) for e in writes.entitlements])),
+        ("upsert_access_change", _rows([_access_change_params(a) for a in writes.access_changes])),
+        (
+            "upsert_payment",
+            _rows([_payment_params(p) for p in writes.payments], [_payment_params(p) for p in writes.new_payments]),
+        ),
+        ("upsert_catalog_miss", _rows([_miss_params(m) for m in writes.catalog_misses])),
+        ("backfill_payment_identity", _rows([_backfill_params(c) for c in writes.mapped_customers])),
     ]
+    checked: list[tuple[str, int, AsyncCursor[TupleRow]]] = []
     async with conn.pipeline(), conn.cursor() as cursor:
-        for name, rows in steps:
-            if rows:
-                await cursor.execute(_queries()[name], {"rows": json_rows(rows)}, prepare=True)
+        for name, params in steps:
+            if params is None:
+                continue
+            if "new_count" in params:
+                # its own cursor: its count is read once the pipeline has synced
+                expected = params.pop("new_count")
+                own = conn.cursor(row_factory=tuple_row)
+                await own.execute(_queries()[name], params, prepare=True)
+                checked.append((name, expected, own))
+            else:
+                await cursor.execute(_queries()[name], params, prepare=True)
+    for name, expected, own in checked:
+        row = await own.fetchone()
+        await own.close()
+        inserted = row[0] if row else 0
+        if inserted != expected:
+            raise ConcurrentInsert(
+                f"{name}: {expected - inserted} of the batch's {expected} new rows were inserted by"
+                " another transaction since the batch loaded; the batch is retried"
+            )
+
+
+def _rows(rows: list[dict[str, Any]], new_rows: list[dict[str, Any]] | None = None) -> dict[str, Any] | None:
+    """The parameters of a write, None when it has nothing to write. With `new_rows` (a
+    write that must not overwrite rows the batch did not load): both sets, and how many
+    new rows it must insert."""
+    if new_rows is None:
+        return {"rows": json_rows(rows)} if rows else None
+    if not rows and not new_rows:
+        return None
+    return {"rows": json_rows(rows), "new_rows": json_rows(new_rows), "new_count": len(new_rows)}
 
 
 @lru_cache(maxsize=65_536)

@@ -38,20 +38,6 @@ FROM subscription_history
 WHERE customer_id = ANY(%(customer_ids)b::text[])
    OR subscription_id = ANY(%(subscription_ids)b::text[]);
 
--- name: lock_batch_keys
--- Runs first, before any read. Events about one payment can arrive on two partitions (a
--- dispute is keyed by its payment, the charge by its customer; a guest payment later
--- attached to a customer), so two batches may touch one row at once. Each batch takes a
--- transaction lock per id it touches (customers, payments, charges, objects), all in one
--- order, so such batches run one after the other and the second reads what the first
--- committed (READ COMMITTED: each statement sees the latest commits). Keyed by schema too:
--- a replay into another schema never waits for the live worker.
-SELECT count(*)
-FROM (SELECT pg_advisory_xact_lock(lock_key)
-      FROM (SELECT DISTINCT hashtextextended(current_schema() || ':' || id, 0) AS lock_key
-            FROM unnest(%(lock_ids)b::text[]) AS id
-            ORDER BY lock_key) AS ordered) AS locked;
-
 -- name: load_paid_periods
 SELECT subscription_id, customer_id, trunc(extract(epoch FROM paid_through))::bigint, invoice_id,
        trunc(extract(epoch FROM last_event_created))::bigint, last_event_id
@@ -60,12 +46,16 @@ WHERE customer_id = ANY(%(customer_ids)b::text[])
    OR subscription_id = ANY(%(subscription_ids)b::text[]);
 
 -- name: load_grants
+-- FOR UPDATE, like load_payments: a grant of a charge or checkout session can be written
+-- by batches of two partitions (a guest's charge, then the same charge with its customer).
 SELECT source_type, source_id, customer_id, user_id, family_id, plan_id,
        trunc(extract(epoch FROM granted_at))::bigint, trunc(extract(epoch FROM last_event_created))::bigint, last_event_id
 FROM one_time_grants
 WHERE customer_id = ANY(%(customer_ids)b::text[])
    -- a guest's grant has no customer: found by its charge or checkout session id
-   OR source_id = ANY(%(payment_ids)b::text[]);
+   OR source_id = ANY(%(payment_ids)b::text[])
+ORDER BY source_type, source_id
+FOR UPDATE;
 
 -- name: load_entitlements
 -- Second phase: the sources are the subscriptions and grants the first phase found.
@@ -84,8 +74,17 @@ FROM access_changes
 WHERE subscription_id = ANY(%(subscription_ids)b::text[]);
 
 -- name: load_payments
--- FOR UPDATE: a batch that reaches a payment by another of its ids (the charge, where the
--- row is keyed by the intent) waits for a writer holding it and reads what it committed.
+-- FOR UPDATE: events about one payment can arrive on two partitions (a dispute is keyed
+-- by its payment, the charge by its customer; a guest payment later attached to a
+-- customer), so batches of two partitions may write one payment at once. A batch that
+-- finds the row locks it until it commits: the other batch's load waits here and reads
+-- what the first committed (READ COMMITTED: each statement sees the latest commits), also
+-- when it reaches the row by another of its ids (the charge, where the row is keyed by the
+-- intent). A row that does not exist yet cannot be locked: upsert_payment inserts the rows
+-- its batch did not find only if no other transaction inserted them meanwhile, else the
+-- batch fails and is retried (ConcurrentInsert in repository.py). Row locks live in the
+-- rows, not in the server's lock table, so a batch of any size holds none of its entries
+-- (docs/performance.md, issue 12 section 9). ORDER BY: batches lock rows in one order.
 SELECT payment_id, customer_id, user_id, family_id, amount, currency, status, amount_refunded,
        payment_intent_id, charge_id, invoice_id, description, failure_code, failure_message,
        status_reason, metadata, trunc(extract(epoch FROM created_at))::bigint, trunc(extract(epoch FROM updated_at))::bigint,
@@ -177,18 +176,31 @@ SET customer_id = EXCLUDED.customer_id,
     last_event_created = EXCLUDED.last_event_created;
 
 -- name: upsert_grant
-INSERT INTO one_time_grants (source_type, source_id, customer_id, user_id, family_id, plan_id,
-                             granted_at, last_event_id, last_event_created)
-SELECT source_type, source_id, customer_id, user_id, family_id, plan_id, granted_at, last_event_id, last_event_created
-FROM json_populate_recordset(NULL::one_time_grants, %(rows)s)
-ON CONFLICT (source_type, source_id) DO UPDATE
-SET customer_id = EXCLUDED.customer_id,
-    user_id = EXCLUDED.user_id,
-    family_id = EXCLUDED.family_id,
-    plan_id = EXCLUDED.plan_id,
-    granted_at = EXCLUDED.granted_at,
-    last_event_id = EXCLUDED.last_event_id,
-    last_event_created = EXCLUDED.last_event_created;
+-- As upsert_payment: rows are the grants the batch loaded (locked), new_rows the ones
+-- it did not find, inserted only where no row has the key by now.
+WITH inserted AS (
+    INSERT INTO one_time_grants (source_type, source_id, customer_id, user_id, family_id, plan_id,
+                                 granted_at, last_event_id, last_event_created)
+    SELECT source_type, source_id, customer_id, user_id, family_id, plan_id, granted_at, last_event_id, last_event_created
+    FROM json_populate_recordset(NULL::one_time_grants, %(new_rows)s)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+), updated AS (
+    INSERT INTO one_time_grants (source_type, source_id, customer_id, user_id, family_id, plan_id,
+                                 granted_at, last_event_id, last_event_created)
+    SELECT source_type, source_id, customer_id, user_id, family_id, plan_id, granted_at, last_event_id, last_event_created
+    FROM json_populate_recordset(NULL::one_time_grants, %(rows)s)
+    ON CONFLICT (source_type, source_id) DO UPDATE
+    SET customer_id = EXCLUDED.customer_id,
+        user_id = EXCLUDED.user_id,
+        family_id = EXCLUDED.family_id,
+        plan_id = EXCLUDED.plan_id,
+        granted_at = EXCLUDED.granted_at,
+        last_event_id = EXCLUDED.last_event_id,
+        last_event_created = EXCLUDED.last_event_created
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted);
 
 -- name: delete_entitlement
 DELETE FROM entitlements
@@ -241,32 +253,50 @@ DELETE FROM payments
 WHERE payment_id IN (SELECT payment_id FROM json_populate_recordset(NULL::payments, %(rows)s));
 
 -- name: upsert_payment
-INSERT INTO payments (payment_id, customer_id, user_id, family_id, amount, currency, status,
-                      amount_refunded, payment_intent_id, charge_id, invoice_id, description,
-                      failure_code, failure_message, status_reason, metadata, created_at,
-                      updated_at, last_event_id, last_event_created)
-SELECT payment_id, customer_id, user_id, family_id, amount, currency, status, amount_refunded, payment_intent_id, charge_id, invoice_id, description, failure_code, failure_message, status_reason, metadata, created_at, updated_at, last_event_id, last_event_created
-FROM json_populate_recordset(NULL::payments, %(rows)s)
-ON CONFLICT (payment_id) DO UPDATE
-SET customer_id = EXCLUDED.customer_id,
-    user_id = EXCLUDED.user_id,
-    family_id = EXCLUDED.family_id,
-    amount = EXCLUDED.amount,
-    currency = EXCLUDED.currency,
-    status = EXCLUDED.status,
-    amount_refunded = EXCLUDED.amount_refunded,
-    payment_intent_id = EXCLUDED.payment_intent_id,
-    charge_id = EXCLUDED.charge_id,
-    invoice_id = EXCLUDED.invoice_id,
-    description = EXCLUDED.description,
-    failure_code = EXCLUDED.failure_code,
-    failure_message = EXCLUDED.failure_message,
-    status_reason = EXCLUDED.status_reason,
-    metadata = EXCLUDED.metadata,
-    created_at = EXCLUDED.created_at,
-    updated_at = EXCLUDED.updated_at,
-    last_event_id = EXCLUDED.last_event_id,
-    last_event_created = EXCLUDED.last_event_created;
+-- The rows parameter: payments the batch loaded (and holds locked, load_payments); new_rows:
+-- payments it did not find, inserted only where no row has the key (payment_id, or the
+-- unique charge_id) by now: a row another transaction inserted since the batch's load
+-- (waited for if it has not committed yet) is left alone and not counted in `inserted`,
+-- and the batch fails (repository.save) instead of overwriting what it never read.
+WITH inserted AS (
+    INSERT INTO payments (payment_id, customer_id, user_id, family_id, amount, currency, status,
+                          amount_refunded, payment_intent_id, charge_id, invoice_id, description,
+                          failure_code, failure_message, status_reason, metadata, created_at,
+                          updated_at, last_event_id, last_event_created)
+    SELECT payment_id, customer_id, user_id, family_id, amount, currency, status, amount_refunded, payment_intent_id, charge_id, invoice_id, description, failure_code, failure_message, status_reason, metadata, created_at, updated_at, last_event_id, last_event_created
+    FROM json_populate_recordset(NULL::payments, %(new_rows)s)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+), updated AS (
+    INSERT INTO payments (payment_id, customer_id, user_id, family_id, amount, currency, status,
+                          amount_refunded, payment_intent_id, charge_id, invoice_id, description,
+                          failure_code, failure_message, status_reason, metadata, created_at,
+                          updated_at, last_event_id, last_event_created)
+    SELECT payment_id, customer_id, user_id, family_id, amount, currency, status, amount_refunded, payment_intent_id, charge_id, invoice_id, description, failure_code, failure_message, status_reason, metadata, created_at, updated_at, last_event_id, last_event_created
+    FROM json_populate_recordset(NULL::payments, %(rows)s)
+    ON CONFLICT (payment_id) DO UPDATE
+    SET customer_id = EXCLUDED.customer_id,
+        user_id = EXCLUDED.user_id,
+        family_id = EXCLUDED.family_id,
+        amount = EXCLUDED.amount,
+        currency = EXCLUDED.currency,
+        status = EXCLUDED.status,
+        amount_refunded = EXCLUDED.amount_refunded,
+        payment_intent_id = EXCLUDED.payment_intent_id,
+        charge_id = EXCLUDED.charge_id,
+        invoice_id = EXCLUDED.invoice_id,
+        description = EXCLUDED.description,
+        failure_code = EXCLUDED.failure_code,
+        failure_message = EXCLUDED.failure_message,
+        status_reason = EXCLUDED.status_reason,
+        metadata = EXCLUDED.metadata,
+        created_at = EXCLUDED.created_at,
+        updated_at = EXCLUDED.updated_at,
+        last_event_id = EXCLUDED.last_event_id,
+        last_event_created = EXCLUDED.last_event_created
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM inserted);
 
 -- name: backfill_payment_identity
 -- Customers that gained a user or family: their payments stored without one get it.
