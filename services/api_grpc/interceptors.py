@@ -367,8 +367,11 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     log.error("unhandled error in %s (error id %s)", name, error_id, exc_info=exc)
                     message = f"internal error (error id {error_id})"
                 await context.abort(code, message, trailing_metadata=trailers)
-            except BaseException:  # cancelled: the client left, or the server is stopping
-                code = grpc.StatusCode.CANCELLED
+            except BaseException:  # cancelled: the client left, its deadline ran out, or the server stops
+                # grpc cancels the handler itself when the deadline passes, which under load may
+                # come before our timeout fires: that call ran out of time, it was not abandoned.
+                left = context.time_remaining()
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0 else grpc.StatusCode.CANCELLED
                 raise
             finally:
                 elapsed = time.perf_counter() - started

@@ -175,7 +175,7 @@ async def test_a_handler_past_the_clients_deadline_is_deadline_exceeded_and_coun
     before = handled("DEADLINE_EXCEEDED")
     refused = await call(stub, metadata=AUTH, timeout=0.3)
     assert refused.code() == Code.DEADLINE_EXCEEDED
-    for _ in range(100):  # the server's side finishes just after the client's
+    for _ in range(500):  # the server's side finishes just after the client's (later under load)
         if handled("DEADLINE_EXCEEDED") == before + 1:
             break
         await asyncio.sleep(0.02)
