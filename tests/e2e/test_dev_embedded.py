@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from paymentsvc.devstack import DEV_API_KEY, DEV_WEBHOOK_SECRET
 from paymentsvc.devstores import default_url, postgres_answers, redis_answers
 from shared.devbroker import free_port
 from tests.conftest import random_id
-from tests.support.net import refusing_port
+from tests.support.net import listening, refusing_port
 from tests.support.netns import require_network_namespace, without_ci
 from tests.support.processes import ROOT
 from tests.support.wait import eventually_sync
@@ -74,14 +73,6 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state[state.rindex(")") + 2] != "Z"
-
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def ready(url: str) -> bool:

@@ -28,6 +28,7 @@ from shared.devbroker import DevBroker, ensure_topics, free_port
 from shared.kafka import event_headers, payment_event_key
 from tests.integration.test_ingest_webhooks import signed_headers
 from tests.kafka_helpers import read_topic
+from tests.support.net import listening
 from tests.support.processes import PrivateRedis, Service
 from tests.support.wait import eventually_sync
 
@@ -122,14 +123,6 @@ def _post(port: int, body: bytes, headers: dict[str, str]) -> socket.socket:
     return sock
 
 
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
-
-
 async def test_a_webhook_waiting_for_its_acknowledgement_at_sigterm_is_answered_and_published(
     topics: Topics, database_url: str, private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
@@ -152,7 +145,7 @@ async def test_a_webhook_waiting_for_its_acknowledgement_at_sigterm_is_answered_
                 assert s.process is not None
                 s.process.send_signal(signal.SIGTERM)
                 eventually_sync(lambda: ready_status(s.health_port) == (503, "stopping"), what="not ready")
-                eventually_sync(lambda: not _listening(s.health_port), timeout=DELAY_S + 30, what="the listener closed")
+                eventually_sync(lambda: not listening(s.health_port), timeout=DELAY_S + 30, what="the listener closed")
             finally:
                 own.resume()
             answer = sock.recv(65536).decode()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import redis
 from shared.devpostgres import EmbeddedPostgres, postgres_bin_dir
 from shared.devredis import EmbeddedRedis
 from shared.errors import DependencyUnavailable
+from tests.support.net import listening
 from tests.support.private_postgres import PrivatePostgres
 
 pytestmark = pytest.mark.integration
@@ -34,14 +34,6 @@ def base_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def test_an_embedded_cluster_is_made_once_kept_across_restarts_and_stopped_by_its_pid(base_dir: Path) -> None:

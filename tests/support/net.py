@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts connections on the port now."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def refusing_port() -> Iterator[int]:
     """A port on 127.0.0.1 that refuses every connection for as long as the block runs:
