@@ -61,7 +61,7 @@ async def _trivial(port: int) -> None:
 async def _real(port: int, db_url: str, redis_url: str, prefix: str, bootstrap: str, topic: str) -> None:
     from domain.usage.counters import Counters
     from services.api_grpc import cache, page_tokens
-    from services.api_grpc.bootstrap import redis_breaker, redis_client
+    from services.api_grpc.bootstrap import counters_client, redis_breaker, redis_client
     from services.api_grpc.commands import KafkaEventBus
     from services.api_grpc.decisions import Facts
     from services.api_grpc.queries import Queries
@@ -83,7 +83,7 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str, bootstrap: 
         Facts.of(load_catalog(DEFAULT_CATALOG_PATH)), Queries(pool), cache.EntitlementCache(redis, breaker, prefix),
         KafkaEventBus(producer, "unused"), None, tokens,
     )
-    usage = UsageApi(api.facts, api, UsageStore(pool), Counters(redis, prefix), KafkaUsageBus(producer, topic), tokens)
+    usage = UsageApi(api.facts, api, UsageStore(pool), Counters(counters_client(redis_url), prefix), KafkaUsageBus(producer, topic), tokens)
     keys = (ApiKey("bench", SecretStr(KEY), frozenset({"read", "write"})),)
     server = build_server(api, keys, port=port, redis=redis, redis_breaker=breaker,
                           rate_limit=RateLimitConfig(rate=1e6, burst=1e6, prefix=prefix), usage=usage)

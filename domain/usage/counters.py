@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 
 from domain.usage.model import Keys, Outcome, Request, counter_ttl_s, done_record, parse_record
 from shared.metrics import USAGE_SCRIPT_SECONDS
+from shared.redis_mux import MultiplexedRedis
 
 # Bound once: a labels() lookup costs about 2.5 µs on every increment.
 _INCREMENT_SECONDS = USAGE_SCRIPT_SECONDS.labels("increment")
@@ -119,7 +120,9 @@ class Step:
 
 
 class Counters:
-    def __init__(self, client: Redis, prefix: str = "") -> None:
+    def __init__(self, client: Redis | MultiplexedRedis, prefix: str = "") -> None:
+        """`client`: the API's MultiplexedRedis (one pipelined connection), or redis-py's
+        client elsewhere; both run the scripts by EVALSHA and answer MGET alike."""
         self.client = client
         self.keys = Keys(prefix)
         self._increment = client.register_script(_INCREMENT)

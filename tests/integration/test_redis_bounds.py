@@ -24,7 +24,7 @@ from domain.usage.counters import Counters, Step
 from domain.usage.model import Outcome, Period, Policy, Request
 from payment.v1 import events_pb2
 from services.api_grpc import cache, page_tokens
-from services.api_grpc.bootstrap import redis_breaker, redis_client
+from services.api_grpc.bootstrap import counters_client, redis_breaker, redis_client
 from services.api_grpc.cache import CacheUnavailable, EntitlementCache
 from services.api_grpc.decisions import Decision, Facts
 from services.api_grpc.errors import Unavailable
@@ -40,6 +40,7 @@ from services.api_grpc.validation import SubjectIds
 from shared.catalog import load_catalog
 from shared.config import DEFAULT_CATALOG_PATH
 from shared.health import PROBE_TIMEOUT_S, redis_probe, run_probes
+from shared.redis_mux import MultiplexedRedis
 from tests.support.net import BlackholeProxy, silent_server
 from tests.support.wait import eventually
 
@@ -69,7 +70,7 @@ class AcknowledgingBus:
         return ack
 
 
-def usage_api(client: Redis) -> UsageApi:
+def usage_api(client: Redis | MultiplexedRedis) -> UsageApi:
     return UsageApi(FACTS, Entitled(), PostgresUsage(), Counters(client, "bounds:"), AcknowledgingBus(),  # type: ignore[arg-type]
                     page_tokens.PageTokens(page_tokens.derive_key("t")))
 
@@ -94,25 +95,30 @@ async def within(bound_s: float, call: Awaitable[Any]) -> tuple[float, Any]:
 
 
 @contextlib.asynccontextmanager
-async def hung_redis(how: str, redis_url: str) -> AsyncIterator[Redis]:
-    """The API's own client, to a Redis that never answers."""
+async def hung_redis(how: str, redis_url: str) -> AsyncIterator[tuple[Redis, MultiplexedRedis | Redis]]:
+    """The API's own clients, to a Redis that never answers: redis-py's, and the usage
+    counters' (bootstrap.counters_client: one pipelined connection)."""
     if how == "silent from the first byte":
         async with silent_server() as silent:
-            client = redis_client(silent.url)
-            yield client
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.aclose(), 1)
+            client, counters = redis_client(silent.url), counters_client(silent.url)
+            yield client, counters
+            for each in (client, counters):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(each.aclose(), 1)
         return
     proxy = BlackholeProxy(urllib.parse.urlparse(redis_url).port or 6379)
-    client = redis_client(f"redis://127.0.0.1:{proxy.port}/0")
+    url = f"redis://127.0.0.1:{proxy.port}/0"
+    client, counters = redis_client(url), counters_client(url)
     try:
         await asyncio.gather(*(client.ping() for _ in range(8)))  # connected, several connections pooled
+        await counters.ping()  # connected
         proxy.blackhole = True
-        yield client
+        yield client, counters
     finally:
         proxy.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.aclose(), 1)
+        for each in (client, counters):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(each.aclose(), 1)
 
 
 HOW = ["silent from the first byte", "silent once connected"]
@@ -121,10 +127,10 @@ HOW = ["silent from the first byte", "silent once connected"]
 @pytest.mark.parametrize("how", HOW)
 async def test_every_call_of_the_api_on_a_hung_redis_ends_within_its_bound(how: str, redis_url: str) -> None:
     fail_open = REGISTRY.get_sample_value("paymentsvc_api_rate_limit_fail_open_total") or 0.0
-    async with hung_redis(how, redis_url) as client:
+    async with hung_redis(how, redis_url) as (client, counters):
         entitlements = EntitlementCache(client, redis_breaker())
         limiter = RateLimiter(client, redis_breaker(), prefix="bounds:")
-        usage = usage_api(client)
+        usage = usage_api(counters)
         subject = ("user", "u1")
         calls: dict[str, tuple[float, Awaitable[Any]]] = {
             "check (whole hashes)": (cache.CALL_TIMEOUT_S, entitlements.read_all([subject], LONG_DEADLINE_S)),
@@ -162,7 +168,7 @@ async def test_every_call_of_the_api_on_a_hung_redis_ends_within_its_bound(how: 
 async def test_the_change_feed_gives_up_a_subscription_that_is_never_answered_and_tries_again(
     how: str, redis_url: str,
 ) -> None:
-    async with hung_redis(how, redis_url) as client:
+    async with hung_redis(how, redis_url) as (client, _):
         near = NearCache()
         feed = ChangeFeed(client, near, "bounds:", call_timeout_s=0.3)
         attempts = 0

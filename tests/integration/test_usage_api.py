@@ -24,6 +24,7 @@ from domain.usage.counters import Counters
 from domain.usage.model import Keys
 from payment.v1 import events_pb2, service_pb2, service_pb2_grpc
 from services.api_grpc import cache, page_tokens
+from services.api_grpc.bootstrap import counters_client
 from services.api_grpc.commands import KafkaEventBus
 from services.api_grpc.decisions import Facts
 from services.api_grpc.queries import Queries
@@ -42,6 +43,7 @@ from shared.db import make_pool
 from shared.devbroker import DevBroker, ensure_topics
 from shared.kafka import make_producer
 from shared.outbox import OutboxRelay
+from shared.redis_mux import MultiplexedRedis
 from shared.worker import BatchProcessor
 from tests.conftest import fresh_database, random_id
 from tests.integration.test_api_grpc import KEYS, READ, WRITE, auth, private_redis
@@ -132,6 +134,7 @@ class Served:
     stub: service_pb2_grpc.PaymentServiceStub
     usage: UsageApi
     redis: Redis
+    counters: MultiplexedRedis | Redis  # the usage counters' client, as the API's bootstrap makes it
 
 
 @contextlib.asynccontextmanager
@@ -142,6 +145,7 @@ async def usage_server(
     pool = make_pool(stack.database_url, max_size=4)
     await pool.open(wait=True, timeout=10)
     redis = Redis.from_url(stack.redis_url, socket_timeout=1.0, socket_connect_timeout=0.5)
+    counters = counters_client(stack.redis_url)
     producer = make_producer(broker or stack.broker, request_timeout_ms=int(publish_timeout * 1000))
     await producer.start()
     breaker = Breaker("redis", cache.is_transient, threshold=3, reset_after_s=0.5)
@@ -151,7 +155,7 @@ async def usage_server(
         KafkaEventBus(producer, stack.topics.payment_events), None, tokens, clock=clock,
     )
     usage = UsageApi(
-        api.facts, api, UsageStore(pool, 1.0), Counters(redis, stack.prefix),
+        api.facts, api, UsageStore(pool, 1.0), Counters(counters, stack.prefix),
         KafkaUsageBus(producer, stack.topics.usage_events, publish_timeout), tokens, clock=clock,
         publish_timeout_s=publish_timeout,
     )
@@ -161,12 +165,13 @@ async def usage_server(
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     try:
-        yield Served(service_pb2_grpc.PaymentServiceStub(channel), usage, redis)
+        yield Served(service_pb2_grpc.PaymentServiceStub(channel), usage, redis, counters)
     finally:
         await channel.close()
         await server.stop(0.5)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(producer.stop(), 10)
+        await counters.aclose()
         await redis.aclose()
         await pool.close()
 

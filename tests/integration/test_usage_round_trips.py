@@ -1,7 +1,8 @@
 """The budget of the usage hot path (issue 13): one Redis round trip per IncrementUsage
 (the increment script: limit, counter and idempotency record together) and per
-CheckQuota (one MGET), counted at the client the server uses, so a second round trip
-added to either path fails here. The rate limiter's lease refills (one script call per
+CheckQuota (one MGET), counted at the counters' client the server uses (one pipelined
+connection, bootstrap.counters_client), so a second round trip added to either path
+fails here. The rate limiter's lease refills (one script call per
 lease of up to 100 calls, more often when a slow machine lets leases expire) are the
 only other commands, and are told apart by their script."""
 
@@ -29,14 +30,14 @@ async def test_an_increment_and_a_quota_check_each_make_one_redis_round_trip(
     await quota(served.stub, user)
     refill = hashlib.sha1(_TOKEN_BUCKET.encode()).hexdigest()
     sent: list[str] = []
-    real = served.redis.execute_command
+    real = served.counters.execute_command
 
     async def counting(*args: Any, **kw: Any) -> Any:
         if not (args[0] == "EVALSHA" and args[1] == refill):  # the rate limiter's lease refill
             sent.append(str(args[0]))
         return await real(*args, **kw)
 
-    monkeypatch.setattr(served.redis, "execute_command", counting)
+    monkeypatch.setattr(served.counters, "execute_command", counting)
     for _ in range(CALLS):
         await served.stub.IncrementUsage(inc(user), metadata=auth(WRITE))
     increments, sent[:] = list(sent), []
