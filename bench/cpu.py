@@ -79,15 +79,13 @@ def _report(label: str, calls: float, seconds: float, before: dict[int, tuple[st
 
 def _wrap_measure(measure: Callable[..., dict[str, float]]) -> Callable[..., dict[str, float]]:
     """grpc_checks.measure(port, bulk, inflight, seconds, clients) and
-    usage.measure(port, method, seconds)."""
+    usage.measure(port, method, inflight, seconds, clients)."""
 
-    def measured(*args: Any) -> dict[str, float]:
+    def measured(port: int, kind: bool | str, inflight: int, seconds: float, clients: int = 1) -> dict[str, float]:
         before = _descendants()
-        result = measure(*args)
-        seconds = args[3] if len(args) >= 4 else args[2]
-        kind = args[1] if isinstance(args[1], str) else ("bulk" if args[1] else "check")
-        inflight = f" @{args[2]}" if len(args) >= 4 else ""
-        _report(f"port {args[0]} {kind}{inflight}", result["qps"] * seconds, seconds, before)
+        result = measure(port, kind, inflight, seconds, clients)
+        label = kind if isinstance(kind, str) else ("bulk" if kind else "check")
+        _report(f"port {port} {label} @{inflight}", result["qps"] * seconds, seconds, before)
         return result
 
     return measured

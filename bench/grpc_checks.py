@@ -19,37 +19,31 @@ shares the CPUs with the server: run it on a quiet machine, and more than once.
 With `--processes N`, like for like: N API processes share one port (SO_REUSEPORT and a
 shared prometheus_client multiprocess directory, as `paymentsvc serve api_grpc
 --processes N` runs them), N trivial handlers share another, and the load comes from N
-client processes with 4 connections each (the kernel spreads connections, not calls).
+client processes with 4 connections each (the kernel spreads connections, not calls);
+bench/grpc_harness.py, which bench/usage.py shares.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
-import os
 import secrets
-import shutil
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "gen")]
 
-import grpc
 import orjson
-import uvloop
 from psycopg import conninfo
 from pydantic import SecretStr
 
+from bench import grpc_harness
+from bench.grpc_harness import KEY, METADATA
 from payment.v1 import service_pb2, service_pb2_grpc
 from shared.config import ApiKey, Settings
 
-# In the environment, so that the spawned server processes (--processes) share it.
-KEY = os.environ.setdefault("BENCH_API_KEY", "bench-" + secrets.token_hex(4))
 FEATURES = ["projects", "api_calls", "storage_mb", "ai_credits", "seats", "export_pdf", "priority_support"]
 
 
@@ -64,11 +58,7 @@ class Trivial(service_pb2_grpc.PaymentServiceServicer):
 
 
 async def _trivial(port: int) -> None:
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    service_pb2_grpc.add_PaymentServiceServicer_to_server(Trivial(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
+    await grpc_harness.trivial_server(Trivial(), port)
 
 
 async def _real(port: int, db_url: str, redis_url: str, prefix: str, no_near: bool, reuse_port: bool) -> None:
@@ -104,31 +94,15 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str, no_near: bo
     server = build_server(api, keys, port=port, redis=redis, redis_breaker=breaker,
                           rate_limit=RateLimitConfig(rate=1e6, burst=1e6, prefix=prefix), reuse_port=reuse_port)
     await server.start()
+    grpc_harness.listening()
     await server.grpc_server.wait_for_termination()
 
 
-def serve(kind: str, port: int, *args: Any) -> None:
-    import logging
-
-    from paymentsvc.runner import tune_gc
-
-    logging.disable(logging.INFO)
-    # Ours as `paymentsvc serve` runs it (BENCH_DEFAULT_GC=1: the interpreter's defaults, to
-    # price them). The trivial handler keeps the defaults: with serve's threshold it ran
-    # slower here (lower QPS in 4 runs of 4, docs/performance.md), and a handicapped
-    # baseline would flatter the ratios.
-    if kind != "trivial" and os.environ.get("BENCH_DEFAULT_GC") != "1":
-        tune_gc()
-    uvloop.run(_trivial(port) if kind == "trivial" else _real(port, *args))
-
-
 async def _load(port: int, bulk: bool, inflight: int, seconds: float, connections: int = 1) -> list[float]:
-    # A local subchannel pool: each channel its own connection, for SO_REUSEPORT to spread.
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(connections)]
+    channels = grpc_harness.channels(port, connections)
     stubs = [service_pb2_grpc.PaymentServiceStub(channel) for channel in channels]
     stub = stubs[0]
-    md = (("authorization", f"Bearer {KEY}"),)
+    md = METADATA
     features = (FEATURES * 8)[:50]
     latencies: list[float] = []
 
@@ -159,22 +133,9 @@ async def _load(port: int, bulk: bool, inflight: int, seconds: float, connection
     return latencies
 
 
-def client(port: int, bulk: bool, inflight: int, seconds: float, connections: int, out: Any) -> None:
-    out.put(uvloop.run(_load(port, bulk, inflight, seconds, connections)))
-
-
 def measure(port: int, bulk: bool, inflight: int, seconds: float, clients: int = 1) -> dict[str, float]:
     """`inflight` calls at all times, from `clients` processes (4 connections each if more than one)."""
-    queue: Any = mp.Queue()
-    procs = [mp.Process(target=client, args=(port, bulk, inflight // clients, seconds, 1 if clients == 1 else 4, queue))
-             for _ in range(clients)]
-    for proc in procs:
-        proc.start()
-    lat = sorted(x for _ in procs for x in queue.get(timeout=seconds + 60))  # a client that died raises here
-    for proc in procs:
-        proc.join()
-    q = statistics.quantiles(lat, n=100)
-    return {"qps": len(lat) / seconds, "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
+    return grpc_harness.measure(_load, port, bulk, inflight, seconds, clients)
 
 
 async def warm_redis(redis_url: str, prefix: str) -> None:
@@ -210,23 +171,9 @@ def main() -> None:
     prefix = f"bench:{secrets.token_hex(4)}:"
     asyncio.run(warm_redis(redis_url, prefix))
     ports = {"trivial": free_port(), "api": free_port()}
-    metrics_dir = None
-    if n > 1:
-        # As `serve --processes N` runs them. Spawned, so that prometheus_client is
-        # imported after the variable is set (this process imported it already).
-        metrics_dir = Path(tempfile.mkdtemp(prefix="bench-metrics-"))
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    ctx = mp.get_context("spawn" if n > 1 else "fork")
-    servers = [ctx.Process(target=serve, args=("trivial", ports["trivial"])) for _ in range(n)] + [
-        ctx.Process(target=serve, args=("api", ports["api"], db_url, redis_url, prefix, args.no_near_cache, n > 1))
-        for _ in range(n)
-    ]
-    for s in servers:
-        s.start()
-    print(f"server pids: trivial {[s.pid for s in servers[:n]]}, api {[s.pid for s in servers[n:]]}", flush=True)
-    time.sleep(2.0 + 2.0 * (n > 1))
     each = f" x{n} processes" if n > 1 else ""
-    try:
+    with grpc_harness.servers(n, _trivial, ports["trivial"], _real, ports["api"],
+                              (db_url, redis_url, prefix, args.no_near_cache)):
         for label, bulk in (("CheckEntitlement", False), ("BulkCheckEntitlements x50", True)):
             base = measure(ports["trivial"], bulk, 64, args.seconds, n)
             real = measure(ports["api"], bulk, 64, args.seconds, n)
@@ -235,12 +182,6 @@ def main() -> None:
                   f"api {real['qps']:.0f} qps p50 {real['p50_ms']:.2f} p99 {real['p99_ms']:.2f} ms | "
                   f"QPS ratio {real['qps'] / base['qps']:.2f}, p99 ratio {real['p99_ms'] / base['p99_ms']:.2f}")
             print(f"{label} @4{each}: api p50 {low['p50_ms']:.2f} ms p99 {low['p99_ms']:.2f} ms")
-    finally:
-        for s in servers:
-            s.terminate()
-            s.join()
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Benchmark of IncrementUsage and CheckQuota against a trivial grpc.aio handler under the
 same load generator (a separate process), plus the bare Lua script for reference.
 
-    .venv/bin/python bench/usage.py [--seconds 5]
+    .venv/bin/python bench/usage.py [--seconds 5] [--processes N]
 
 Needs the machine's Postgres and Redis (DATABASE_URL / REDIS_URL); starts its own Tansu
 broker. It migrates a `paymentsvc_bench` database, writes warm pro-plan entitlement
@@ -11,16 +11,26 @@ to the trivial handler. Every increment waits for the broker's acknowledgement
 (acks=all). Goals: IncrementUsage >= 0.4 of trivial, CheckQuota >= 0.6. The API server
 uses the production Redis client and `paymentsvc serve`'s GC settings (BENCH_DEFAULT_GC=1
 keeps the interpreter's defaults, to price them; the trivial handler keeps them always).
+The server processes' pids are printed first, for py-spy.
+
+With `--processes N`, like for like, as bench/grpc_checks.py does (bench/grpc_harness.py):
+N API processes share one port, N trivial handlers share another, and the load comes
+from N client processes with 4 connections each (the kernel spreads connections, not
+calls). The N API processes are N copies of this bench's own server (`_real`, the one
+N=1 runs, so the figures for N and for 1 compare), not `paymentsvc serve api_grpc
+--processes N` itself: serve has no Redis key prefix, so it would read and count under
+the real key names instead of this run's throwaway prefix, and it adds the health and
+metrics HTTP site. What `serve --processes N` gives each child, each copy has too: its
+own Postgres pool, Redis client and Kafka producer, the gRPC port shared with
+SO_REUSEPORT, and the metrics in one prometheus_client multiprocess directory. The bare
+Lua line stays one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing as mp
-import os
 import secrets
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,16 +38,16 @@ from typing import Any
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent.parent / "gen")]
 
-import grpc
 import orjson
 import uvloop
 from psycopg import conninfo
 from pydantic import SecretStr
 
+from bench import grpc_harness
+from bench.grpc_harness import KEY, METADATA, summary
 from payment.v1 import service_pb2, service_pb2_grpc
 from shared.config import ApiKey, Settings
 
-KEY = "bench-" + secrets.token_hex(4)
 SUBJECTS = 50
 INFLIGHT = 64
 
@@ -51,14 +61,12 @@ class Trivial(service_pb2_grpc.PaymentServiceServicer):
 
 
 async def _trivial(port: int) -> None:
-    server = grpc.aio.server()
-    service_pb2_grpc.add_PaymentServiceServicer_to_server(Trivial(), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    await server.wait_for_termination()
+    await grpc_harness.trivial_server(Trivial(), port)
 
 
-async def _real(port: int, db_url: str, redis_url: str, prefix: str, bootstrap: str, topic: str) -> None:
+async def _real(
+    port: int, db_url: str, redis_url: str, prefix: str, bootstrap: str, topic: str, reuse_port: bool
+) -> None:
     from domain.usage.counters import Counters
     from services.api_grpc import cache, page_tokens
     from services.api_grpc.bootstrap import counters_client, redis_breaker, redis_client
@@ -86,34 +94,22 @@ async def _real(port: int, db_url: str, redis_url: str, prefix: str, bootstrap: 
     usage = UsageApi(api.facts, api, UsageStore(pool), Counters(counters_client(redis_url), prefix), KafkaUsageBus(producer, topic), tokens)
     keys = (ApiKey("bench", SecretStr(KEY), frozenset({"read", "write"})),)
     server = build_server(api, keys, port=port, redis=redis, redis_breaker=breaker,
-                          rate_limit=RateLimitConfig(rate=1e6, burst=1e6, prefix=prefix), usage=usage)
+                          rate_limit=RateLimitConfig(rate=1e6, burst=1e6, prefix=prefix), usage=usage,
+                          reuse_port=reuse_port)
     await server.start()
+    grpc_harness.listening()
     await server.grpc_server.wait_for_termination()
 
 
-def serve(kind: str, port: int, *args: Any) -> None:
-    import logging
-
-    from paymentsvc.runner import tune_gc
-
-    logging.disable(logging.INFO)
-    # Ours as `paymentsvc serve` runs it (BENCH_DEFAULT_GC=1: the interpreter's defaults, to
-    # price them). The trivial handler keeps the defaults: with serve's threshold it ran
-    # slower here (lower QPS in 4 runs of 4, docs/performance.md), and a handicapped
-    # baseline would flatter the ratios.
-    if kind != "trivial" and os.environ.get("BENCH_DEFAULT_GC") != "1":
-        tune_gc()
-    uvloop.run(_trivial(port) if kind == "trivial" else _real(port, *args))
-
-
-async def _load(port: int, method: str, inflight: int, seconds: float) -> list[float]:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    stub = service_pb2_grpc.PaymentServiceStub(channel)
-    md = (("authorization", f"Bearer {KEY}"),)
+async def _load(port: int, method: str, inflight: int, seconds: float, connections: int = 1) -> list[float]:
+    channels = grpc_harness.channels(port, connections)
+    stubs = [service_pb2_grpc.PaymentServiceStub(channel) for channel in channels]
+    md = METADATA
     latencies: list[float] = []
     run = secrets.token_hex(4)
 
-    async def call(i: int) -> None:
+    async def call(i: int, n: int) -> None:
+        stub = stubs[n % len(stubs)]
         subject = service_pb2.Subject(family_id=f"fam{i % SUBJECTS}")
         if method == "increment":
             await stub.IncrementUsage(service_pb2.IncrementUsageRequest(
@@ -126,34 +122,21 @@ async def _load(port: int, method: str, inflight: int, seconds: float) -> list[f
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            await call(i)
+            await call(i, n)
             latencies.append(time.perf_counter() - started)
             i += 1
 
-    for n in range(SUBJECTS):  # warm the channel and the policy caches
-        await call(n + 99_000_000)
+    for n in range(SUBJECTS):  # warm the channels and the policy caches
+        await call(n + 99_000_000, n)
     await asyncio.gather(*(worker(n) for n in range(inflight)))
-    await channel.close()
+    for channel in channels:
+        await channel.close()
     return latencies
 
 
-def client(port: int, method: str, inflight: int, seconds: float, out: Any) -> None:
-    out.put(uvloop.run(_load(port, method, inflight, seconds)))
-
-
-def summary(lat: list[float], seconds: float) -> dict[str, float]:
-    lat = sorted(lat)
-    q = statistics.quantiles(lat, n=100)
-    return {"qps": len(lat) / seconds, "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
-
-
-def measure(port: int, method: str, seconds: float) -> dict[str, float]:
-    queue: Any = mp.Queue()
-    proc = mp.Process(target=client, args=(port, method, INFLIGHT, seconds, queue))
-    proc.start()
-    lat = queue.get()
-    proc.join()
-    return summary(lat, seconds)
+def measure(port: int, method: str, inflight: int, seconds: float, clients: int = 1) -> dict[str, float]:
+    """`inflight` calls at all times, from `clients` processes (4 connections each if more than one)."""
+    return grpc_harness.measure(_load, port, method, inflight, seconds, clients)
 
 
 async def bare_lua(redis_url: str, prefix: str, seconds: float) -> dict[str, float]:
@@ -214,7 +197,9 @@ async def cleanup(redis_url: str, prefix: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--processes", type=int, default=1, help="N API and N trivial server processes, N clients")
     args = parser.parse_args()
+    n = args.processes
     from shared.devbroker import DevBroker, ensure_topics, free_port
     from shared.migrate import migrate_up
 
@@ -226,34 +211,24 @@ def main() -> None:
     topic = f"bench-{secrets.token_hex(4)}.usage-events"
     broker = DevBroker()
     asyncio.run(broker.start())
-    servers: list[mp.Process] = []
+    each = f" x{n} processes" if n > 1 else ""
     try:
         asyncio.run(ensure_topics(broker.bootstrap_servers, [topic], partitions=3))
         asyncio.run(prepare_redis(redis_url, prefix))
         ports = {"trivial": free_port(), "api": free_port()}
-        servers = [
-            mp.Process(target=serve, args=("trivial", ports["trivial"])),
-            mp.Process(target=serve, args=("api", ports["api"], db_url, redis_url, prefix,
-                                           broker.bootstrap_servers, topic)),
-        ]
-        for s in servers:
-            s.start()
-        print(f"server pids: trivial {servers[0].pid}, api {servers[1].pid}", flush=True)
-        time.sleep(2.5)
-        for label, method, goal in (("IncrementUsage", "increment", 0.4), ("CheckQuota", "check", 0.6)):
-            base = measure(ports["trivial"], method, args.seconds)
-            real = measure(ports["api"], method, args.seconds)
-            ratio = real["qps"] / base["qps"]
-            print(f"{label} @{INFLIGHT}: trivial {base['qps']:.0f} qps p99 {base['p99_ms']:.2f} ms | "
-                  f"api {real['qps']:.0f} qps p99 {real['p99_ms']:.2f} ms | QPS ratio {ratio:.2f} "
-                  f"(goal >= {goal}), p99 ratio {real['p99_ms'] / base['p99_ms']:.2f}", flush=True)
-        lua = uvloop.run(bare_lua(redis_url, prefix, args.seconds))
-        print(f"bare Lua increment script @{INFLIGHT} (one process, redis.asyncio): {lua['qps']:.0f} /s "
-              f"p99 {lua['p99_ms']:.2f} ms")
+        with grpc_harness.servers(n, _trivial, ports["trivial"], _real, ports["api"],
+                                  (db_url, redis_url, prefix, broker.bootstrap_servers, topic)):
+            for label, method, goal in (("IncrementUsage", "increment", 0.4), ("CheckQuota", "check", 0.6)):
+                base = measure(ports["trivial"], method, INFLIGHT, args.seconds, n)
+                real = measure(ports["api"], method, INFLIGHT, args.seconds, n)
+                ratio = real["qps"] / base["qps"]
+                print(f"{label} @{INFLIGHT}{each}: trivial {base['qps']:.0f} qps p99 {base['p99_ms']:.2f} ms | "
+                      f"api {real['qps']:.0f} qps p99 {real['p99_ms']:.2f} ms | QPS ratio {ratio:.2f} "
+                      f"(goal >= {goal}), p99 ratio {real['p99_ms'] / base['p99_ms']:.2f}", flush=True)
+            lua = uvloop.run(bare_lua(redis_url, prefix, args.seconds))
+            print(f"bare Lua increment script @{INFLIGHT} (one process, redis.asyncio): {lua['qps']:.0f} /s "
+                  f"p99 {lua['p99_ms']:.2f} ms")
     finally:
-        for s in servers:
-            s.terminate()
-            s.join()
         broker.stop()
         asyncio.run(cleanup(redis_url, prefix))
 

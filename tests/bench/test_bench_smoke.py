@@ -28,13 +28,15 @@ SMOKE = [
     pytest.param(["bench/grpc_checks.py", "--seconds", "0.5", "--processes", "2"],
                  r"x2 processes: .*QPS ratio \d+\.\d+", id="grpc_checks-2-processes"),
     pytest.param(["bench/usage.py", "--seconds", "0.5"], r"QPS ratio \d+\.\d+", id="usage"),
+    pytest.param(["bench/usage.py", "--seconds", "0.5", "--processes", "2"],
+                 r"x2 processes: .*QPS ratio \d+\.\d+", id="usage-2-processes"),
     pytest.param(["bench/write_shapes.py", "--rows", "20", "--repeats", "2"], r"^json\s+\|.*\|\s+\d+\.\d+$", id="write_shapes"),
     pytest.param(["bench/tracing.py", "--n", "200"], r"^nothing set \(drop all\)\s+\|\s+\d+\.\d+", id="tracing"),
     # No baseline in the run: CPU per event, compared between two trees on one events file.
     pytest.param(["bench/batch_cpu.py", "--customers", "50", "--phases"], r"CPU [\d.]+ s = \d+ µs/event", id="batch_cpu"),
     pytest.param(["bench/interceptor.py", "--calls", "200"], r"^one pass\s+\|\s+3 \|\s+\d+\.\d+", id="interceptor"),
     # CPU per call of the serving process around a ratio benchmark (the phases' lines).
-    pytest.param(["bench/cpu.py", "usage", "--seconds", "1"], r"^CPU port \d+ increment: \d+ calls, .* µs/call", id="cpu-usage"),
+    pytest.param(["bench/cpu.py", "usage", "--seconds", "1"], r"^CPU port \d+ increment @64: \d+ calls, .* µs/call", id="cpu-usage"),
 ]
 
 
