@@ -1,7 +1,7 @@
 """Benchmark of IncrementUsage and CheckQuota against a trivial grpc.aio handler under the
 same load generator (a separate process), plus the bare Lua script for reference.
 
-    .venv/bin/python bench/usage.py [--seconds 5] [--processes N]
+    .venv/bin/python bench/usage.py [--seconds 5] [--processes N] [--low-load 1,4,16]
 
 Needs the machine's Postgres and Redis (DATABASE_URL / REDIS_URL); starts its own Tansu
 broker. It migrates a `paymentsvc_bench` database, writes warm pro-plan entitlement
@@ -11,7 +11,9 @@ to the trivial handler. Every increment waits for the broker's acknowledgement
 (acks=all). Goals: IncrementUsage >= 0.4 of trivial, CheckQuota >= 0.6. The API server
 uses the production Redis client and `paymentsvc serve`'s GC settings (BENCH_DEFAULT_GC=1
 keeps the interpreter's defaults, to price them; the trivial handler keeps them always).
-The server processes' pids are printed first, for py-spy.
+The server processes' pids are printed first, for py-spy. The API's producer lingers as
+API_PUBLISH_LINGER_MS says (default 0, as `serve`): `API_PUBLISH_LINGER_MS=5 bench/usage.py`
+prices the batching it buys.
 
 With `--processes N`, like for like, as bench/grpc_checks.py does (bench/grpc_harness.py):
 N API processes share one port, N trivial handlers share another, and the load comes
@@ -83,7 +85,7 @@ async def _real(
 
     pool = await open_pool(db_url)
     redis = redis_client(redis_url)  # as `serve` makes it: no socket timeout
-    producer = make_producer(bootstrap)
+    producer = make_producer(bootstrap, linger_ms=Settings().api_publish_linger_ms)  # as `serve` makes it
     await producer.start()
     breaker = redis_breaker()
     tokens = page_tokens.PageTokens(page_tokens.derive_key("bench"))
@@ -198,6 +200,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--processes", type=int, default=1, help="N API and N trivial server processes, N clients")
+    parser.add_argument("--low-load", default="", metavar="1,4,16",
+                        help="also IncrementUsage's latency at these calls in flight (what a linger costs a quiet API)")
     args = parser.parse_args()
     n = args.processes
     from shared.devbroker import DevBroker, ensure_topics, free_port
@@ -225,6 +229,10 @@ def main() -> None:
                 print(f"{label} @{INFLIGHT}{each}: trivial {base['qps']:.0f} qps p99 {base['p99_ms']:.2f} ms | "
                       f"api {real['qps']:.0f} qps p99 {real['p99_ms']:.2f} ms | QPS ratio {ratio:.2f} "
                       f"(goal >= {goal}), p99 ratio {real['p99_ms'] / base['p99_ms']:.2f}", flush=True)
+            for inflight in [int(x) for x in args.low_load.split(",") if x]:
+                real = measure(ports["api"], "increment", inflight, args.seconds, n)
+                print(f"IncrementUsage @{inflight}{each}: api {real['qps']:.0f} qps p50 {real['p50_ms']:.2f} ms "
+                      f"p99 {real['p99_ms']:.2f} ms", flush=True)
             lua = uvloop.run(bare_lua(redis_url, prefix, args.seconds))
             print(f"bare Lua increment script @{INFLIGHT} (one process, redis.asyncio): {lua['qps']:.0f} /s "
                   f"p99 {lua['p99_ms']:.2f} ms")

@@ -1,8 +1,9 @@
 """Kafka clients with the settings this project relies on.
 
 Producers send with `acks=all` so that an acknowledged message survives a
-broker failure, `linger_ms=0` because a lone send on a request path would
-otherwise wait the whole linger, and a 1 MiB batch because aiokafka's 16 KiB
+broker failure, `linger_ms=0` by default because a lone send on a request path would
+otherwise wait the whole linger (the API may trade that for batching:
+API_PUBLISH_LINGER_MS), and a 1 MiB batch because aiokafka's 16 KiB
 default collapses throughput under many concurrent sends (DESIGN.md).
 Idempotence is off: the dev broker (Tansu) has no InitProducerId, and the
 consumers deduplicate by event id anyway.
@@ -120,13 +121,17 @@ class KeyHashPartitioner:
         return all_partitions[hashed % len(all_partitions)]
 
 
-def make_producer(bootstrap_servers: str, *, request_timeout_ms: int = 10_000) -> AIOKafkaProducer:
-    """An unstarted producer; `await producer.start()` in the composition root."""
+def make_producer(
+    bootstrap_servers: str, *, request_timeout_ms: int = 10_000, linger_ms: float = 0,
+) -> AIOKafkaProducer:
+    """An unstarted producer; `await producer.start()` in the composition root.
+    `linger_ms`: how long a batch waits for company before it is sent (0: it leaves at
+    once, or with the next request when one is in flight)."""
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap_servers,
         acks="all",
         enable_idempotence=False,
-        linger_ms=0,
+        linger_ms=linger_ms,
         max_batch_size=1024 * 1024,
         max_request_size=2 * 1024 * 1024,
         request_timeout_ms=request_timeout_ms,

@@ -98,7 +98,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     redis = redis_client(settings.redis_url.get_secret_value())
     counters = counters_client(settings.redis_url.get_secret_value())
     producer = make_producer(
-        settings.kafka_bootstrap_servers, request_timeout_ms=int(settings.publish_timeout_s * 1000)
+        settings.kafka_bootstrap_servers, request_timeout_ms=int(settings.publish_timeout_s * 1000),
+        linger_ms=settings.api_publish_linger_ms,
     )
     await producer.start()
     gateway = None
