@@ -309,8 +309,9 @@ def traced_headers(messages: Sequence[OutgoingMessage]) -> tuple[list[trace.Span
         if carried is not None and not span.get_span_context().is_valid:
             headers.append(list(m.headers))  # no tracer to continue it with: carried as is
             continue
-        with trace.use_span(span, end_on_exit=False):
-            headers.append(list(tracing.with_trace_headers(m.headers)))
+        # The current context with the produce span in it, given to the propagator rather than
+        # made current (use_span): the same headers without an attach and a detach.
+        headers.append(list(tracing.with_trace_headers(m.headers, trace.set_span_in_context(span))))
     return spans, headers
 
 
