@@ -47,13 +47,28 @@ def event_headers(
     `trace`: the `trace_headers(traceparent)` the caller already built for another message
     of the same request (the ingester's two messages share them: one injection, not two).
     """
+    type_, content_type, ce_type, ce_source = _constant_parts(event_type, message)
+    id_ = event_id.encode()
     return [
-        ("event-id", event_id.encode()),
-        ("event-type", event_type.encode()),
+        ("event-id", id_),
+        ("event-type", type_),
         ("schema-version", SCHEMA_VERSION),
-        ("content-type", f"application/x-protobuf; messageType=payment.v1.{message}".encode()),
+        ("content-type", content_type),
         *(tracing.trace_headers(traceparent) if trace is None else trace),
-    ] + cloudevent_headers(event_id, f"payment.v1.{message}.{event_type}", CE_SOURCES[message], occurred_at)
+        ("ce_specversion", CE_SPECVERSION),
+        ("ce_id", id_),
+        ("ce_source", ce_source),
+        ("ce_type", ce_type),
+        ("ce_time", ce_time(occurred_at)),
+    ]  # the CloudEvents part as cloudevent_headers builds it
+
+
+@functools.lru_cache(maxsize=1024)
+def _constant_parts(event_type: str, message: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """The header values that depend on the kind of message only, encoded once: `event-type`,
+    `content-type`, `ce_type`, `ce_source` (KeyError for a message not in CE_SOURCES)."""
+    return (event_type.encode(), f"application/x-protobuf; messageType=payment.v1.{message}".encode(),
+            f"payment.v1.{message}.{event_type}".encode(), CE_SOURCES[message].encode())
 
 
 # CloudEvents binary mode for Kafka (docs/asyncapi.yaml): any CloudEvents SDK reads these
@@ -78,15 +93,39 @@ def cloudevent_headers(event_id: str, ce_type: str, source: str, occurred_at: fl
         ("ce_id", event_id.encode()),
         ("ce_source", source.encode()),
         ("ce_type", ce_type.encode()),
-        ("ce_time", _ce_time(occurred_at) if type(occurred_at) is int and occurred_at
-         else rfc3339(occurred_at or time.time()).encode()),
+        ("ce_time", ce_time(occurred_at)),
     ]
+
+
+def ce_time(occurred_at: float) -> bytes:
+    """`ce_time` of `occurred_at` (Unix seconds; now when 0): `rfc3339`, encoded."""
+    if type(occurred_at) is int and occurred_at:
+        return _ce_time(occurred_at)
+    if not occurred_at:
+        return rfc3339(time.time()).encode()
+    ms = round(occurred_at * 1000)
+    if 0 < ms < _EXACT_MS and ms / 1000 == occurred_at:  # whole milliseconds (`created_ms / 1000`)
+        second, fraction = divmod(ms, 1000)
+        text = _second_text(second)
+        return (f"{text}.{fraction:03d}000Z" if fraction else f"{text}Z").encode()
+    return rfc3339(occurred_at).encode()
 
 
 @functools.lru_cache(maxsize=1024)
 def _ce_time(occurred_at: int) -> bytes:
     # Whole seconds (Stripe's `created`): a webhook's two messages share theirs.
     return rfc3339(occurred_at).encode()
+
+
+# Below 2^32 s (the year 2106) the float nearest to ms / 1000 is within 0.24 µs of it, so
+# datetime rounds it to the very microsecond: rfc3339 prints `.fff000` of those ms.
+_EXACT_MS = 2**32 * 1000
+
+
+@functools.lru_cache(maxsize=64)
+def _second_text(second: int) -> str:
+    # rfc3339 of the whole second without its `Z`: computed once per second, not per event.
+    return rfc3339(second)[:-1]
 
 
 def rfc3339(unix_seconds: float) -> str:
@@ -275,8 +314,9 @@ def traced_headers(messages: Sequence[OutgoingMessage]) -> tuple[list[trace.Span
         if carried is not None and not span.get_span_context().is_valid:
             headers.append(list(m.headers))  # no tracer to continue it with: carried as is
             continue
-        with trace.use_span(span, end_on_exit=False):
-            headers.append(list(tracing.with_trace_headers(m.headers)))
+        # The current context with the produce span in it, given to the propagator rather than
+        # made current (use_span): the same headers without an attach and a detach.
+        headers.append(list(tracing.with_trace_headers(m.headers, trace.set_span_in_context(span))))
     return spans, headers
 
 

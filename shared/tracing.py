@@ -148,22 +148,25 @@ def _fresh_traceparent() -> str:
     return f"00-{random.getrandbits(128) or 1:032x}-{random.getrandbits(64) or 1:016x}-00"
 
 
-def trace_headers(traceparent: str = "") -> list[tuple[str, bytes]]:
-    """`traceparent` (and `tracestate` when there is one) of the current context, through
-    the global propagator; `traceparent` given explicitly is carried as is."""
+def trace_headers(traceparent: str = "", context: otel_context.Context | None = None) -> list[tuple[str, bytes]]:
+    """`traceparent` (and `tracestate` when there is one) of `context` (default: the current
+    one), through the global propagator; `traceparent` given explicitly is carried as is."""
     if traceparent:
         return [("traceparent", traceparent.encode())]
     carrier: dict[str, str] = {}
-    propagate.inject(carrier)
+    propagate.inject(carrier, context=context)
     if "traceparent" not in carrier:
         carrier["traceparent"] = _fresh_traceparent()
     return [(name, carrier[name].encode()) for name in TRACE_HEADERS if name in carrier]
 
 
-def with_trace_headers(headers: Sequence[tuple[str, bytes]]) -> tuple[tuple[str, bytes], ...]:
-    """`headers` with their trace context replaced by the current one (a produce span's)."""
+def with_trace_headers(
+    headers: Sequence[tuple[str, bytes]], context: otel_context.Context | None = None
+) -> tuple[tuple[str, bytes], ...]:
+    """`headers` with their trace context replaced by `context`'s (default: the current one;
+    a produce span's)."""
     kept = tuple(h for h in headers if h[0] not in TRACE_HEADERS)
-    return kept + tuple(trace_headers())
+    return kept + tuple(trace_headers(context=context))
 
 
 class _HeaderGetter(Getter[Mapping[str, bytes | str]]):

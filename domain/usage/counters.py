@@ -146,7 +146,10 @@ class Counters:
         if result[0] == b"notready":
             raise NotReady("the usage counters are being rebuilt")
         record = bytes(result[1])
-        return Step(parse_record(record), record, result[0] == b"dup")
+        if result[0] == b"dup":  # the first attempt's record: its own request, decoded
+            return Step(parse_record(record), record, True)
+        # A new record holds the context of `request` itself: no need to decode it back.
+        return Step(parse_record(record, request), record, False)
 
     async def rollback(self, step: Step) -> bool:
         """Undo `step` if its record is still the pending one; True if it was undone."""

@@ -149,11 +149,13 @@ class Request:
 
     def context(self) -> bytes:
         p = self.policy
+        metadata = self.metadata
         return orjson.dumps({
             "k": self.idempotency_key, "f": p.feature_code, "pl": p.plan_id, "st": p.pool_type,
             "sid": p.pool_id, "m": p.member, "u": p.user_id, "fa": p.family_id, "l": p.limit,
             "h": p.hard, "r": p.allow_release, "cap": p.member_cap, "ps": p.period.start,
-            "pe": p.period.end, "a": self.amount, "c": self.created_ms, "md": dict(self.metadata),
+            "pe": p.period.end, "a": self.amount, "c": self.created_ms,
+            "md": metadata if type(metadata) is dict else dict(metadata),  # orjson takes a dict, not any Mapping
         })
 
     @classmethod
@@ -178,12 +180,17 @@ class Outcome:
     request: Request
 
 
-def parse_record(record: bytes) -> Outcome:
+def parse_record(record: bytes, request: Request | None = None) -> Outcome:
     """A record as the Lua script stores it: `state|allowed|used|applied|member_used|context`,
-    state P (published? not known yet) or D (done)."""
+    state P (published? not known yet) or D (done).
+
+    `request`: the Request whose `context()` the record holds, when the caller has it (the
+    script's answer to a new step stores the context it was given): decoding it again
+    would only rebuild an equal Request. A replayed record is decoded (None)."""
     state, allowed, used, applied, member_used, context = record.split(b"|", 5)
     return Outcome(
-        allowed == b"1", int(used), int(applied), int(member_used), state == b"D", Request.from_context(context)
+        allowed == b"1", int(used), int(applied), int(member_used), state == b"D",
+        request if request is not None else Request.from_context(context),
     )
 
 
@@ -217,9 +224,13 @@ def remaining(limit: int, used: int, member_cap: int = UNLIMITED, member_used: i
     return max(0, min(room)) if room else UNLIMITED
 
 
+def over_soft_limit(policy: Policy, used: int) -> bool:
+    return not policy.hard and policy.limit >= 0 and used > policy.limit
+
+
 def answer(outcome: Outcome) -> Answer:
     p = outcome.request.policy
-    over = not p.hard and p.limit >= 0 and outcome.used > p.limit
+    over = over_soft_limit(p, outcome.used)
     return Answer(
         allowed=outcome.allowed,
         used=outcome.used,
@@ -241,10 +252,18 @@ def outcome_label(outcome: Outcome, answered: Answer | None = None) -> str:
     return "released" if outcome.request.amount < 0 else "allowed"
 
 
+# sha256 with `usage\0` already fed: copying it is cheaper than a new hash object (with
+# OpenSSL 3 a constructor fetches the algorithm each time), and the digest is the same.
+_USAGE_PREFIX = hashlib.sha256(b"usage\x00")
+
+
 def event_id_for(idempotency_key: str) -> str:
     """Deterministic: a republished increment carries the same id, and the worker's inbox
-    drops the copy."""
-    return "usage_" + hashlib.sha256(b"usage\x00" + idempotency_key.encode()).hexdigest()[:32]
+    drops the copy. The id is a contract: `usage_` + the first 32 hex digits of
+    sha256(b"usage\0" + the key in UTF-8); it must never change."""
+    digest = _USAGE_PREFIX.copy()
+    digest.update(idempotency_key.encode())
+    return "usage_" + digest.hexdigest()[:32]
 
 
 def usage_event(outcome: Outcome) -> events_pb2.UsageEvent:
@@ -262,10 +281,10 @@ def usage_event(outcome: Outcome) -> events_pb2.UsageEvent:
         period_start=p.period.start,
         period_end=p.period.end,
         created_ms=r.created_ms,
-        metadata=dict(r.metadata),
+        metadata=r.metadata or None,  # copied into the message; None: no map to build for none
         used_after=outcome.used,
         limit=p.limit,
-        over_soft_limit=answer(outcome).over_soft_limit,
+        over_soft_limit=over_soft_limit(p, outcome.used),
         plan_id=p.plan_id,
         member_cap=p.member_cap if p.member is not None and p.member_cap >= 0 else None,
     )

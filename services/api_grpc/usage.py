@@ -305,13 +305,13 @@ class UsageApi:
         self._metered(feature_code)
         check_amount(amount)
         validation.identifier(idempotency_key, "idempotency_key")
-        validation.metadata(dict(metadata))
+        metadata = validation.metadata(dict(metadata))  # one copy, owned by the Request
         policy = await self.policy(subject, feature_code, timeout)
         if amount < 0 and not policy.allow_release:
             raise InvalidArgument(f"feature {feature_code!r} does not allow releases (negative amounts)")
         if policy.member_cap >= 0 and policy.member is None:
             raise InvalidArgument(f"feature {feature_code!r} has a cap per member: subject.user_id is required")
-        request = Request(idempotency_key, policy, amount, int(self.clock() * 1000), dict(metadata))
+        request = Request(idempotency_key, policy, amount, int(self.clock() * 1000), metadata)
         for _ in range(2):  # a second round only if a retried key's first attempt was rolled back meanwhile
             outcome, replayed = await self._count_and_publish(request, deadline)
             if outcome is not None:

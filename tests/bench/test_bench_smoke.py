@@ -35,6 +35,11 @@ SMOKE = [
     # No baseline in the run: CPU per event, compared between two trees on one events file.
     pytest.param(["bench/batch_cpu.py", "--customers", "50", "--phases"], r"CPU [\d.]+ s = \d+ µs/event", id="batch_cpu"),
     pytest.param(["bench/interceptor.py", "--calls", "200"], r"^one pass\s+\|\s+3 \|\s+\d+\.\d+", id="interceptor"),
+    # No baseline either: CPU per IncrementUsage call and a digest of its records, compared between two trees.
+    pytest.param(["bench/increment_cpu.py", "--calls", "200", "--rounds", "2"],
+                 r"^in process: 200 calls .* µs/call[\s\S]*^digest of the records [0-9a-f]{16}", id="increment_cpu"),
+    pytest.param(["bench/increment_cpu.py", "--e2e", "--calls", "200", "--rounds", "1"],
+                 r"^end to end: 200 calls .* µs/call", id="increment_cpu-e2e"),
     # CPU per call of the serving process around a ratio benchmark (the phases' lines).
     pytest.param(["bench/cpu.py", "usage", "--seconds", "1"], r"^CPU port \d+ increment @64: \d+ calls, .* µs/call", id="cpu-usage"),
 ]
