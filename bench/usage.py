@@ -82,6 +82,9 @@ async def _real(
     from shared.config import DEFAULT_CATALOG_PATH
     from shared.db import open_pool
     from shared.kafka import make_producer
+    from shared.tracing import setup as setup_tracing
+
+    setup_tracing("api_grpc")  # as the runner does: the OTEL_* variables of this run decide
 
     pool = await open_pool(db_url)
     redis = redis_client(redis_url)  # as `serve` makes it: no socket timeout
