@@ -8,10 +8,11 @@ evaluated against the clock on every call (decisions.decide). Absent keys are no
 cached (a miss goes to Redis, then Postgres, as before). At most `max_entries`
 subjects, least recently used evicted first.
 
-The change feed: after the entitlements worker has written a batch's hashes (MULTI/EXEC
-committed, live mode only), it PUBLISHes the batch's keys, newline-separated, on
-`{prefix}ent:changes` (CHANGES_CHANNEL). `ChangeFeed` subscribes in each replica (a
-background task with a reconnect loop) and evicts those keys.
+The change feed: when the entitlements worker writes a batch's hashes (one Lua script,
+atomic like MULTI/EXEC; live mode only), the same script then PUBLISHes the batch's
+keys, newline-separated, on `{prefix}ent:changes` (CHANGES_CHANNEL). `ChangeFeed`
+subscribes in each replica (a background task with a reconnect loop) and evicts those
+keys.
 
 Why an answer is never staler than it would be from Redis by more than `max_age_s`:
 
