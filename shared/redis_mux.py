@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import ssl
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -130,16 +129,14 @@ class Script:
 
 
 class MultiplexedRedis:
-    def __init__(
-        self, url: str, *, connect_timeout_s: float = 1.0, stall_after_s: float = 5.0,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: float = 1.0, stall_after_s: float = 5.0) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"MultiplexedRedis speaks redis:// and rediss://, not {parts.scheme}://")
+        if parts.scheme != "redis":
+            # rediss:// (TLS) would be a create_connection(ssl=...) away, but nothing here can
+            # test it: such a URL keeps redis-py's client (bootstrap.counters_client).
+            raise ValueError(f"MultiplexedRedis speaks redis://, not {parts.scheme}://")
         self._host = parts.hostname or "localhost"
         self._port = parts.port or 6379
-        self._ssl = ssl_context or (ssl.create_default_context() if parts.scheme == "rediss" else None)
         user, password = unquote(parts.username or ""), unquote(parts.password or "")
         self._hello: list[tuple[Any, ...]] = []
         if password:
@@ -220,7 +217,7 @@ class MultiplexedRedis:
         try:
             async with asyncio.timeout(self._connect_timeout_s):
                 transport, protocol = await loop.create_connection(
-                    lambda: _Protocol(self), self._host, self._port, ssl=self._ssl,
+                    lambda: _Protocol(self), self._host, self._port,
                 )
         except (OSError, TimeoutError) as exc:
             raise RedisConnectionError(

@@ -57,9 +57,9 @@ def counters_client(url: str) -> MultiplexedRedis | Redis:
     """The usage counters' Redis (IncrementUsage's script, CheckQuota's MGET, the
     rollback and confirm): one connection, its commands pipelined (shared/redis_mux.py),
     about 75 µs less of the event loop per round trip than redis-py's connection per
-    call. Bounded at the same sites as `redis_client`'s calls; a unix:// URL keeps
-    redis-py's client."""
-    if urlsplit(url).scheme in ("redis", "rediss"):
+    call. Bounded at the same sites as `redis_client`'s calls; a rediss:// (TLS) or
+    unix:// URL keeps redis-py's client."""
+    if urlsplit(url).scheme == "redis":
         return MultiplexedRedis(url, connect_timeout_s=1.0)
     return redis_client(url)
 

@@ -155,3 +155,13 @@ async def test_the_usage_counters_count_alike_on_both_clients(redis_url: str) ->
         assert await Counters(mux, prefix).read([counter]) == await Counters(plain, prefix).read([counter]) == [3]
         keys = [k async for k in plain.scan_iter(match=f"{prefix}*")]
         await plain.delete(*keys)
+
+
+def test_only_plain_redis_urls_are_multiplexed() -> None:
+    from services.api_grpc.bootstrap import counters_client
+
+    assert isinstance(counters_client("redis://127.0.0.1:6379/0"), MultiplexedRedis)
+    for url in ("rediss://127.0.0.1:6380/0", "unix:///var/run/redis.sock"):
+        assert isinstance(counters_client(url), Redis)  # redis-py's, untouched
+        with pytest.raises(ValueError, match="speaks redis://"):
+            MultiplexedRedis(url)
