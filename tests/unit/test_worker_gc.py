@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -17,6 +18,25 @@ def gc_enabled_again() -> Iterator[None]:
     yield
     if was:
         gc.enable()
+
+
+@contextlib.asynccontextmanager
+async def a_batch_that_never_ends() -> AsyncIterator[None]:
+    """One batch paused for the whole block, as the live worker's lanes always have one
+    running: the pause never ends by itself. After the block it ends."""
+    holder = asyncio.Event()
+
+    async def long_batch() -> None:
+        with cyclic_gc_paused():
+            await holder.wait()
+
+    keeper = asyncio.create_task(long_batch())
+    await asyncio.sleep(0)
+    try:
+        yield
+    finally:
+        holder.set()
+        await keeper
 
 
 def test_the_collector_is_paused_inside_and_enabled_again_after() -> None:
@@ -67,24 +87,15 @@ async def test_batches_that_always_overlap_still_collect_cycles() -> None:
     gc.enable()
     gc.collect()
     collected_before = sum(stats["collected"] for stats in gc.get_stats())
-    holder = asyncio.Event()
-
-    async def long_batch() -> None:
-        with cyclic_gc_paused():
-            await holder.wait()
-
-    keeper = asyncio.create_task(long_batch())
-    await asyncio.sleep(0)
-    for _ in range(20):
-        with cyclic_gc_paused():
-            for _ in range(100):
-                cycle: list[object] = []
-                cycle.append(cycle)  # garbage only the cyclic collector frees
-                del cycle
-    assert not gc.isenabled()  # the long batch still runs
-    collected = sum(stats["collected"] for stats in gc.get_stats()) - collected_before
-    holder.set()
-    await keeper
+    async with a_batch_that_never_ends():
+        for _ in range(20):
+            with cyclic_gc_paused():
+                for _ in range(100):
+                    cycle: list[object] = []
+                    cycle.append(cycle)  # garbage only the cyclic collector frees
+                    del cycle
+        assert not gc.isenabled()  # the long batch still runs
+        collected = sum(stats["collected"] for stats in gc.get_stats()) - collected_before
     assert gc.isenabled()
     assert collected >= 100  # at least one full collection ran while paused
 
@@ -101,18 +112,9 @@ async def test_always_overlapping_batches_collect_the_young_generations_and_rare
     monkeypatch.setattr(worker, "_gc_ends_in_pause", 0)
     monkeypatch.setattr(worker, "_gc_young_runs", 0)
     gc.enable()
-    holder = asyncio.Event()
-
-    async def long_batch() -> None:
-        with cyclic_gc_paused():
-            await holder.wait()
-
-    keeper = asyncio.create_task(long_batch())
-    await asyncio.sleep(0)
-    for _ in range(worker.GC_COLLECT_EVERY * worker.GC_FULL_EVERY):
-        with cyclic_gc_paused():
-            pass
-    holder.set()
-    await keeper
+    async with a_batch_that_never_ends():
+        for _ in range(worker.GC_COLLECT_EVERY * worker.GC_FULL_EVERY):
+            with cyclic_gc_paused():
+                pass
     assert calls.count((1,)) == worker.GC_FULL_EVERY - 1
     assert calls.count(()) == 1
