@@ -10,7 +10,7 @@ from services.api_grpc.decisions import Decision, Facts, decide, require_known
 from services.api_grpc.errors import InvalidArgument
 from services.api_grpc.page_tokens import PageTokens, derive_key, query_fingerprint
 from services.api_grpc.queries import Watermark
-from services.api_grpc.servicer import PaymentServicer, check_response
+from services.api_grpc.servicer import BulkResults, PaymentServicer, check_response
 from services.api_grpc.validation import SubjectIds
 from shared.catalog import load_catalog
 from shared.config import DEFAULT_CATALOG_PATH
@@ -241,3 +241,35 @@ async def test_a_bulk_answer_built_in_place_has_the_bytes_of_one_built_from_mess
         freshness=service_pb2.Freshness(watermark=mark.created, watermark_event_id=mark.event_id, lag_ms=mark.lag_ms),
     )
     assert answer.SerializeToString() == expected.SerializeToString()
+
+
+def _reference_results(decisions: list[Decision], pairs: list[tuple[SubjectIds, str]]) -> bytes:
+    return service_pb2.BulkCheckEntitlementsResponse(results=[
+        service_pb2.CheckEntitlementResponse.FromString(_reference_check(d, c, s, None))
+        for d, (s, c) in zip(decisions, pairs, strict=True)]).SerializeToString()
+
+
+def test_kept_bulk_results_are_the_bytes_built_fresh_and_follow_a_changed_decision() -> None:
+    results = BulkResults()
+    subject = SubjectIds("u_1", "fam_1")
+    pairs = [(subject, "projects"), (subject, "seats")]
+    first = results.encode([DECISIONS[0], DECISIONS[1]], pairs)
+    assert results.encode([DECISIONS[0], DECISIONS[1]], pairs) == first == _reference_results(
+        [DECISIONS[0], DECISIONS[1]], pairs)
+    # The same subject and feature with another decision (say, the subscription lapsed):
+    # the kept bytes of the old decision are not served.
+    swapped = results.encode([DECISIONS[1], DECISIONS[0]], pairs)
+    assert swapped == _reference_results([DECISIONS[1], DECISIONS[0]], pairs) != first
+    # Another subject with the same decision and feature gets its own subject.
+    other = [(SubjectIds("", "fam_2"), "projects")]
+    assert results.encode([DECISIONS[0]], other) == _reference_results([DECISIONS[0]], other)
+
+
+def test_kept_bulk_results_stay_within_their_bound() -> None:
+    results = BulkResults(max_entries=3)
+    pairs = [(SubjectIds(f"u_{n}", ""), "projects") for n in range(10)]
+    decisions = [DECISIONS[n % 2] for n in range(10)]
+    assert results.encode(decisions, pairs) == _reference_results(decisions, pairs)
+    assert len(results) <= 3
+    assert results.encode(decisions[:2], pairs[:2]) == _reference_results(decisions[:2], pairs[:2])
+    assert len(results) <= 3
