@@ -15,11 +15,10 @@ They are what the worker last decided; the reader still applies its clock:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from domain.entitlements import plan_version
 from services.api_grpc.errors import InvalidArgument
@@ -28,9 +27,12 @@ from shared.catalog import Catalog, Feature
 Answer = Mapping[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """One feature of one subject, as CheckEntitlementResponse carries it."""
+class Decision(NamedTuple):
+    """One feature of one subject, as CheckEntitlementResponse carries it.
+
+    A named tuple, not a dataclass: a bulk answer keys its kept results by decision
+    (servicer.BulkResults), and a tuple's hash and equality run in C, where a frozen
+    dataclass's are generated Python (8 % of a bulk call's samples)."""
 
     allowed: bool
     reason: str
@@ -192,5 +194,5 @@ def _after_refusal(fallback: Decision, denied: Decision) -> Decision:
     """The default plan's answer explained by the refused one, e.g. rule
     "default_plan: free (after past_due: grace 7 days, then reduced)", clock "grace_ended"."""
     rule = f"{fallback.rule} (after {denied.rule})" if denied.rule else fallback.rule
-    return dataclasses.replace(fallback, decided_by_event_id=denied.decided_by_event_id, rule=rule,
-                               clock=denied.clock, grace_until=denied.grace_until)
+    return fallback._replace(decided_by_event_id=denied.decided_by_event_id, rule=rule,
+                             clock=denied.clock, grace_until=denied.grace_until)

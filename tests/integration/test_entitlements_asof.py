@@ -11,7 +11,6 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import astuple
 from typing import Any
 
 import psycopg
@@ -110,7 +109,7 @@ async def apis(database_url: str, second_database_url: str) -> AsyncIterator[tup
 
 
 def shown(d: Decision) -> tuple[Any, ...]:
-    return astuple(d)
+    return tuple(d)
 
 
 def moments(events: Sequence[events_pb2.PaymentEvent]) -> list[int]:
