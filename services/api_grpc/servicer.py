@@ -4,6 +4,7 @@ domain errors and mapped to status codes by interceptors.CallInterceptor."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeAlias
 
@@ -116,25 +117,32 @@ class BulkResults:
 
     def __init__(self, max_entries: int = 50_000) -> None:
         self._max = max_entries
-        self._framed: dict[tuple[Decision, str, SubjectIds], bytes] = {}
+        self._framed: dict[tuple[Decision, str, str, str], bytes] = {}
 
     def __len__(self) -> int:
         return len(self._framed)
 
-    def encode(self, decisions: list[Decision], pairs: list[tuple[SubjectIds, str]]) -> bytes:
-        """Field 1 (`results`) of a BulkCheckEntitlementsResponse, one entry per decision."""
+    def encode(self, decisions: Sequence[Decision], subjects: Sequence[SubjectIds], codes: Sequence[str]) -> bytes:
+        """Field 1 (`results`) of a BulkCheckEntitlementsResponse: `decisions` are the
+        subjects x codes, in that order (each subject's codes together)."""
+        if len(decisions) != len(subjects) * len(codes):
+            raise ValueError(f"{len(decisions)} decisions for {len(subjects)} subjects x {len(codes)} codes")
         framed = self._framed
         parts = []
-        for d, (s, c) in zip(decisions, pairs, strict=True):
-            key = (d, c, s)
-            entry = framed.get(key)
-            if entry is None:
-                body = service_pb2.CheckEntitlementResponse(**_check_fields(d, c, s, None)).SerializeToString()
-                entry = b"\x0a" + _varint(len(body)) + body  # field 1, length-delimited
-                if len(framed) >= self._max:
-                    framed.clear()
-                framed[key] = entry
-            parts.append(entry)
+        decided = iter(decisions)
+        for s in subjects:
+            user_id, family_id = s.user_id, s.family_id  # the key holds strings: a tuple's hash is C
+            for c in codes:
+                d = next(decided)
+                key = (d, c, user_id, family_id)
+                entry = framed.get(key)
+                if entry is None:
+                    body = service_pb2.CheckEntitlementResponse(**_check_fields(d, c, s, None)).SerializeToString()
+                    entry = b"\x0a" + _varint(len(body)) + body  # field 1, length-delimited
+                    if len(framed) >= self._max:
+                        framed.clear()
+                    framed[key] = entry
+                parts.append(entry)
         return b"".join(parts)
 
 
@@ -236,9 +244,8 @@ class PaymentServicer(service_pb2_grpc.PaymentServiceServicer):
         subjects = [_subject(s, f"subjects[{i}]") for i, s in enumerate(request.subjects)]
         codes = list(request.feature_codes)
         results, mark = await self._api.bulk_check(subjects, codes, _timeout(context))
-        pairs = [(s, c) for s in subjects for c in codes]
         response = service_pb2.BulkCheckEntitlementsResponse(freshness=_freshness_fields(mark))
-        response.MergeFromString(self._bulk_results.encode(results, pairs))
+        response.MergeFromString(self._bulk_results.encode(results, subjects, codes))
         return response
 
     async def ListEntitlements(  # noqa: N802

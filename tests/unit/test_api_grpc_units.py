@@ -243,7 +243,8 @@ async def test_a_bulk_answer_built_in_place_has_the_bytes_of_one_built_from_mess
     assert answer.SerializeToString() == expected.SerializeToString()
 
 
-def _reference_results(decisions: list[Decision], pairs: list[tuple[SubjectIds, str]]) -> bytes:
+def _reference_results(decisions: list[Decision], subjects: list[SubjectIds], codes: list[str]) -> bytes:
+    pairs = [(s, c) for s in subjects for c in codes]
     return service_pb2.BulkCheckEntitlementsResponse(results=[
         service_pb2.CheckEntitlementResponse.FromString(_reference_check(d, c, s, None))
         for d, (s, c) in zip(decisions, pairs, strict=True)]).SerializeToString()
@@ -251,25 +252,33 @@ def _reference_results(decisions: list[Decision], pairs: list[tuple[SubjectIds, 
 
 def test_kept_bulk_results_are_the_bytes_built_fresh_and_follow_a_changed_decision() -> None:
     results = BulkResults()
-    subject = SubjectIds("u_1", "fam_1")
-    pairs = [(subject, "projects"), (subject, "seats")]
-    first = results.encode([DECISIONS[0], DECISIONS[1]], pairs)
-    assert results.encode([DECISIONS[0], DECISIONS[1]], pairs) == first == _reference_results(
-        [DECISIONS[0], DECISIONS[1]], pairs)
+    subjects, codes = [SubjectIds("u_1", "fam_1")], ["projects", "seats"]
+    first = results.encode([DECISIONS[0], DECISIONS[1]], subjects, codes)
+    assert results.encode([DECISIONS[0], DECISIONS[1]], subjects, codes) == first == _reference_results(
+        [DECISIONS[0], DECISIONS[1]], subjects, codes)
     # The same subject and feature with another decision (say, the subscription lapsed):
     # the kept bytes of the old decision are not served.
-    swapped = results.encode([DECISIONS[1], DECISIONS[0]], pairs)
-    assert swapped == _reference_results([DECISIONS[1], DECISIONS[0]], pairs) != first
-    # Another subject with the same decision and feature gets its own subject.
-    other = [(SubjectIds("", "fam_2"), "projects")]
-    assert results.encode([DECISIONS[0]], other) == _reference_results([DECISIONS[0]], other)
+    swapped = results.encode([DECISIONS[1], DECISIONS[0]], subjects, codes)
+    assert swapped == _reference_results([DECISIONS[1], DECISIONS[0]], subjects, codes) != first
+    # Another subject with the same decision and feature gets its own subject, and a
+    # user within a family is not the family alone.
+    for other in ([SubjectIds("", "fam_2")], [SubjectIds("", "fam_1")], [SubjectIds("u_1", "")]):
+        assert results.encode([DECISIONS[0]], other, ["projects"]) == _reference_results(
+            [DECISIONS[0]], other, ["projects"])
+    # Two subjects: each subject's codes together, in request order.
+    two = [SubjectIds("u_1", ""), SubjectIds("", "fam_2")]
+    decisions = [DECISIONS[0], DECISIONS[1], DECISIONS[1], DECISIONS[0]]
+    assert results.encode(decisions, two, codes) == _reference_results(decisions, two, codes)
+    with pytest.raises(ValueError, match="3 decisions for 2 subjects x 2 codes"):
+        results.encode(decisions[:3], two, codes)
 
 
 def test_kept_bulk_results_stay_within_their_bound() -> None:
     results = BulkResults(max_entries=3)
-    pairs = [(SubjectIds(f"u_{n}", ""), "projects") for n in range(10)]
+    subjects = [SubjectIds(f"u_{n}", "") for n in range(10)]
     decisions = [DECISIONS[n % 2] for n in range(10)]
-    assert results.encode(decisions, pairs) == _reference_results(decisions, pairs)
+    assert results.encode(decisions, subjects, ["projects"]) == _reference_results(decisions, subjects, ["projects"])
     assert len(results) <= 3
-    assert results.encode(decisions[:2], pairs[:2]) == _reference_results(decisions[:2], pairs[:2])
+    assert results.encode(decisions[:2], subjects[:2], ["projects"]) == _reference_results(
+        decisions[:2], subjects[:2], ["projects"])
     assert len(results) <= 3
