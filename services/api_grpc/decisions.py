@@ -15,6 +15,7 @@ They are what the worker last decided; the reader still applies its clock:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,10 +60,15 @@ class Facts:
     catalog: Catalog
     known: frozenset[str]
     metered: frozenset[str]
+    # The default plan's answer per feature it has (free_plan), built once: it depends
+    # on the catalog alone.
+    free: Mapping[str, Decision] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def of(cls, catalog: Catalog) -> Facts:
-        return cls(catalog, known_features(catalog), metered_features(catalog))
+        known, metered = known_features(catalog), metered_features(catalog)
+        free = {code: d for code in known if (d := free_plan(catalog, code, metered)) is not None}
+        return cls(catalog, known, metered, free)
 
 
 def known_features(catalog: Catalog) -> frozenset[str]:
@@ -100,18 +106,25 @@ def decide(
     """The decision for `feature_code` given the answers of each of the subject's keys
     (user, family; None where there is none). The best allowed answer wins."""
     catalog, metered = facts.catalog, facts.metered
-    evaluated = [evaluate(a, feature_code, catalog, now, metered) for a in answers if a is not None]
-    allowed = [d for d in evaluated if d.allowed]
-    if allowed:
-        return max(allowed, key=_rank)
-    fallback = free_plan(catalog, feature_code, metered)
+    first: Decision | None = None  # the first answer's decision, allowed or not
+    best: Decision | None = None  # the first of the best allowed ones
+    for answer in answers:
+        if answer is None:
+            continue
+        decision = evaluate(answer, feature_code, catalog, now, metered)
+        if first is None:
+            first = decision
+        if decision.allowed and (best is None or _rank(decision) > _rank(best)):
+            best = decision
+    if best is not None:
+        return best
+    fallback = facts.free.get(feature_code)
     if fallback is not None:
-        denied = evaluated[0] if evaluated else None
         # Keep what took the paid access away (its event, rule, clock and grace
         # period): it explains the downgrade.
-        return fallback if denied is None else _after_refusal(fallback, denied)
-    if evaluated:
-        return evaluated[0]
+        return fallback if first is None else _after_refusal(fallback, first)
+    if first is not None:
+        return first
     return Decision(False, "no_entitlement", "", "", 0, "blocked", "", 0, "")
 
 

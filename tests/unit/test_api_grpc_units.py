@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from payment.v1 import service_pb2
 from services.api_grpc import validation
-from services.api_grpc.decisions import Decision, Facts, decide, require_known
+from services.api_grpc.decisions import Decision, Facts, decide, evaluate, free_plan, require_known
 from services.api_grpc.errors import InvalidArgument
 from services.api_grpc.page_tokens import PageTokens, derive_key, query_fingerprint
 from services.api_grpc.queries import Watermark
@@ -93,6 +97,50 @@ def test_subject_needs_an_id_and_bulk_is_capped() -> None:
         validation.bulk_shape(101, 1)
     with pytest.raises(InvalidArgument):
         validation.bulk_shape(1, 0)
+
+
+def _decide_as_before(answers: list[dict[str, object] | None], code: str, now: float) -> Decision:
+    """decide() as it was written before its single pass and the catalog's free answers
+    built once (db6dce3): the oracle of the property below."""
+    evaluated = [evaluate(a, code, FACTS.catalog, now, FACTS.metered) for a in answers if a is not None]
+    allowed = [d for d in evaluated if d.allowed]
+    if allowed:
+        return max(allowed, key=lambda d: (math.inf if d.usage_limit == -1 else d.usage_limit,
+                                           math.inf if d.expires_at == 0 else d.expires_at))
+    fallback = free_plan(FACTS.catalog, code, FACTS.metered)
+    if fallback is not None:
+        if not evaluated:
+            return fallback
+        denied = evaluated[0]
+        rule = f"{fallback.rule} (after {denied.rule})" if denied.rule else fallback.rule
+        return fallback._replace(decided_by_event_id=denied.decided_by_event_id, rule=rule,
+                                 clock=denied.clock, grace_until=denied.grace_until)
+    if evaluated:
+        return evaluated[0]
+    return Decision(False, "no_entitlement", "", "", 0, "blocked", "", 0, "")
+
+
+_ANSWERS = st.none() | st.builds(
+    answer,
+    allowed=st.booleans(),
+    status=st.sampled_from(["active", "past_due", "canceled", ""]),
+    access_level=st.sampled_from(["full", "grace", "reduced", "blocked"]),
+    plan_id=st.sampled_from(["pro", "basic", ""]),
+    expires_at=st.sampled_from([None, 0, NOW - 1, NOW + 100, NOW + 200]),
+    usage_limit=st.sampled_from([None, -1, 0, 10, 100]),
+    decided_by_event_id=st.sampled_from(["evt_1", "evt_2", ""]),
+    grace_until=st.sampled_from([None, NOW - 5, NOW + 5]),
+    after_grace=st.sampled_from([None, "active", "suspended"]),
+    rule=st.sampled_from(["", "paid", "past_due: grace 7 days"]),
+)
+
+
+@given(st.lists(_ANSWERS, max_size=3), st.sampled_from(sorted(FACTS.known) + ["not_in_any_plan"]))
+@example([None], "projects")  # the default plan alone
+@example([answer(allowed=False, rule="paid"), None], "projects")  # the default plan explained by a refusal
+@example([answer(usage_limit=10), answer(usage_limit=10, decided_by_event_id="evt_2")], "projects")  # a tie: the first
+def test_decide_is_what_it_was_before_its_single_pass(answers: list[dict[str, object] | None], code: str) -> None:
+    assert decide(answers, code, FACTS, NOW) == _decide_as_before(answers, code, NOW)
 
 
 def test_no_entitlement_falls_back_to_the_free_plan_when_it_has_the_feature() -> None:
