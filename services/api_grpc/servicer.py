@@ -113,16 +113,30 @@ class BulkResults:
     building of the same message again is saved. Building 50 results in protobuf was
     about a quarter of the loop's time under bulk load (docs/performance.md, round 4);
     joining kept bytes and letting protobuf parse them once costs a quarter of that.
-    At most `max_entries` entries, about 630 bytes each with their keys (32 MB at the
-    default, beside the near cache's 50,000 subjects): the cache is emptied when it is
-    full, and a hot set refills in one call each."""
+    Bounded in bytes, not entries: ids may be 255 characters of any script, so one entry
+    weighs from about 500 bytes to about 6 KB. An entry is counted as three times its
+    framed bytes (the bytes, then the key's strings, which the body repeats: their
+    characters and, for text beyond ASCII, the UTF-8 copy CPython keeps in a str once
+    protobuf has encoded it) plus ENTRY_OVERHEAD for the tuple, the Decision and the
+    dict's slot: an upper bound of what is held (tests/unit/test_api_grpc_units.py checks
+    it with tracemalloc, for the heaviest ids). When the next entry would pass `max_bytes`
+    (32 MiB by default, beside the near cache's 50,000 subjects), the cache is emptied;
+    a hot set refills in one call each."""
 
-    def __init__(self, max_entries: int = 50_000) -> None:
-        self._max = max_entries
+    ENTRY_OVERHEAD = 500
+
+    def __init__(self, max_bytes: int = 32 * 1024 * 1024) -> None:
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._framed: dict[tuple[Decision, str, str, str], bytes] = {}
 
     def __len__(self) -> int:
         return len(self._framed)
+
+    @property
+    def counted_bytes(self) -> int:
+        """What the entries weigh as counted against `max_bytes`."""
+        return self._bytes
 
     def encode(self, decisions: Sequence[Decision], subjects: Sequence[SubjectIds], codes: Sequence[str]) -> bytes:
         """Field 1 (`results`) of a BulkCheckEntitlementsResponse: `decisions` are the
@@ -141,9 +155,12 @@ class BulkResults:
                 if entry is None:
                     body = service_pb2.CheckEntitlementResponse(**_check_fields(d, c, s, None)).SerializeToString()
                     entry = b"\x0a" + _varint(len(body)) + body  # field 1, length-delimited
-                    if len(framed) >= self._max:
+                    cost = 3 * len(entry) + self.ENTRY_OVERHEAD
+                    if self._bytes + cost > self._max_bytes:
                         framed.clear()
+                        self._bytes = 0
                     framed[key] = entry
+                    self._bytes += cost
                 parts.append(entry)
         return b"".join(parts)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 
 import pytest
 from hypothesis import example, given
@@ -139,6 +140,7 @@ _ANSWERS = st.none() | st.builds(
 @example([None], "projects")  # the default plan alone
 @example([answer(allowed=False, rule="paid"), None], "projects")  # the default plan explained by a refusal
 @example([answer(usage_limit=10), answer(usage_limit=10, decided_by_event_id="evt_2")], "projects")  # a tie: the first
+@example([answer(usage_limit=10), answer(usage_limit=100)], "projects")  # the best, not the first
 def test_decide_is_what_it_was_before_its_single_pass(answers: list[dict[str, object] | None], code: str) -> None:
     assert decide(answers, code, FACTS, NOW) == _decide_as_before(answers, code, NOW)
 
@@ -321,12 +323,46 @@ def test_kept_bulk_results_are_the_bytes_built_fresh_and_follow_a_changed_decisi
         results.encode(decisions[:3], two, codes)
 
 
-def test_kept_bulk_results_stay_within_their_bound() -> None:
-    results = BulkResults(max_entries=3)
+def test_kept_bulk_results_stay_within_their_byte_budget() -> None:
+    results = BulkResults(max_bytes=3_000)
     subjects = [SubjectIds(f"u_{n}", "") for n in range(10)]
     decisions = [DECISIONS[n % 2] for n in range(10)]
     assert results.encode(decisions, subjects, ["projects"]) == _reference_results(decisions, subjects, ["projects"])
-    assert len(results) <= 3
+    assert 0 < results.counted_bytes <= 3_000
+    assert len(results) < 10  # emptied on the way
     assert results.encode(decisions[:2], subjects[:2], ["projects"]) == _reference_results(
         decisions[:2], subjects[:2], ["projects"])
-    assert len(results) <= 3
+    assert results.counted_bytes <= 3_000
+
+
+@pytest.mark.parametrize("rule_length", [100, 200, 20_000])  # bodies under 128 bytes, over, and over 16 KB
+def test_kept_bulk_results_frame_long_bodies(rule_length: int) -> None:
+    """The length prefix takes one, two and three bytes."""
+    decisions = [DECISIONS[0]._replace(rule="r" * rule_length), DECISIONS[1]]
+    subjects, codes = [SubjectIds("u_1", "fam_1")], ["projects", "seats"]
+    results = BulkResults()
+    for _ in range(2):  # built, then kept
+        assert results.encode(decisions, subjects, codes) == _reference_results(decisions, subjects, codes)
+
+
+def test_kept_bulk_results_count_at_least_what_they_hold() -> None:
+    """The byte budget is an upper bound of the memory held, for the heaviest ids the API
+    accepts (255 characters beyond ASCII), a subject and a Decision of their own per entry,
+    and for the shortest."""
+    results = BulkResults(max_bytes=10**12)
+    codes = ["projects"]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(500):
+            subject = SubjectIds("\U0001F600" * 250 + f"{n:05d}", "\u4e2d" * 250 + f"{n:05d}")
+            if n % 2:
+                subject = SubjectIds(f"u_{n}", "")
+            decisions = [DECISIONS[0]._replace(decided_by_event_id=f"evt_{n}_{c}") for c in codes]
+            results.encode(decisions, [subject], codes)
+            del subject, decisions
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(results) == 500
+    assert held <= results.counted_bytes, (held, results.counted_bytes)
