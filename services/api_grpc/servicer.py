@@ -94,17 +94,9 @@ def check_response(
     return service_pb2.CheckEntitlementResponse(**_check_fields(decision, feature_code, subject, mark))
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 class BulkResults:
-    """The results of BulkCheckEntitlementsResponse as wire bytes, each entry kept by what
+    """The results of BulkCheckEntitlementsResponse as wire bytes (each a serialized
+    response holding that one result; protobuf concatenates repeated fields), kept by what
     it is built from (its Decision, feature code and subject; never a freshness, which a
     bulk answer carries once, outside the results).
 
@@ -153,8 +145,10 @@ class BulkResults:
                 key = (d, c, user_id, family_id)
                 entry = framed.get(key)
                 if entry is None:
-                    body = service_pb2.CheckEntitlementResponse(**_check_fields(d, c, s, None)).SerializeToString()
-                    entry = b"\x0a" + _varint(len(body)) + body  # field 1, length-delimited
+                    # A response holding this one result: its bytes are field 1 framed, and
+                    # such responses concatenate into one with all their results.
+                    entry = service_pb2.BulkCheckEntitlementsResponse(
+                        results=[_check_fields(d, c, s, None)]).SerializeToString()
                     cost = 3 * len(entry) + self.ENTRY_OVERHEAD
                     if self._bytes + cost > self._max_bytes:
                         framed.clear()
