@@ -15,7 +15,6 @@ They are what the worker last decided; the reader still applies its clock:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,8 +60,8 @@ class Facts:
     known: frozenset[str]
     metered: frozenset[str]
     # The default plan's answer per feature it has (free_plan), built once: it depends
-    # on the catalog alone.
-    free: Mapping[str, Decision] = dataclasses.field(default_factory=dict)
+    # on the catalog alone. No default: a Facts without it would never fall back.
+    free: Mapping[str, Decision]
 
     @classmethod
     def of(cls, catalog: Catalog) -> Facts:
